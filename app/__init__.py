@@ -1,0 +1,1 @@
+"""petvit's HTTP service and command line."""

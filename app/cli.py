@@ -1,0 +1,42 @@
+"""`petvit` command line: one subcommand per module, each exposing add_arguments(parser) and main(args) -> int.
+
+Modules are imported only when their subcommand runs, so `petvit export` never imports FastAPI and
+`petvit --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("model.export", "write an untrained (or ImageNet-initialised) model artifact"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="petvit", description="Oxford-IIIT Pet breeds with a Vision Transformer")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints usage / help and exits
+        return 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"petvit {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    return int(module.main(sub.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""petvit's model library: our ViT, torchvision weight conversion, attention rollout and safe artifacts.
+
+Usable without the service: nothing here imports `app`.
+"""
+
+from model.checkpoint import ArtifactError, load_artifact, read_metadata, save_artifact
+from model.config import VARIANTS, ViTConfig, get_config
+from model.rollout import attention_rollout, upsample_heatmap
+from model.vit import ViT
+
+__all__ = [
+    "VARIANTS",
+    "ArtifactError",
+    "ViT",
+    "ViTConfig",
+    "attention_rollout",
+    "get_config",
+    "load_artifact",
+    "read_metadata",
+    "save_artifact",
+    "upsample_heatmap",
+]

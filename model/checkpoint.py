@@ -1,0 +1,207 @@
+"""One self-contained model artifact: safetensors weights with petvit's JSON metadata in the header.
+
+Loading never unpickles: safetensors is a JSON header plus raw tensor bytes, so a file a user hands us can at
+worst be rejected, never execute code. The header is checked by hand first so each way a file can be wrong
+(a pickle, a truncated copy, another format version, other shapes) gets a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import struct
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.config import ViTConfig
+from model.labels import PET_LABELS, PET_SPECIES, species_of
+from model.vit import ViT
+
+FORMAT_NAME = "petvit-artifact"
+FORMAT_VERSION = 1
+METADATA_KEY = "petvit"  # the safetensors __metadata__ entry holding our JSON document
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own ceiling on header size
+
+
+class ArtifactError(ValueError):
+    """The file is not a petvit artifact this version can load; the message says why and what to do."""
+
+
+class ArtifactNotFoundError(ArtifactError, FileNotFoundError):
+    pass
+
+
+def default_labels(num_classes: int) -> tuple[list[str], list[str]]:
+    """The Pet breeds for a 37-way head; neutral names otherwise (callers with their own classes pass labels)."""
+    if num_classes == len(PET_LABELS):
+        return list(PET_LABELS), list(PET_SPECIES)
+    labels = [f"class_{i}" for i in range(num_classes)]
+    return labels, [species_of(label) for label in labels]
+
+
+def preprocessing_for(config: ViTConfig) -> dict[str, Any]:
+    """How to turn a photo into the model's input (the service and evaluation follow this)."""
+    return {
+        "image_size": config.image_size,
+        # Resize the shorter side to 256/224 of the crop, then centre-crop: torchvision's ImageNet eval recipe.
+        "resize_size": round(config.image_size * 256 / 224),
+        "interpolation": "bilinear",
+        "mean": list(config.mean),
+        "std": list(config.std),
+        "input": "RGB (B, 3, H, W), uint8 0..255 or float 0..1; the model normalises with mean/std itself",
+    }
+
+
+def build_metadata(config: ViTConfig, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Complete metadata for a model of this config; keys in `metadata` override the defaults."""
+    labels, species = default_labels(config.num_classes)
+    meta: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "name": "petvit",
+        "variant": None,
+        "trained": False,
+        "labels": labels,
+        "species": species,
+        "preprocessing": preprocessing_for(config),
+        "training": {},
+        "evaluation": {},
+        "provenance": {},
+    }
+    meta.update(dict(metadata or {}))
+    if "species" not in (metadata or {}) and "labels" in (metadata or {}):
+        meta["species"] = [species_of(label) for label in meta["labels"]]
+    meta["provenance"] = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **dict(meta.get("provenance") or {}),
+    }
+    # These two describe the tensors in the file, so the caller can't override them.
+    meta["format"], meta["format_version"] = FORMAT_NAME, FORMAT_VERSION
+    meta["config"] = config.to_dict()
+    if len(meta["labels"]) != config.num_classes or len(meta["species"]) != config.num_classes:
+        raise ValueError(
+            f"the head has {config.num_classes} classes but metadata lists {len(meta['labels'])} labels "
+            f"and {len(meta['species'])} species"
+        )
+    return meta
+
+
+def save_artifact(model: ViT, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write weights + metadata to one .safetensors file, atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = build_metadata(model.config, metadata)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Parse and sanity-check the safetensors header without reading any tensor data."""
+    if not path.exists():
+        raise ArtifactNotFoundError(
+            f"no model artifact at {path}; train one with `petvit train --out {path}` "
+            f"or write an untrained one with `petvit export --variant ti16 --init random --out {path}`"
+        )
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80":
+            raise ArtifactError(
+                f"{path} is a pickle (torch.save) checkpoint; petvit never unpickles files it is handed. "
+                "Convert the weights to a petvit artifact (model/checkpoint.save_artifact) where you trust the file."
+            )
+        if len(prefix) < 8:
+            raise ArtifactError(f"{path} is truncated ({size} bytes): not even a safetensors header is there")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > _MAX_HEADER_BYTES:
+            raise ArtifactError(f"{path} is not a safetensors file (header length {header_len} is implausible)")
+        if 8 + header_len > size:
+            raise ArtifactError(
+                f"{path} is truncated: its header needs {8 + header_len} bytes but the file has {size}; "
+                "copy or download it again"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ArtifactError(f"{path} is not a safetensors file: its header is not JSON ({err})") from None
+    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise ArtifactError(
+            f"{path} is truncated: its tensors need {8 + header_len + data_end} bytes but the file has {size}; "
+            "copy or download it again"
+        )
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The artifact's metadata alone (cheap: reads only the header)."""
+    path = Path(path)
+    header = _read_header(path)
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ArtifactError(f"{path} is a safetensors file without petvit metadata; it is not a petvit artifact")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+            f"this petvit reads {FORMAT_NAME!r} version {FORMAT_VERSION}. Re-export it with this version of petvit."
+        )
+    return meta
+
+
+def load_artifact(path: str | os.PathLike, device: str | torch.device | None = None) -> tuple[ViT, dict[str, Any]]:
+    """Rebuild the model from its stored config and weights; returns (model in eval mode, metadata)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        config = ViTConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{path} holds an invalid model config: {err}") from None
+    try:
+        tensors = load_file(path, device="cpu")
+    except SafetensorError as err:
+        raise ArtifactError(f"{path} is a damaged safetensors file: {err}") from None
+    model = ViT(config)
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [
+        f"{k}: file has {tuple(t.shape)}, config {config.to_dict()['hidden_dim']}-wide model needs "
+        f"{tuple(expected[k].shape)}"
+        for k, t in tensors.items()
+        if k in expected and t.shape != expected[k].shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ArtifactError(f"{path}: weights do not match the stored config: {shown}")
+    model.load_state_dict(tensors)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), meta
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

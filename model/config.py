@@ -1,0 +1,124 @@
+"""ViT hyper-parameters and the table of named variants.
+
+A variant name ("b16", "s16", ...) is the short form of torchvision's builder name ("vit_b_16", ...): both are
+accepted everywhere a variant is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# ImageNet statistics: torchvision's pretrained ViTs were trained on images normalised with these, so a model
+# fine-tuned from them must see the same normalisation (the model applies it itself, see ViT.normalize).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    image_size: int = 224  # native input side; position embeddings are learned for this grid
+    patch_size: int = 16  # side of the square patches; image_size must be a multiple of it
+    in_channels: int = 3
+    hidden_dim: int = 768  # token width D
+    depth: int = 12  # number of encoder blocks
+    num_heads: int = 12  # hidden_dim must divide evenly between heads
+    mlp_dim: int = 3072  # hidden width of each block's MLP (4 * D in every published ViT)
+    dropout: float = 0.0  # after the position embedding, in the MLP and after attention's projection
+    attention_dropout: float = 0.0  # on the attention weights themselves
+    qkv_bias: bool = True  # torchvision's in_proj has a bias; keep it so its weights load exactly
+    num_classes: int = 37  # Oxford-IIIT Pet breeds; 1000 for ImageNet heads
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation applied inside the model
+    std: tuple[float, float, float] = IMAGENET_STD
+    layer_norm_eps: float = 1e-6  # torchvision and the original JAX ViT use 1e-6, not PyTorch's default 1e-5
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} does not divide into {self.num_heads} heads")
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise ValueError(f"mean and std need {self.in_channels} values each, got {self.mean}, {self.std}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {self.num_classes}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side at the native image size."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.num_heads
+
+    def replace(self, **changes: Any) -> ViTConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        known = {f.name for f in fields()}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ViTConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
+        return cls(**values)
+
+
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(ViTConfig)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the variant table: the architecture plus where torchvision keeps pretrained weights for it."""
+
+    config: ViTConfig
+    torchvision_builder: str | None = None  # e.g. "vit_b_16"; None for the small variants torchvision lacks
+    default_weights: str | None = None  # member of torchvision's weights enum loaded by default
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _vit(patch: int, width: int, depth: int, heads: int, image_size: int = 224) -> ViTConfig:
+    return ViTConfig(
+        image_size=image_size,
+        patch_size=patch,
+        hidden_dim=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_dim=4 * width,
+    )
+
+
+# Widths, depths and heads as in Dosovitskiy et al. (2021) and DeiT (Touvron et al. 2021) for ti/s.
+VARIANTS: dict[str, Variant] = {
+    "ti16": Variant(_vit(16, 192, 12, 3), notes="DeiT-Tiny shape: the CPU-friendly from-scratch model"),
+    "s16": Variant(_vit(16, 384, 12, 6), notes="DeiT-Small shape"),
+    "b16": Variant(_vit(16, 768, 12, 12), "vit_b_16", "IMAGENET1K_V1", "ViT-B/16, 86M parameters"),
+    "b32": Variant(_vit(32, 768, 12, 12), "vit_b_32", "IMAGENET1K_V1", "ViT-B/32, 4x fewer tokens than B/16"),
+    "l16": Variant(_vit(16, 1024, 24, 16), "vit_l_16", "IMAGENET1K_V1", "ViT-L/16, 304M parameters"),
+    "l32": Variant(_vit(32, 1024, 24, 16), "vit_l_32", "IMAGENET1K_V1", "ViT-L/32"),
+    # torchvision only ships SWAG weights for H/14, trained end to end at 518 px.
+    "h14": Variant(_vit(14, 1280, 32, 16), "vit_h_14", "IMAGENET1K_SWAG_E2E_V1", "ViT-H/14, 632M parameters"),
+}
+
+
+def canonical_variant(name: str) -> str:
+    """Map "vit_b_16", "ViT-B/16", "b16" ... to the table key "b16"."""
+    key = name.lower().replace("vit", "").replace("_", "").replace("-", "").replace("/", "")
+    if key not in VARIANTS:
+        raise KeyError(f"unknown ViT variant {name!r}; choose one of {sorted(VARIANTS)} (or vit_b_16 style names)")
+    return key
+
+
+def get_config(name: str, **overrides: Any) -> ViTConfig:
+    """The variant's config with any field overridden, e.g. get_config("b16", depth=2, num_classes=37)."""
+    return VARIANTS[canonical_variant(name)].config.replace(**overrides)

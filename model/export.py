@@ -1,0 +1,54 @@
+"""`petvit export`: write an artifact of any variant, untrained (benchmarks, smoke tests) or ImageNet-initialised."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import save_artifact
+from model.config import VARIANTS, canonical_variant, get_config
+from model.labels import NUM_PET_CLASSES
+from model.pretrained import PretrainedWeightsUnavailable, load_pretrained
+from model.vit import ViT
+
+
+def export_artifact(
+    variant: str, out: str | Path, init: str = "random", num_classes: int = NUM_PET_CLASSES, seed: int = 0
+) -> Path:
+    """Build `variant` with random or ImageNet weights and a fresh num_classes head; save it as an artifact."""
+    key = canonical_variant(variant)
+    torch.manual_seed(seed)
+    if init == "random":
+        model = ViT(get_config(key, num_classes=num_classes))
+        source = f"random init (seed {seed})"
+    elif init == "imagenet":
+        model = load_pretrained(key, num_classes=num_classes)
+        source = f"torchvision {VARIANTS[key].torchvision_builder} {VARIANTS[key].default_weights}, new head"
+    else:
+        raise ValueError(f"init must be 'random' or 'imagenet', got {init!r}")
+    # A new head is untrained either way: the service must not present these predictions as meaningful.
+    return save_artifact(
+        model,
+        out,
+        {"name": f"petvit-{key}-{init}", "variant": key, "trained": False, "provenance": {"source": source}},
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", default="ti16", help=f"one of {', '.join(VARIANTS)} (default ti16)")
+    parser.add_argument("--init", choices=("random", "imagenet"), default="random")
+    parser.add_argument("--num-classes", type=int, default=NUM_PET_CLASSES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="artifact path (.safetensors)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        path = export_artifact(args.variant, args.out, args.init, args.num_classes, args.seed)
+    except PretrainedWeightsUnavailable as err:
+        print(f"petvit export: {err}")
+        return 2
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0

@@ -1,0 +1,175 @@
+"""torchvision's VisionTransformer -> our ViT, and ImageNet weights through torchvision's weights API.
+
+Name map (torchvision -> ours), per block i:
+    conv_proj.weight (D, C, P, P)                          -> patch_embed.weight (D, P*P*C), patchify order
+    class_token                                            -> cls_token
+    encoder.pos_embedding                                  -> pos_embed
+    encoder.layers.encoder_layer_i.ln_1 / ln_2             -> blocks.i.norm1 / norm2
+    ...self_attention.in_proj_weight / in_proj_bias        -> blocks.i.attn.qkv (same q, k, v row order)
+    ...self_attention.out_proj                             -> blocks.i.attn.proj
+    ...mlp.0 / mlp.3 (older releases: mlp.linear_1/_2)      -> blocks.i.mlp.fc1 / fc2
+    encoder.ln                                             -> norm
+    heads.head                                             -> head
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, ViTConfig, canonical_variant
+from model.vit import ViT
+
+_LAYER = re.compile(r"^encoder\.layers\.encoder_layer_(\d+)\.(.+)$")
+_BLOCK_NAMES = {
+    "ln_1": "norm1",
+    "ln_2": "norm2",
+    "self_attention.out_proj": "attn.proj",
+    "mlp.0": "mlp.fc1",
+    "mlp.3": "mlp.fc2",
+    "mlp.linear_1": "mlp.fc1",  # torchvision < 0.13 named the MLP's linears
+    "mlp.linear_2": "mlp.fc2",
+}
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """torchvision's weights file is neither in the hub cache nor downloadable (e.g. offline)."""
+
+
+def convert_torchvision_state_dict(
+    state_dict: Mapping[str, torch.Tensor], image_size: int | None = None
+) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
+    """Convert a torchvision VisionTransformer state dict; the architecture is read off the tensor shapes.
+
+    image_size defaults to the side implied by the position embedding (224 for IMAGENET1K_V1, 518 for SWAG E2E).
+    """
+    sd = dict(state_dict)
+    if "heads.pre_logits.weight" in sd:
+        raise ValueError("torchvision ViTs with a representation_size (pre_logits layer) are not supported")
+    conv = sd["conv_proj.weight"]  # (D, C, P, P)
+    D, C, P, _ = conv.shape
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := _LAYER.match(k)))
+    first_mlp = "encoder.layers.encoder_layer_0.mlp."
+    fc1 = first_mlp + ("0" if first_mlp + "0.weight" in sd else "linear_1")
+    mlp_dim = sd[fc1 + ".weight"].shape[0]
+    num_tokens = sd["encoder.pos_embedding"].shape[1]
+    grid = round((num_tokens - 1) ** 0.5)
+    if grid * grid != num_tokens - 1:
+        raise ValueError(f"position embedding has {num_tokens} tokens; expected 1 + a square number")
+    config = ViTConfig(
+        image_size=image_size or grid * P,
+        patch_size=P,
+        in_channels=C,
+        hidden_dim=D,
+        depth=depth,
+        num_heads=_infer_heads(D),
+        mlp_dim=mlp_dim,
+        qkv_bias="encoder.layers.encoder_layer_0.self_attention.in_proj_bias" in sd,
+        num_classes=sd["heads.head.weight"].shape[0],
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+    if config.grid_size != grid:
+        raise ValueError(f"image_size {config.image_size} does not match the {grid}x{grid} position embedding")
+
+    out: dict[str, torch.Tensor] = {
+        # Conv2d weight (D, C, P, P) -> (D, P, P, C) -> (D, P*P*C): the column order of patchify's (p1 p2 c).
+        "patch_embed.weight": conv.permute(0, 2, 3, 1).reshape(D, P * P * C),
+        "patch_embed.bias": sd["conv_proj.bias"],
+        "cls_token": sd["class_token"],
+        "pos_embed": sd["encoder.pos_embedding"],
+        "norm.weight": sd["encoder.ln.weight"],
+        "norm.bias": sd["encoder.ln.bias"],
+        "head.weight": sd["heads.head.weight"],
+        "head.bias": sd["heads.head.bias"],
+    }
+    for key, value in sd.items():
+        m = _LAYER.match(key)
+        if not m:
+            continue
+        i, rest = m.groups()
+        if rest.startswith("self_attention.in_proj_"):
+            # nn.MultiheadAttention stacks q, k, v rows exactly as our fused qkv expects.
+            out[f"blocks.{i}.attn.qkv.{rest.rsplit('_', 1)[1]}"] = value
+            continue
+        module, param = rest.rsplit(".", 1)
+        if module not in _BLOCK_NAMES:
+            raise ValueError(f"unexpected torchvision parameter {key!r}")
+        out[f"blocks.{i}.{_BLOCK_NAMES[module]}.{param}"] = value
+    return config, out
+
+
+def _infer_heads(width: int) -> int:
+    """Heads are not visible in the tensor shapes; every published ViT of a given width uses the same count."""
+    for variant in VARIANTS.values():
+        if variant.config.hidden_dim == width:
+            return variant.config.num_heads
+    return max(1, width // 64)  # head_dim 64, the convention behind all the published shapes
+
+
+def from_torchvision(module: nn.Module) -> ViT:
+    """Copy a torchvision VisionTransformer (any variant, any weights) into our ViT, numerically equal."""
+    config, state_dict = convert_torchvision_state_dict(module.state_dict(), image_size=module.image_size)
+    heads = getattr(module.encoder.layers[0].self_attention, "num_heads", config.num_heads)
+    config = config.replace(
+        num_heads=heads,
+        dropout=float(module.dropout),
+        attention_dropout=float(module.attention_dropout),
+    )
+    model = ViT(config)
+    model.load_state_dict(state_dict)
+    return model.eval() if not module.training else model
+
+
+def weights_enum(name: str, weights: str | None = None):  # -> torchvision.models.WeightsEnum member
+    """torchvision's weights entry for a variant, e.g. ("b16", None) -> ViT_B_16_Weights.IMAGENET1K_V1."""
+    from torchvision.models import get_model_weights
+
+    variant = VARIANTS[canonical_variant(name)]
+    if variant.torchvision_builder is None:
+        raise ValueError(
+            f"torchvision has no pretrained weights for variant {name!r}; "
+            f"pretrained variants are {sorted(k for k, v in VARIANTS.items() if v.torchvision_builder)}"
+        )
+    enum = get_model_weights(variant.torchvision_builder)
+    member = weights or variant.default_weights
+    try:
+        return enum[member]
+    except KeyError:
+        raise ValueError(f"{enum.__name__} has no member {member!r}; choose one of {[m.name for m in enum]}") from None
+
+
+def hub_checkpoint_path(url: str) -> Path:
+    """Where torch.hub caches a downloaded weights file (TORCH_HOME/hub/checkpoints/<file name>)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def load_pretrained(name: str, num_classes: int | None = None, weights: str | None = None) -> ViT:
+    """Our ViT with torchvision's ImageNet weights; the head is replaced (zero init) when num_classes is given.
+
+    Uses the hub cache when the file is there; downloads otherwise. Raises PretrainedWeightsUnavailable with
+    the exact file name and folder when neither works.
+    """
+    entry = weights_enum(name, weights)
+    target = hub_checkpoint_path(entry.url)
+    try:
+        state_dict = entry.get_state_dict(progress=True, weights_only=True)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+        raise PretrainedWeightsUnavailable(
+            f"could not get torchvision's {type(entry).__name__}.{entry.name} weights ({err}). "
+            f"Download {entry.url} on a machine with network access and place it as {target} "
+            f"(the torch hub cache; set TORCH_HOME to move it), then run again."
+        ) from err
+    min_size = entry.meta.get("min_size", (None,))[0]
+    config, converted = convert_torchvision_state_dict(state_dict, image_size=min_size)
+    config = config.replace(num_heads=VARIANTS[canonical_variant(name)].config.num_heads)
+    model = ViT(config)
+    model.load_state_dict(converted)
+    if num_classes is not None and num_classes != config.num_classes:
+        model.reset_head(num_classes)
+    return model

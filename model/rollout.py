@@ -1,0 +1,113 @@
+"""Attention rollout heatmaps: where the CLS token's information comes from, per patch.
+
+attention_rollout follows Abnar & Zuidema, "Quantifying Attention Flow in Transformers" (2020);
+gradient_rollout is the class-specific variant of Chefer, Gur & Wolf, "Transformer Interpretability Beyond
+Attention Visualization" (2021). Pure functions over tensors: no model, no hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+HeadFusion = Literal["mean", "max", "min"]
+
+
+def fuse_heads(attention: torch.Tensor, head_fusion: HeadFusion = "mean") -> torch.Tensor:
+    """(B, heads, T, T) -> (B, T, T)."""
+    if head_fusion == "mean":
+        return attention.mean(dim=1)
+    if head_fusion == "max":
+        return attention.amax(dim=1)
+    if head_fusion == "min":
+        return attention.amin(dim=1)
+    raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
+
+
+def discard_lowest(attention: torch.Tensor, discard_ratio: float) -> torch.Tensor:
+    """Zero the lowest discard_ratio of each row's weights over the patch columns; column 0 (CLS) is kept.
+
+    Per row, not over the whole matrix: each query token keeps its own strongest sources.
+    """
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    num_patches = attention.shape[-1] - 1
+    k = int(num_patches * discard_ratio)
+    if k == 0:
+        return attention
+    patches = attention[..., 1:]
+    lowest = patches.topk(k, dim=-1, largest=False).indices  # (B, T, k)
+    patches = patches.scatter(-1, lowest, 0.0)
+    return torch.cat([attention[..., :1], patches], dim=-1)
+
+
+def _grid_from_tokens(tokens: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+    """(B, N) CLS-to-patch flow -> (B, rows, cols), each image scaled by its own maximum into [0, 1]."""
+    B, N = tokens.shape
+    if grid is None:
+        side = round(N**0.5)
+        if side * side != N:
+            raise ValueError(f"{N} patches are not a square grid; pass grid=(rows, cols)")
+        grid = (side, side)
+    if grid[0] * grid[1] != N:
+        raise ValueError(f"grid {grid} holds {grid[0] * grid[1]} patches, attention covers {N}")
+    # Scale by the maximum (not min-max) so a map with no preference stays uniform and 0 means "no flow".
+    peak = tokens.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(tokens.dtype).tiny)
+    return (tokens / peak).clamp(0.0, 1.0).reshape(B, *grid)  # (B, N) -> (B, rows, cols)
+
+
+def attention_rollout(
+    attentions: Sequence[torch.Tensor],
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Roll attention out through the layers; return the CLS token's flow to each patch as (B, rows, cols).
+
+    attentions: one (B, heads, 1 + N, 1 + N) tensor per block, first block first (ViT.forward_with_attention).
+    grid: the patch grid (rows, cols); inferred for square grids. Each image is scaled into [0, 1] by its max.
+    """
+    if not attentions:
+        raise ValueError("attention_rollout needs at least one layer of attention weights")
+    rollout = None
+    for attention in attentions:
+        a = discard_lowest(fuse_heads(attention.float(), head_fusion), discard_ratio)
+        # The residual connection carries each token to itself: model it as identity, then make each row a
+        # distribution again. Rows (dim -1, the sources a token reads from) must sum to 1 -- dividing by the
+        # column sums, as some public code does by broadcasting (T,) over (T, T), is a different operator.
+        a = a + torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout  # later layers read from earlier ones
+    return _grid_from_tokens(rollout[:, 0, 1:], grid)
+
+
+def gradient_rollout(
+    attentions: Sequence[torch.Tensor],
+    gradients: Sequence[torch.Tensor],
+    grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Class-specific relevance (Chefer et al. 2021): R <- R + mean_heads(relu(grad * A)) @ R, from R = I.
+
+    gradients: d(target logit)/d(attention) for each layer, same shapes as attentions.
+    """
+    if len(attentions) != len(gradients) or not attentions:
+        raise ValueError("need one gradient per attention layer, and at least one layer")
+    B, _, T, _ = attentions[0].shape
+    relevance = torch.eye(T, device=attentions[0].device).expand(B, T, T).clone()
+    for attention, grad in zip(attentions, gradients, strict=True):
+        cam = (grad.float() * attention.float()).clamp_min(0).mean(dim=1)  # (B, heads, T, T) -> (B, T, T)
+        relevance = relevance + cam @ relevance
+    return _grid_from_tokens(relevance[:, 0, 1:], grid)
+
+
+def upsample_heatmap(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(rows, cols) or (B, rows, cols) in [0, 1] -> same leading shape at (height, width), bilinear."""
+    squeeze = grid.ndim == 2
+    maps = grid[None] if squeeze else grid
+    # (B, rows, cols) -> (B, 1, rows, cols): interpolate wants a channel axis
+    up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    up = up.clamp(0.0, 1.0)
+    return up[0] if squeeze else up

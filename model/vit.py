@@ -1,0 +1,224 @@
+"""The Vision Transformer (Dosovitskiy et al., 2021), written from its parts.
+
+Pipeline, each stage a named method of ViT:
+    normalize -> patchify -> patch_embed -> prepend_cls -> + position_embedding -> dropout
+    -> pre-norm blocks -> final LayerNorm -> CLS head
+
+Parameter names follow timm (cls_token, pos_embed, blocks.N.attn.qkv, ...); model/pretrained.py maps
+torchvision's names onto them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ViTConfig
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection.
+
+    Two paths computing the same function: scaled_dot_product_attention (fused kernels, no weights to look at)
+    and an explicit softmax that also returns the (B, heads, T, T) weights for attention rollout. The weights
+    can't be hooked from the fast path, so callers that want them must ask for the explicit path.
+    """
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.qkv = nn.Linear(config.hidden_dim, 3 * config.hidden_dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_dim, config.hidden_dim)
+        self.attn_drop = nn.Dropout(config.attention_dropout)
+        self.proj_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x.shape
+        # (B, T, 3D) -> (B, T, 3, heads, head_dim) -> (3, B, heads, T, head_dim)
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        weights = None
+        if return_attention:
+            weights = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
+            weights = weights.softmax(dim=-1)
+            out = self.attn_drop(weights) @ v
+        else:
+            drop = self.attention_dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        # (B, heads, T, head_dim) -> (B, T, heads, head_dim) -> (B, T, D)
+        out = out.transpose(1, 2).reshape(B, T, D)
+        return self.proj_drop(self.proj(out)), weights
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_dim, config.mlp_dim)
+        self.act = nn.GELU()  # exact erf GELU, as torchvision and the original ViT use
+        self.fc2 = nn.Linear(config.mlp_dim, config.hidden_dim)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.norm1(x), return_attention)
+        x = x + attended
+        x = x + self.mlp(self.norm2(x))
+        return x, weights
+
+
+class ViT(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        P, C, D = config.patch_size, config.in_channels, config.hidden_dim
+        # Normalisation lives in the model so callers can ship uint8 images to the device (4x fewer bytes than
+        # float32) and no caller can forget it or apply it twice. Not persistent: the config carries the values.
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, C, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, C, 1, 1), persistent=False)
+        self.patch_embed = nn.Linear(P * P * C, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, D))
+        self.pos_drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.head = nn.Linear(D, config.num_classes)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ initialisation and head surgery
+    def reset_parameters(self) -> None:
+        """Initialisation for training from scratch (timm / DeiT recipe)."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # A zero head starts every class at equal logits, so early gradients shape features, not a random head.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def reset_head(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh zero-initialised one (transfer to a new label set)."""
+        ref = self.head.weight
+        self.head = nn.Linear(self.config.hidden_dim, num_classes, device=ref.device, dtype=ref.dtype)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.config = self.config.replace(num_classes=num_classes)
+
+    # ------------------------------------------------------------------ pipeline stages
+    def check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        """Validate (B, C, H, W) and return the patch grid (rows, cols)."""
+        C, P = self.config.in_channels, self.config.patch_size
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != C:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected images of shape (B, {C}, H, W), got {got}")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise TypeError(f"expected uint8 images in 0..255 or float images in 0..1, got dtype {x.dtype}")
+        H, W = x.shape[-2:]
+        if H % P or W % P or H == 0 or W == 0:
+            raise ValueError(f"image height and width must be positive multiples of the patch size {P}, got {H}x{W}")
+        return H // P, W // P
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 0..255 or float 0..1 -> mean/std normalised, in the parameters' dtype."""
+        if x.dtype == torch.uint8:
+            x = x.to(self.mean.dtype) / 255.0
+        x = (x.to(self.mean.dtype) - self.mean) / self.std
+        return x.to(self.patch_embed.weight.dtype)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Cut into non-overlapping patches, row-major: 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'."""
+        B, C, H, W = x.shape
+        P = self.config.patch_size
+        # (B, C, H, W) -> (B, C, h, P, w, P) -> (B, h, w, P, P, C) -> (B, h*w, P*P*C)
+        x = x.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(B, (H // P) * (W // P), P * P * C)
+
+    def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # (1, 1, D) -> (B, 1, D)
+        return torch.cat([cls, tokens], dim=1)  # (B, N, D) -> (B, 1 + N, D)
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Learned position embedding for a (rows, cols) patch grid, bicubic-resampled off the native grid."""
+        native = self.config.grid_size
+        if grid == (native, native):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        D = patch_pos.shape[-1]
+        # (1, native*native, D) -> (1, D, native, native) so interpolate sees a D-channel image
+        patch_pos = patch_pos.reshape(1, native, native, D).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
+        # (1, D, rows, cols) -> (1, rows*cols, D)
+        patch_pos = patch_pos.to(cls_pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the token sequence the first block sees, (B, 1 + N, D)."""
+        grid = self.check_input(x)
+        x = self.normalize(x)
+        tokens = self.patch_embed(self.patchify(x))  # (B, N, P*P*C) -> (B, N, D)
+        tokens = self.prepend_cls(tokens)
+        tokens = tokens + self.position_embedding(grid)
+        return self.pos_drop(tokens)
+
+    # ------------------------------------------------------------------ forward variants
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> final normalised tokens (B, 1 + N, D); token 0 is CLS."""
+        tokens = self.embed(x)
+        for block in self.blocks:
+            tokens, _ = block(tokens)
+        return self.norm(tokens)
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> logits (B, classes), or the CLS feature (B, D) with pre_logits=True (linear probes)."""
+        cls = tokens[:, 0]
+        return cls if pre_logits else self.head(cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits plus every block's attention weights, each (B, heads, 1 + N, 1 + N), via the explicit path."""
+        tokens = self.embed(x)
+        attentions = []
+        for block in self.blocks:
+            tokens, weights = block(tokens, return_attention=True)
+            attentions.append(weights)
+        return self.forward_head(self.norm(tokens)), attentions
+
+    # ------------------------------------------------------------------ bookkeeping
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self, image_size: int | None = None) -> float:
+        """Forward multiply-add FLOPs (2 per MAC) of the matmuls at a square image size; attention included."""
+        c = self.config
+        n = (image_size or c.image_size) // c.patch_size
+        T, D = n * n + 1, c.hidden_dim
+        per_block = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + 2 * 2 * T * D * c.mlp_dim
+        embed = 2 * (T - 1) * D * c.patch_size**2 * c.in_channels
+        return float(c.depth * per_block + embed + 2 * D * c.num_classes)
+
+
+__all__ = ["MLP", "Attention", "Block", "ViT"]
