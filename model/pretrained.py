@@ -166,8 +166,8 @@ def load_pretrained(name: str, num_classes: int | None = None, weights: str | No
             f"(the torch hub cache; set TORCH_HOME to move it), then run again."
         ) from err
     min_size = entry.meta.get("min_size", (None,))[0]
+    # The architecture comes from the file's tensor shapes (heads from the width), not from the name.
     config, converted = convert_torchvision_state_dict(state_dict, image_size=min_size)
-    config = config.replace(num_heads=VARIANTS[canonical_variant(name)].config.num_heads)
     model = ViT(config)
     model.load_state_dict(converted)
     if num_classes is not None and num_classes != config.num_classes:
