@@ -1,0 +1,171 @@
+"""Training throughput: `finetune` train-step img/s and `linear-probe` feature-extraction img/s.
+
+Synthetic uint8 batches through our ViT at the variant's real shape (random init: same FLOPs as the ImageNet
+weights, and nothing to download). A train step is forward + backward + AdamW update, as model/train.py runs
+it (autocast when --dtype bf16); extraction is the no-grad backbone forward the linear probe caches.
+
+    .venv/bin/python bench/train_throughput.py                                  # CPU, b16, short
+    .venv/bin/python bench/train_throughput.py --device cuda --dtype bf16 --batch-size 64 --steps 20
+
+Prints a table, writes results/train_throughput.png and .json. Data loading (JPEG decode + augmentation) is
+not included: on a GPU give the DataLoader enough --workers that it is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.config import get_config
+from model.recipes import parameter_groups
+from model.vit import ViT
+
+PETS_TRAIN_IMAGES = 3312  # Oxford-IIIT Pet trainval (3,680) minus the 10 % held-out validation slice
+PETS_TEST_IMAGES = 3669
+
+
+@dataclass
+class Result:
+    mode: str  # "finetune train step" | "linear-probe extraction"
+    variant: str
+    device: str
+    dtype: str
+    batch_size: int
+    images_per_s: float
+    seconds_per_pets_epoch: float
+    peak_memory_gb: float | None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step, device: torch.device, warmup: int, steps: int, desc: str) -> float:
+    """Seconds per step after `warmup` untimed steps (first calls pay for allocation and kernel selection)."""
+    for _ in tqdm(range(warmup), desc=f"{desc} warmup", leave=False):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_finetune(model: ViT, batch: int, device: torch.device, amp: torch.dtype | None, warmup: int, steps: int):
+    model.train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-4)
+    size = model.config.image_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    targets = torch.randint(0, model.config.num_classes, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return _timed(step, device, warmup, steps, "finetune")
+
+
+def bench_extract(model: ViT, batch: int, device: torch.device, amp: torch.dtype | None, warmup: int, steps: int):
+    model.eval()
+    size = model.config.image_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+
+    @torch.inference_mode()
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            model.forward_head(model.forward_features(images), pre_logits=True)
+
+    return _timed(step, device, warmup, steps, "extract")
+
+
+def plot(results: list[Result], path: Path, note: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [f"{r.mode}\n{r.variant} {r.device} {r.dtype} b{r.batch_size}" for r in results]
+    bars = ax.barh(names, [r.images_per_s for r in results], color=["tab:orange", "tab:blue"][: len(results)])
+    for bar, r in zip(bars, results, strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r.images_per_s:.1f} img/s", va="center")
+    ax.set_xlabel("images / second (higher is better)")
+    ax.set_title(f"petvit training throughput — {note}", fontsize=9)
+    ax.set_xlim(0, max(r.images_per_s for r in results) * 1.35)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="b16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, as training")
+    parser.add_argument("--batch-size", type=int, help="default 8 on CPU, 64 on CUDA")
+    parser.add_argument("--steps", type=int, help="timed steps (default 3 on CPU, 20 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--only", choices=("finetune", "extract"), help="run one of the two measurements")
+    parser.add_argument("--out", type=Path, default=Path("results/train_throughput.png"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = args.batch_size or (64 if device.type == "cuda" else 8)
+    steps = args.steps or (20 if device.type == "cuda" else 3)
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
+    torch.manual_seed(0)
+    model = ViT(get_config(args.variant, num_classes=37)).to(device)
+
+    results = []
+    runs = (("finetune", "finetune train step", bench_finetune), ("extract", "linear-probe extraction", bench_extract))
+    for key, mode, fn in runs:
+        if args.only and args.only != key:
+            continue
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = fn(model, batch, device, amp, args.warmup, steps)
+        ips = batch / seconds
+        images = PETS_TRAIN_IMAGES if mode.startswith("finetune") else PETS_TRAIN_IMAGES + PETS_TEST_IMAGES
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        results.append(Result(mode, args.variant, str(device), args.dtype, batch, ips, images / ips, peak))
+
+    cpu = platform.processor() or platform.machine()
+    if device.type == "cpu":
+        note = f"CPU {cpu}, torch threads={torch.get_num_threads()}, shared machine: noisy"
+    else:
+        note = torch.cuda.get_device_name(device)
+    print(f"device: {device} ({note}); torch {torch.__version__}; {steps} timed steps after {args.warmup} warmup")
+    print(f"{'mode':<26}{'variant':<8}{'dtype':<6}{'batch':>6}{'img/s':>10}{'s/Pets epoch':>14}{'peak GB':>9}")
+    for r in results:
+        peak = f"{r.peak_memory_gb:.1f}" if r.peak_memory_gb is not None else "-"
+        print(
+            f"{r.mode:<26}{r.variant:<8}{r.dtype:<6}{r.batch_size:>6}{r.images_per_s:>10.2f}"
+            f"{r.seconds_per_pets_epoch:>14.0f}{peak:>9}"
+        )
+    print("(extraction 's/Pets epoch' = the one-off pass over train + test images the linear probe caches)")
+    plot(results, args.out, note)
+    args.out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

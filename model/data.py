@@ -1,0 +1,292 @@
+"""Datasets and transforms for training and evaluation: Oxford-IIIT Pet and any ImageFolder tree.
+
+Every split is a list of (image, class index) pairs over one underlying dataset that returns PIL images; the
+transform is attached per split, so train and held-out views of the same files never share augmentation.
+Transforms end in uint8 (or float 0..1) tensors *without* mean/std normalisation: the ViT normalises itself
+(ViT.normalize), so normalising here would apply it twice.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from model.labels import BREEDS, PET_LABELS, PET_SPECIES, species_of
+
+PETS_FOLDER = "oxford-iiit-pet"  # torchvision's OxfordIIITPet looks for <root>/oxford-iiit-pet/{images,annotations}
+PETS_ARCHIVES = (
+    "https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
+    "https://www.robots.ox.ac.uk/~vgg/data/pets/data/annotations.tar.gz",
+)
+AUGMENTATIONS = ("none", "light", "trivial", "randaugment")
+
+
+class DatasetUnavailable(RuntimeError):
+    """The dataset is not on disk and could not be downloaded; the message says what to put where."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "pets"  # "pets" (Oxford-IIIT Pet via torchvision) or "folder" (an ImageFolder tree)
+    data_dir: str = "data"
+    image_size: int = 224
+    augment: str = "trivial"  # none | light | trivial | randaugment, see train_transform
+    hflip: bool = True  # pets are left-right symmetric; digits or text are not
+    min_crop_scale: float = 0.08  # RandomResizedCrop's lower area bound (0.08 is the ImageNet/DeiT default)
+    # Held-out fractions. Pets keeps its official test split and carves validation out of trainval, so the
+    # best epoch is chosen without ever looking at test; a folder tree is split three ways the same way.
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2  # folder trees only
+    split_seed: int = 0  # the split is a property of the data, kept fixed across training seeds
+    download: bool = True  # let torchvision fetch Pets when the network allows
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class DataSplits:
+    """Train / validation / test views plus the class names, in class-index order."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    labels: list[str]
+    species: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def resize_size_for(image_size: int) -> int:
+    """Shorter side before the centre crop: torchvision's 256/224 ratio (matches checkpoint.preprocessing_for)."""
+    return round(image_size * 256 / 224)
+
+
+def _to_output(dtype: torch.dtype) -> list[v2.Transform]:
+    # ToImage gives a uint8 tv_tensors.Image; ToDtype with scale=True maps 0..255 -> 0..1 for float output.
+    steps: list[v2.Transform] = [v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)]
+    if dtype != torch.uint8:
+        steps.append(v2.ToDtype(dtype, scale=True))
+    return steps
+
+
+def eval_transform(image_size: int, dtype: torch.dtype = torch.uint8) -> v2.Compose:
+    """Resize the shorter side to 256/224 of the crop, centre-crop: deterministic, no normalisation."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize_size_for(image_size), antialias=True),
+            v2.CenterCrop(image_size),
+            *_to_output(dtype),
+        ]
+    )
+
+
+def train_transform(
+    image_size: int,
+    augment: str = "trivial",
+    hflip: bool = True,
+    min_crop_scale: float = 0.08,
+    dtype: torch.dtype = torch.uint8,
+) -> v2.Compose:
+    """Random crop + flip, then the chosen photometric/geometric policy; no normalisation.
+
+    none: the eval transform (useful to check a loop learns at all); light: crop + flip;
+    trivial: + TrivialAugmentWide (parameter-free, strong); randaugment: + RandAugment(2, 9) (DeiT-style).
+    """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    if augment == "none":
+        return eval_transform(image_size, dtype)
+    # The policies work on uint8 images, so they run before any conversion to float.
+    steps: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if augment == "trivial":
+        steps.append(v2.TrivialAugmentWide())
+    elif augment == "randaugment":
+        steps.append(v2.RandAugment(num_ops=2, magnitude=9))
+    return v2.Compose([*steps, *_to_output(dtype)])
+
+
+def batch_mixer(num_classes: int, alpha: float = 0.8) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+    """MixUp or CutMix (chosen per batch) on a float batch; labels become soft (B, num_classes) targets."""
+    mix = v2.RandomChoice([v2.MixUp(alpha=alpha, num_classes=num_classes), v2.CutMix(num_classes=num_classes)])
+
+    def apply(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0  # mixing blends pixels; the model accepts float 0..1 as well
+        return mix(images, targets)
+
+    return apply
+
+
+# ---------------------------------------------------------------------------------------------- views
+class TransformedSubset(Dataset):
+    """The items `indices` of `base` (which yields (PIL image, target)), each passed through `transform`."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable | None = None) -> None:
+        self.base = base
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image, target = self.base[self.indices[i]]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(target)
+
+    def targets(self) -> list[int]:
+        """Class index of every item, read from the base dataset's lists (no image is decoded)."""
+        labels = _base_targets(self.base)
+        return [labels[i] for i in self.indices]
+
+    def with_transform(self, transform: Callable | None) -> TransformedSubset:
+        return TransformedSubset(self.base, self.indices, transform)
+
+
+def _base_targets(base: Dataset) -> list[int]:
+    if hasattr(base, "targets"):  # ImageFolder
+        return list(base.targets)
+    if hasattr(base, "_labels"):  # OxfordIIITPet keeps its class ids here
+        return list(base._labels)
+    raise TypeError(f"cannot read targets of {type(base).__name__} without decoding images")
+
+
+def stratified_split(targets: Sequence[int], fractions: Sequence[float], seed: int) -> tuple[list[int], ...]:
+    """Split indices into len(fractions) + 1 parts, each class split in the same proportions, seeded.
+
+    Returns (rest, part_1, ..., part_k): part_i gets round(fraction_i * n_class) items of every class (at least
+    one when a class has enough items), `rest` keeps what is left. Same seed, same targets -> same split.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(int(target), []).append(index)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for cls in sorted(by_class):
+        members = by_class[cls]
+        order = torch.randperm(len(members), generator=generator).tolist()
+        shuffled = [members[i] for i in order]
+        start = 0
+        for k, fraction in enumerate(fractions, start=1):
+            take = round(fraction * len(members)) if fraction > 0 else 0
+            if fraction > 0 and take == 0 and len(members) - start > 1:
+                take = 1  # every class appears in every held-out split when it can
+            parts[k].extend(shuffled[start : start + take])
+            start += take
+        parts[0].extend(shuffled[start:])
+    return tuple(sorted(p) for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------- Oxford-IIIT Pet
+def pets_root(data_dir: str | Path) -> Path:
+    """The folder to hand torchvision as `root`: accepts the root itself or the oxford-iiit-pet folder in it."""
+    data_dir = Path(data_dir)
+    if data_dir.name == PETS_FOLDER and (data_dir / "images").is_dir():
+        return data_dir.parent
+    return data_dir
+
+
+def pets_missing_message(data_dir: str | Path, reason: str = "") -> str:
+    base = pets_root(data_dir) / PETS_FOLDER
+    because = f" ({reason})" if reason else ""
+    return (
+        f"Oxford-IIIT Pet is not in {base} and could not be downloaded{because}.\n"
+        f"On a machine with network access download the two archives\n"
+        f"    {PETS_ARCHIVES[0]}\n"
+        f"    {PETS_ARCHIVES[1]}\n"
+        f"and extract both into {base}/ so that it holds images/*.jpg and annotations/trainval.txt, "
+        f"annotations/test.txt:\n"
+        f"    mkdir -p {base} && tar -xzf images.tar.gz -C {base} && tar -xzf annotations.tar.gz -C {base}"
+    )
+
+
+def pets_dataset(data_dir: str | Path, split: str, download: bool = True) -> Dataset:
+    """torchvision's OxfordIIITPet (category targets, PIL images), or DatasetUnavailable with what to do."""
+    from torchvision.datasets import OxfordIIITPet
+
+    root = pets_root(data_dir)
+    anns = root / PETS_FOLDER / "annotations"
+    has_files = (root / PETS_FOLDER / "images").is_dir() and (anns / f"{split}.txt").is_file()
+    try:
+        # Only ask torchvision to download when the files are missing: it re-verifies nothing otherwise anyway.
+        return OxfordIIITPet(str(root), split=split, target_types="category", download=download and not has_files)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+        raise DatasetUnavailable(pets_missing_message(data_dir, f"download failed: {err}")) from None
+    except (RuntimeError, FileNotFoundError, OSError) as err:
+        raise DatasetUnavailable(pets_missing_message(data_dir, str(err))) from None
+
+
+def load_pets(config: DataConfig) -> DataSplits:
+    """Official trainval (minus a seeded, stratified validation slice) and test splits of Oxford-IIIT Pet."""
+    trainval = pets_dataset(config.data_dir, "trainval", config.download)
+    test = pets_dataset(config.data_dir, "test", download=False)
+    train_idx, val_idx = stratified_split(_base_targets(trainval), [config.val_fraction], config.split_seed)
+    return DataSplits(
+        train=TransformedSubset(trainval, train_idx),
+        val=TransformedSubset(trainval, val_idx),
+        test=TransformedSubset(test, range(len(test))),
+        labels=list(PET_LABELS),
+        species=list(PET_SPECIES),
+        extra={"sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(test)}},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- ImageFolder
+def folder_label(name: str) -> str:
+    """A class folder's display label: Pet breed folders ('Bengal', 'great_pyrenees') get the breed's label."""
+    for breed in BREEDS:
+        if name.lower() in (breed.file_prefix.lower(), breed.label.lower()):
+            return breed.label
+    return name
+
+
+def load_folder(config: DataConfig) -> DataSplits:
+    """An ImageFolder tree (<dir>/<class>/<image>), split train/val/test per class with a fixed seed."""
+    from torchvision.datasets import ImageFolder
+
+    root = Path(config.data_dir)
+    if not root.is_dir():
+        raise DatasetUnavailable(
+            f"no image folder at {root}; expected one sub-folder per class holding its images, "
+            f"e.g. {root}/Bengal/1.jpg, {root}/beagle/7.jpg"
+        )
+    try:
+        tree = ImageFolder(str(root))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DatasetUnavailable(f"{root} is not a usable ImageFolder tree: {err}") from None
+    train_idx, val_idx, test_idx = stratified_split(
+        tree.targets, [config.val_fraction, config.test_fraction], config.split_seed
+    )
+    labels = [folder_label(c) for c in tree.classes]
+    return DataSplits(
+        train=TransformedSubset(tree, train_idx),
+        val=TransformedSubset(tree, val_idx),
+        test=TransformedSubset(tree, test_idx),
+        labels=labels,
+        species=[species_of(label) for label in labels],
+        extra={"sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)}},
+    )
+
+
+def load_splits(config: DataConfig) -> DataSplits:
+    """The three splits for `config.dataset`, without transforms (attach them with with_transform)."""
+    if config.dataset == "pets":
+        return load_pets(config)
+    if config.dataset == "folder":
+        return load_folder(config)
+    raise ValueError(f"dataset must be 'pets' or 'folder', got {config.dataset!r}")

@@ -1,0 +1,216 @@
+"""`petvit evaluate`: top-1/top-5, per-class and cat-vs-dog accuracy, confusion matrix and curves PNGs, a JSON
+report, and (with --write-metadata) the summary stored in the artifact the service shows at /v1/model.
+
+Evaluation always uses the deterministic eval transform and, for folder trees, the same seeded split the
+model was trained with (read from the artifact), so the test images are ones training never saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from model.checkpoint import ArtifactError, file_sha256, load_artifact, save_artifact
+from model.data import DataConfig, DatasetUnavailable, eval_transform, load_splits
+from model.plots import plot_confusion_matrix, plot_training_curves
+from model.vit import ViT
+
+REPORT_FILE = "report.json"
+CONFUSION_FILE = "confusion_matrix.png"
+CURVES_FILE = "training_curves.png"
+
+
+@torch.no_grad()
+def predict(
+    model: ViT,
+    dataset: Dataset,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    desc: str = "evaluate",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C) float32, targets (N,)) for the whole dataset, in order."""
+    model.eval()
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    logits, targets = [], []
+    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(images.to(device))
+        logits.append(out.float().cpu())
+        targets.append(torch.as_tensor(labels, dtype=torch.long))
+    if not logits:
+        return torch.zeros(0, model.config.num_classes), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def compute_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, labels: Sequence[str], species: Sequence[str]
+) -> dict[str, Any]:
+    """Every number the report and the artifact carry, from logits (N, C) and integer targets (N,)."""
+    n, num_classes = logits.shape
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    k = min(5, num_classes)
+    topk = logits.topk(k, dim=1).indices  # (N, k), best first
+    pred = topk[:, 0]
+    correct = pred == targets
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((targets, pred), torch.ones_like(targets), accumulate=True)
+    support = confusion.sum(dim=1)
+    per_class = {
+        label: (confusion[i, i].item() / support[i].item() if support[i] > 0 else None)
+        for i, label in enumerate(labels)
+    }
+    # Cat vs dog: is the predicted breed of the right species? Only defined when every class has a species.
+    cat_vs_dog = None
+    if all(s in ("cat", "dog") for s in species):
+        is_dog = torch.tensor([s == "dog" for s in species])
+        cat_vs_dog = (is_dog[pred] == is_dog[targets]).float().mean().item()
+    return {
+        "num_images": n,
+        "top1": correct.float().mean().item(),
+        "top5": (topk == targets[:, None]).any(dim=1).float().mean().item(),
+        "top5_k": k,  # fewer than 5 classes -> top-k over all of them
+        "loss": F.cross_entropy(logits, targets).item(),
+        "per_class": per_class,
+        "per_class_support": {label: int(support[i]) for i, label in enumerate(labels)},
+        "mean_per_class": _mean([v for v in per_class.values() if v is not None]),
+        "cat_vs_dog": cat_vs_dog,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def metadata_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The part of a report stored in the artifact (the confusion matrix stays in the report file)."""
+    keys = ("top1", "top5", "per_class", "mean_per_class", "cat_vs_dog", "num_images", "loss", "split", "dataset")
+    return {k: report[k] for k in keys if k in report} | {"evaluated_at": report.get("evaluated_at")}
+
+
+def write_report(
+    report: dict[str, Any],
+    labels: Sequence[str],
+    output_dir: str | Path,
+    history: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Path]:
+    """report.json, confusion_matrix.png and (when there is a history) training_curves.png in output_dir."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"report": output_dir / REPORT_FILE, "confusion_matrix": output_dir / CONFUSION_FILE}
+    title = (
+        f"{report.get('name', 'petvit')} on {report.get('dataset')} {report.get('split')}: top-1 {report['top1']:.3f}"
+    )
+    plot_confusion_matrix(report["confusion_matrix"], labels, paths["confusion_matrix"], title=title)
+    if history:
+        paths["curves"] = plot_training_curves(history, output_dir / CURVES_FILE, title=report.get("name", ""))
+    report = {**report, "files": {k: str(v) for k, v in paths.items()}}
+    paths["report"].write_text(json.dumps(report, indent=2))
+    return paths
+
+
+def data_config_from_metadata(meta: dict[str, Any], dataset: str | None, data_dir: str | None) -> DataConfig:
+    """The split the model was trained with (fractions and seed from its metadata), on the data given."""
+    stored = dict((meta.get("training") or {}).get("data") or {})
+    known = set(DataConfig.__dataclass_fields__)
+    base = DataConfig(**{k: v for k, v in stored.items() if k in known})
+    return dataclasses.replace(
+        base,
+        dataset=dataset or base.dataset,
+        data_dir=data_dir or base.data_dir,
+        image_size=(meta.get("preprocessing") or {}).get("image_size", base.image_size),
+        download=False,  # evaluation reads what is there; a missing dataset is reported, not fetched
+    )
+
+
+def evaluate_artifact(
+    checkpoint: str | Path,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    output_dir: str | Path = "results/evaluate",
+    split: str = "test",
+    batch_size: int = 64,
+    device: str = "cpu",
+    num_workers: int = 0,
+    write_metadata: bool = False,
+) -> dict[str, Any]:
+    """Evaluate an artifact on a split; writes the report files; optionally stores the summary in the artifact."""
+    model, meta = load_artifact(checkpoint, device=device)
+    data = data_config_from_metadata(meta, dataset, data_dir)
+    splits = load_splits(data)
+    labels = list(meta["labels"])
+    if len(splits.labels) != len(labels):
+        raise ValueError(f"the artifact has {len(labels)} classes but {data.data_dir} has {len(splits.labels)}")
+    view = getattr(splits, split).with_transform(eval_transform(model.config.image_size))
+    logits, targets = predict(model, view, batch_size, device, num_workers, desc=f"evaluate {split}")
+    report = {
+        "name": meta.get("name"),
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "dataset": data.dataset,
+        "data_dir": str(data.data_dir),
+        "split": split,
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "labels": labels,
+        **compute_metrics(logits, targets, labels, list(meta["species"])),
+    }
+    history = (meta.get("training") or {}).get("history")
+    report["files"] = {k: str(v) for k, v in write_report(report, labels, output_dir, history).items()}
+    if write_metadata:
+        meta["evaluation"] = metadata_summary(report)
+        save_artifact(model.cpu(), checkpoint, meta)
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="artifact to evaluate (.safetensors)")
+    parser.add_argument("--dataset", choices=("pets", "folder"), help="default: the one it was trained on")
+    parser.add_argument("--data-dir", help="default: the one it was trained on")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/evaluate"))
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument(
+        "--write-metadata", action="store_true", help="store the summary in the artifact (shown at /v1/model)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        report = evaluate_artifact(
+            args.checkpoint,
+            args.dataset,
+            args.data_dir,
+            args.output_dir,
+            args.split,
+            args.batch_size,
+            args.device,
+            args.workers,
+            args.write_metadata,
+        )
+    except (DatasetUnavailable, ArtifactError) as err:
+        print(f"petvit evaluate: {err}", file=sys.stderr)
+        return 2
+    cvd = report["cat_vs_dog"]
+    print(
+        f"{report['split']} ({report['num_images']} images): top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}"
+        + (f"  cat-vs-dog {cvd:.4f}" if cvd is not None else "")
+    )
+    print(f"wrote {', '.join(report['files'].values())}")
+    return 0

@@ -1,0 +1,73 @@
+"""PNG figures people look at after a run: the confusion matrix and the training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display (containers, CI, torchrun workers)
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def plot_confusion_matrix(
+    confusion: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted), counts kept in the title."""
+    cm = np.asarray(confusion, dtype=float)
+    # Row-normalise so rare and common classes read on the same 0..1 scale; empty rows stay zero.
+    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    n = len(labels)
+    side = max(5.0, 0.28 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"confusion matrix ({int(cm.sum())} images, rows normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Loss (train, val) and accuracy (train, val) per epoch, plus the LR; marks the best epoch."""
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.8))
+    epochs = [h["epoch"] for h in history]
+
+    def series(key: str) -> list[float]:
+        return [h.get(key, float("nan")) if h.get(key) is not None else float("nan") for h in history]
+
+    ax_loss.plot(epochs, series("train_loss"), "o-", label="train")
+    ax_loss.plot(epochs, series("val_loss"), "s-", label="held-out")
+    ax_loss.set_title("loss")
+    ax_acc.plot(epochs, series("train_top1"), "o-", label="train")
+    ax_acc.plot(epochs, series("val_top1"), "s-", label="held-out")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.set_title("top-1 accuracy")
+    if history:
+        best = max(history, key=lambda h: h.get("val_top1") or 0.0)
+        ax_acc.axvline(best["epoch"], color="grey", linestyle=":", label=f"best epoch {best['epoch']}")
+    ax_lr.plot(epochs, series("lr"), "o-")
+    ax_lr.set_title("learning rate (end of epoch)")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_acc.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,126 @@
+"""The three training recipes as data: hyper-parameters per recipe, the model each starts from, the LR schedule.
+
+finetune      whole ImageNet ViT-B/16 trained end to end (AdamW, warmup + cosine, label smoothing, clipping,
+              bf16 autocast on CUDA): the GPU recipe behind published Pets accuracies.
+linear-probe  frozen ImageNet backbone; CLS features extracted once and cached; only the head trains: the CPU
+              recipe (one forward pass per image in total, then seconds per epoch).
+scratch       a small ViT from random init with strong augmentation + MixUp/CutMix: ViTs lack convolutional
+              priors, so without pre-training they need heavy regularisation (DeiT, Touvron et al. 2021).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model.config import VARIANTS, canonical_variant, get_config
+from model.pretrained import load_pretrained
+from model.vit import ViT
+
+RECIPES = ("finetune", "linear-probe", "scratch")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = "finetune"
+    variant: str = "b16"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-4  # peak LR after warmup
+    min_lr: float = 1e-6  # cosine floor
+    weight_decay: float = 0.05  # AdamW decoupled decay; not applied to biases, norms, embeddings, tokens
+    warmup_epochs: float = 1.0  # linear warmup protects pretrained features from the new head's large gradients
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    augment: str = "trivial"  # see model.data.train_transform
+    mixup: bool = False  # MixUp/CutMix per batch (soft targets)
+    seed: int = 0
+    # ViTConfig field overrides on top of the variant (e.g. a tiny model for tests: depth=2, hidden_dim=32).
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+RECIPE_DEFAULTS: dict[str, TrainConfig] = {
+    # Fine-tuning at batch 64: lr 1e-4 is the usual AdamW transfer LR for ViT-B (timm / HF fine-tunes).
+    "finetune": TrainConfig(recipe="finetune"),
+    # Only a 768 x 37 linear layer trains, on cached features: large LR, many cheap epochs, no augmentation
+    # (features are extracted once with the deterministic eval transform).
+    "linear-probe": TrainConfig(
+        recipe="linear-probe",
+        epochs=50,
+        batch_size=256,
+        lr=1e-3,
+        weight_decay=1e-4,
+        warmup_epochs=0.0,
+        label_smoothing=0.0,
+        grad_clip=0.0,
+        augment="none",
+    ),
+    # DeiT-Tiny shape from random init: long schedule, strong augmentation and mixing.
+    "scratch": TrainConfig(
+        recipe="scratch",
+        variant="ti16",
+        epochs=100,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_epochs=5.0,
+        augment="randaugment",
+        mixup=True,
+    ),
+}
+
+
+def recipe_config(recipe: str, **overrides: Any) -> TrainConfig:
+    """The recipe's defaults with any non-None override applied."""
+    if recipe not in RECIPE_DEFAULTS:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    return RECIPE_DEFAULTS[recipe].replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def build_model(config: TrainConfig, num_classes: int) -> ViT:
+    """The recipe's starting model: ImageNet weights with a fresh head, or random init for scratch."""
+    variant = canonical_variant(config.variant)
+    if config.recipe == "scratch":
+        torch.manual_seed(config.seed)  # random init is part of what a seed makes repeatable
+        return ViT(get_config(variant, num_classes=num_classes, **config.model_overrides))
+    if VARIANTS[variant].torchvision_builder is None:
+        raise ValueError(
+            f"recipe {config.recipe} needs ImageNet weights, which torchvision has only for "
+            f"{sorted(k for k, v in VARIANTS.items() if v.torchvision_builder)}; use --recipe scratch for {variant}"
+        )
+    model = load_pretrained(variant, num_classes=num_classes)
+    if model.config.num_classes != num_classes:  # the file's head already had this many classes
+        model.reset_head(num_classes)
+    if config.model_overrides:
+        # The architecture of a pretrained model is whatever the weights file holds.
+        raise ValueError(f"model overrides ({config.model_overrides}) apply to --recipe scratch only")
+    return model
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices only; biases, LayerNorm gains, cls token and pos_embed are left alone."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to `floor` at total_steps. A pure function of the step, so a
+    resumed run needs no scheduler state to land on the same LR."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))

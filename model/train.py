@@ -1,0 +1,597 @@
+"""`petvit train`: the training loop for the three recipes (model/recipes.py), with resume, best-epoch
+selection on held-out data, per-epoch JSON log, tqdm bars, DDP under torchrun and an exported artifact.
+
+    petvit train --recipe linear-probe --dataset pets --data-dir data --out artifacts/petvit.safetensors
+    torchrun --nproc-per-node 8 -m app.cli train --recipe finetune --device cuda ...
+
+Run directory (--output-dir, default <artifact folder>/runs/<artifact name>): last_state.safetensors (resumable
+state), best_weights.safetensors (best epoch so far), log.json (every epoch), features/ (linear-probe cache),
+and the test report + PNGs written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from model.checkpoint import save_artifact
+from model.data import (
+    AUGMENTATIONS,
+    DataConfig,
+    DatasetUnavailable,
+    batch_mixer,
+    eval_transform,
+    load_splits,
+    train_transform,
+)
+from model.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from model.evaluate import compute_metrics, metadata_summary, predict, write_report
+from model.features import cached_features
+from model.pretrained import PretrainedWeightsUnavailable
+from model.recipes import RECIPES, TrainConfig, build_model, lr_at, parameter_groups, recipe_config
+from model.train_state import BEST_FILE, STATE_FILE, load_train_state, load_weights, save_train_state, save_weights
+
+LOG_FILE = "log.json"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how to run, as opposed to what to train (TrainConfig) and on what (DataConfig)."""
+
+    out: str = "artifacts/petvit.safetensors"
+    output_dir: str = "artifacts/runs/petvit"
+    device: str = "auto"
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
+    workers: int | None = None  # DataLoader processes; None = a sensible number for this machine
+    resume: bool = False
+    stop_after: int | None = None  # epochs to run in this invocation (pre-emptible jobs continue with --resume)
+    evaluate: bool = True  # evaluate the best epoch on the test split and store the summary in the artifact
+    threads: int | None = None  # torch CPU threads; on a shared box fewer threads avoid oversubscription stalls
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def pick_device(name: str, dist_info: DistInfo | None = None) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but torch sees no CUDA GPU")
+        return torch.device("cuda", dist_info.local_rank if dist_info else 0)
+    return torch.device(name)
+
+
+def default_recipe(device: torch.device) -> str:
+    """--recipe auto: fine-tune the whole ViT on a GPU; on a CPU only a linear probe finishes in useful time."""
+    return "finetune" if device.type == "cuda" else "linear-probe"
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16}[dtype]
+
+
+def default_workers(device: torch.device) -> int:
+    cpus = os.cpu_count() or 1
+    # On a GPU, JPEG decoding is the bottleneck: use the cores. On a small CPU box the model needs them.
+    return min(8, cpus - 1) if device.type == "cuda" else (0 if cpus <= 2 else min(4, cpus // 2))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Reseed per epoch: shuffling, augmentation, mixing and dropout depend only on (seed, epoch), so a run
+    resumed at epoch e draws exactly what an uninterrupted run would have."""
+    torch.manual_seed(seed * 100_003 + epoch)
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+# ---------------------------------------------------------------------------------------------- bookkeeping
+class RunLog:
+    """log.json in the run dir, rewritten after every epoch (rank 0 only); history survives --resume."""
+
+    def __init__(self, path: Path, header: dict[str, Any], history: list[dict[str, Any]], enabled: bool) -> None:
+        self.path, self.header, self.history, self.enabled = path, header, history, enabled
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self.header, "epochs": self.history}, indent=2))
+        tmp.replace(self.path)
+
+
+def epoch_line(rec: dict[str, Any], epochs: int) -> str:
+    best = " *" if rec.get("is_best") else ""
+    return (
+        f"epoch {rec['epoch']:>3}/{epochs}  train loss {rec['train_loss']:.4f}  train top-1 {rec['train_top1']:.3f}  "
+        f"held-out loss {rec['val_loss']:.4f}  held-out top-1 {rec['val_top1']:.3f}  lr {rec['lr']:.2e}  "
+        f"{rec['images_per_s']:.0f} img/s  {rec['seconds']:.1f}s{best}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- one epoch
+def train_one_epoch(
+    module: nn.Module,
+    batches: Any,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    mixer: Any = None,
+    show: bool = True,
+    desc: str = "train",
+) -> tuple[int, dict[str, float]]:
+    """One pass over `batches` of (inputs, targets). Returns the new global step and epoch statistics."""
+    module.train()
+    loss_sum, correct, seen = 0.0, torch.zeros((), dtype=torch.long, device=device), 0
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not show)
+    lr = cfg.lr
+    for inputs, targets in bar:
+        lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        hard = targets
+        if mixer is not None:
+            inputs, targets = mixer(inputs, targets)  # targets become soft (B, C)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = module(inputs)
+        # Loss in fp32 even under bf16 autocast: log-softmax over 37 classes is cheap and precision-sensitive.
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+        loss_value = loss.item()  # the one host sync per step: the NaN guard, the bar and the epoch mean share it
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        batch = hard.shape[0]
+        loss_sum += loss_value * batch
+        correct += (logits.argmax(dim=1) == hard).sum()  # stays on the device until the epoch ends
+        seen += batch
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
+    return step, {"loss_sum": loss_sum, "correct": float(correct), "seen": seen, "lr": lr}
+
+
+@torch.no_grad()
+def held_out_accuracy(
+    module: nn.Module, batches: Any, device: torch.device, amp: torch.dtype | None, info: DistInfo
+) -> tuple[float, float]:
+    """(loss, top-1) over this rank's shard, summed over all ranks."""
+    module.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = module(inputs)
+        totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        totals[1] += (logits.argmax(dim=1) == targets).sum().item()
+        totals[2] += targets.shape[0]
+    totals = all_reduce_sum(totals.to(device), info).cpu()
+    n = max(totals[2].item(), 1.0)
+    return totals[0].item() / n, totals[1].item() / n
+
+
+class Shard(Dataset):
+    """Every world_size-th item from rank on: held-out evaluation split across ranks without padding."""
+
+    def __init__(self, dataset: Dataset, info: DistInfo) -> None:
+        self.dataset, self.indices = dataset, list(range(info.rank, len(dataset), info.world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
+
+
+class FeatureBatches:
+    """Shuffled mini-batches over cached (features, targets) tensors, reshuffled from the per-epoch generator."""
+
+    def __init__(self, feats: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool) -> None:
+        self.feats, self.targets, self.batch_size, self.shuffle = feats, targets, batch_size, shuffle
+        self.generator: torch.Generator | None = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.targets) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.targets)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.feats[idx], self.targets[idx]
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def train(cfg: TrainConfig, data: DataConfig, run: RunConfig) -> dict[str, Any]:
+    """Train per the recipe; write the run dir and the artifact; return a summary (rank 0's view)."""
+    started = time.time()
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    info = init_distributed(pick_device(run.device).type)
+    try:
+        return _train(cfg, data, run, info, started)
+    finally:
+        shutdown_distributed(info)
+
+
+def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, started: float) -> dict[str, Any]:
+    device = pick_device(run.device, info)
+    amp = autocast_dtype(run.dtype, device)
+    workers = default_workers(device) if run.workers is None else run.workers
+    run_dir = Path(run.output_dir)
+    show = info.is_main
+
+    splits = load_splits(data)
+    num_classes = len(splits.labels)
+    model = build_model(cfg, num_classes).to(device)
+    image_size = model.config.image_size
+    data = replace(data, image_size=image_size)
+    eval_tf = eval_transform(image_size)
+
+    # What trains: the whole ViT, or (linear probe) only its head on cached features.
+    probe = cfg.recipe == "linear-probe"
+    if probe:
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+        trained: nn.Module = model.head
+    else:
+        trained = model
+    optimizer = torch.optim.AdamW(parameter_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+
+    header = {
+        "train": cfg.to_dict(),
+        "data": data.to_dict(),
+        "run": asdict(run),
+        "world_size": info.world_size,
+        "distributed": info.enabled,
+        "device": str(device),
+        "sizes": splits.extra.get("sizes"),
+    }
+    start_epoch, best, history = 0, {"epoch": None, "val_top1": -1.0}, []
+    state_path = run_dir / STATE_FILE
+    if run.resume and state_path.exists():
+        saved = load_train_state(state_path, trained, optimizer, device)
+        if saved["train"]["recipe"] != cfg.recipe or saved["train"]["seed"] != cfg.seed:
+            raise ValueError(
+                f"{state_path} is a {saved['train']['recipe']} run with seed {saved['train']['seed']}; "
+                f"resume it with the same --recipe/--seed or choose another --output-dir"
+            )
+        start_epoch, best, history = saved["next_epoch"], saved["best"], saved["history"]
+        if show:
+            print(f"resuming {state_path} at epoch {start_epoch + 1}/{cfg.epochs}")
+    elif run.resume and show:
+        print(f"--resume: no state in {run_dir}, starting from scratch")
+    log = RunLog(run_dir / LOG_FILE, header, history, info.is_main)
+
+    test_feats = None
+    if probe:
+        # Features once, on the deterministic eval view; every epoch after this is a few matrix multiplies.
+        if info.is_main:
+            cache = {}
+            for name in ("train", "val", "test") if run.evaluate else ("train", "val"):
+                view = getattr(splits, name).with_transform(eval_tf)
+                feats, targets, hit = cached_features(
+                    run_dir / "features",
+                    name,
+                    model,
+                    view,
+                    {"image_size": image_size, "transform": "eval"},
+                    batch_size=max(16, cfg.batch_size // 4),
+                    device=device,
+                    num_workers=workers,
+                    autocast_dtype=amp,
+                )
+                cache[name] = (feats.to(device), targets.to(device))
+                print(f"{name} features {tuple(feats.shape)} ({'cache' if hit else 'extracted'})")
+            test_feats = cache.get("test")
+            train_batches = FeatureBatches(*cache["train"], cfg.batch_size, shuffle=True)
+            val_batches = FeatureBatches(*cache["val"], 1024, shuffle=False)
+        # The head is tiny: rank 0 trains it alone, other ranks just wait for the artifact.
+        info_probe = DistInfo()
+    else:
+        train_view = splits.train.with_transform(
+            train_transform(image_size, cfg.augment, data.hflip, data.min_crop_scale)
+        )
+        if info.enabled:
+            sampler: Any = DistributedSampler(train_view, info.world_size, info.rank, shuffle=True, seed=cfg.seed)
+            trained = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        else:
+            sampler = RandomSampler(train_view)
+        train_loader = DataLoader(
+            train_view,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            drop_last=len(train_view) > cfg.batch_size * info.world_size,  # steady batch statistics
+            persistent_workers=False,
+        )
+        val_batches = DataLoader(Shard(splits.val.with_transform(eval_tf), info), batch_size=cfg.batch_size)
+    mixer = batch_mixer(num_classes) if cfg.mixup and not probe else None
+    unwrapped = model.head if probe else model  # what the state and best-weights files hold
+
+    steps_per_epoch = len(train_batches) if probe and info.is_main else (0 if probe else len(train_loader))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    step = start_epoch * steps_per_epoch
+    stop_at = cfg.epochs if run.stop_after is None else min(cfg.epochs, start_epoch + run.stop_after)
+
+    for epoch in range(start_epoch, stop_at):
+        if probe and not info.is_main:
+            break
+        tick = time.time()
+        generator = seed_epoch(cfg.seed, epoch)
+        if probe:
+            train_batches.generator = generator
+            batches = train_batches
+        else:
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch)
+            else:
+                sampler.generator = generator
+            batches = train_loader
+        step, stats = train_one_epoch(
+            trained if not probe else model.head,
+            batches,
+            optimizer,
+            cfg,
+            step,
+            total_steps,
+            warmup_steps,
+            device,
+            amp,
+            mixer,
+            show,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        )
+        # Train statistics over every rank's shard (DDP), like the held-out ones.
+        sums = torch.tensor([stats["loss_sum"], stats["correct"], stats["seen"]], dtype=torch.float64)
+        sums = all_reduce_sum(sums.to(device), DistInfo() if probe else info).cpu().tolist()
+        val_loss, val_top1 = held_out_accuracy(
+            model.head if probe else model, val_batches, device, amp, info_probe if probe else info
+        )
+        seconds = time.time() - tick
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": sums[0] / max(sums[2], 1),
+            "train_top1": sums[1] / max(sums[2], 1),
+            "lr": stats["lr"],
+            "val_loss": val_loss,
+            "val_top1": val_top1,
+            "seconds": seconds,
+            "images_per_s": sums[2] / max(seconds, 1e-9),
+            "is_best": val_top1 > best["val_top1"],
+        }
+        if record["is_best"]:
+            best = {"epoch": epoch + 1, "val_top1": val_top1}
+            if info.is_main:
+                save_weights(run_dir / BEST_FILE, unwrapped)  # the head alone for a probe: no 350 MB rewrites
+        log.append(record)
+        if info.is_main:
+            tqdm.write(epoch_line(record, cfg.epochs))
+            save_train_state(
+                state_path,
+                unwrapped,
+                optimizer,
+                {"next_epoch": epoch + 1, "best": best, "history": log.history, "train": cfg.to_dict()},
+            )
+    barrier(info)
+
+    finished = len(log.history) > 0 and log.history[-1]["epoch"] >= cfg.epochs
+    summary: dict[str, Any] = {"finished": finished, "best": best, "run_dir": str(run_dir), "history": log.history}
+    if not info.is_main or not finished:
+        if show and not finished:
+            print(f"stopped after epoch {log.history[-1]['epoch'] if log.history else 0}; continue with --resume")
+        return summary
+
+    # The exported model is the best epoch's weights, not the last epoch's.
+    load_weights(run_dir / BEST_FILE, unwrapped)
+    best_model = model.eval()
+    metadata: dict[str, Any] = {
+        "name": f"petvit-{cfg.variant}-{cfg.recipe}-{data.dataset}",
+        "variant": cfg.variant,
+        "trained": True,
+        "labels": splits.labels,
+        "species": splits.species,
+        "training": {
+            "recipe": cfg.recipe,
+            "dataset": data.dataset,
+            "data_dir": str(data.data_dir),
+            "epochs": cfg.epochs,
+            "seed": cfg.seed,
+            "commit": git_commit(),
+            "best_epoch": best["epoch"],
+            "best_val_top1": best["val_top1"],
+            "config": cfg.to_dict(),
+            "data": data.to_dict(),
+            "sizes": splits.extra.get("sizes"),
+            "world_size": info.world_size,
+            "device": str(device),
+            "duration_s": round(time.time() - started, 1),
+            "history": [{k: v for k, v in r.items() if k != "is_best"} for r in log.history],
+        },
+        "provenance": {"source": f"petvit train --recipe {cfg.recipe}", "run_dir": str(run_dir)},
+    }
+    if run.evaluate:
+        if probe and test_feats is not None:
+            with torch.no_grad():
+                logits = best_model.head(test_feats[0]).float().cpu()
+            targets = test_feats[1].cpu()
+        else:
+            test_view = splits.test.with_transform(eval_tf)
+            logits, targets = predict(best_model, test_view, cfg.batch_size, device, workers, amp, desc="test")
+        report = {
+            "name": metadata["name"],
+            "dataset": data.dataset,
+            "data_dir": str(data.data_dir),
+            "split": "test",
+            "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "labels": splits.labels,
+            **compute_metrics(logits, targets, splits.labels, splits.species),
+        }
+        write_report(report, splits.labels, run_dir, metadata["training"]["history"])
+        metadata["evaluation"] = metadata_summary(report)
+        summary["test"] = metadata["evaluation"]
+        cvd = report["cat_vs_dog"]
+        print(
+            f"test ({report['num_images']} images): top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}"
+            + (f"  cat-vs-dog {cvd:.4f}" if cvd is not None else "")
+        )
+    path = save_artifact(best_model.cpu(), run.out, metadata)
+    print(f"wrote {path} (best epoch {best['epoch']}, held-out top-1 {best['val_top1']:.4f})")
+    summary["artifact"] = str(path)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", choices=("auto", *RECIPES), default="auto", help="auto: finetune on CUDA, "
+                        "linear-probe otherwise")  # fmt: skip
+    parser.add_argument("--dataset", choices=("pets", "folder"), default="pets")
+    parser.add_argument("--data-dir", default="data", help="pets: the folder holding oxford-iiit-pet/")
+    parser.add_argument("--out", default="artifacts/petvit.safetensors", help="artifact to write")
+    parser.add_argument("--if-missing", action="store_true", help="exit 0 at once when --out already exists")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA")
+    parser.add_argument("--variant", help="model variant (recipe default: b16, scratch: ti16)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--warmup-epochs", type=float)
+    parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--augment", choices=AUGMENTATIONS)
+    parser.add_argument("--mixup", action=argparse.BooleanOptionalAction, default=None, help="MixUp/CutMix")
+    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--min-crop-scale", type=float, default=0.08)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (keep fixed)")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="folder datasets only")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", type=_parse_override, default=[], metavar="KEY=VALUE",
+        help="scratch: override a ViTConfig field, e.g. --set depth=6 --set image_size=128",
+    )  # fmt: skip
+    parser.add_argument("--output-dir", help="run directory (default: <artifact folder>/runs/<artifact name>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's last state")
+    parser.add_argument("--stop-after", type=int, help="run at most N epochs now; continue later with --resume")
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-download", action="store_true", help="never try to download Pets")
+    parser.add_argument("--no-evaluate", action="store_true", help="skip the final test-split evaluation")
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, DataConfig, RunConfig]:
+    device = pick_device(args.device)
+    recipe = default_recipe(device) if args.recipe == "auto" else args.recipe
+    cfg = recipe_config(
+        recipe,
+        variant=args.variant,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        augment=args.augment,
+        mixup=args.mixup,
+        seed=args.seed,
+        model_overrides=dict(args.overrides) or None,
+    )
+    data = DataConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        augment=cfg.augment,
+        hflip=args.hflip,
+        min_crop_scale=args.min_crop_scale,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        split_seed=args.split_seed,
+        download=not args.no_download,
+    )
+    run = RunConfig(
+        out=args.out,
+        # Next to the artifact by default: that folder is writable wherever the artifact is (compose volume, PVC).
+        output_dir=args.output_dir or str(Path(args.out).parent / "runs" / Path(args.out).stem),
+        device=args.device,
+        dtype=args.dtype,
+        workers=args.workers,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        evaluate=not args.no_evaluate,
+        threads=args.threads,
+    )
+    return cfg, data, run
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.if_missing and Path(args.out).exists():
+        print(f"{args.out} exists; nothing to train (--if-missing)")
+        return 0
+    try:
+        cfg, data, run = configs_from_args(args)
+        train(cfg, data, run)
+    except DatasetUnavailable as err:
+        print(f"petvit train: {err}", file=sys.stderr)
+        return 2
+    except PretrainedWeightsUnavailable as err:
+        print(f"petvit train: {err}\n(--recipe scratch needs no pretrained weights)", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError) as err:  # bad settings: unknown variant, wrong recipe for a variant, ...
+        print(f"petvit train: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+    return 0
