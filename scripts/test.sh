@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+# The web page's browser test drives Debian's chromium + chromedriver; installs them when missing (root + apt).
+bash scripts/install-browser.sh
 exec .venv/bin/python -m pytest "$@"

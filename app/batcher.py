@@ -1,0 +1,236 @@
+"""DynamicBatcher: many concurrent requests -> few forward passes (after Ray Serve's @serve.batch and LitServe).
+
+One bounded queue of (item, future); one worker task waits for the first item, then collects until the batch is
+full or max_wait_ms has passed since that first item, and runs the batch on one dedicated thread so the event loop
+keeps accepting requests. While a batch runs, the next one accumulates, so under load batches fill up by themselves
+and max_wait_ms only matters when the service is quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from app.metrics import Metrics
+
+log = logging.getLogger("petvit.batcher")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFullError(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"queue full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class BatcherClosedError(Exception):
+    """Submitted after shutdown began."""
+
+
+class DeadlineExceededError(Exception):
+    """The item's deadline passed before its batch was formed; it never reached the model."""
+
+
+@dataclass
+class BatchResult(Generic[R]):
+    value: R
+    queue_wait_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass
+class _Pending:
+    item: Any
+    future: asyncio.Future
+    enqueued: float
+    deadline: float
+    started: float = field(default=0.0)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA (or MPS) ran out of memory for this batch; a smaller batch may still fit."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        process: Callable[[list[T]], Sequence[R]],
+        max_batch_size: int = 16,
+        max_wait_ms: float = 5.0,
+        queue_limit: int = 256,
+        metrics: Metrics | None = None,
+        on_out_of_memory: Callable[[], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or queue_limit < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and queue_limit must be >= 1 and max_wait_ms >= 0")
+        self.process = process
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.queue_limit = queue_limit
+        self.metrics = metrics
+        self.on_out_of_memory = on_out_of_memory  # e.g. torch.cuda.empty_cache before retrying smaller halves
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._worker: asyncio.Task | None = None
+        # One thread: the model runs one batch at a time; a second thread would only contend for the same cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petvit-inference")
+        self._seconds_per_batch = 0.05  # running estimate for Retry-After
+        self.batches_run = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="petvit-batcher")
+
+    async def close(self) -> None:
+        """Stop intake, finish everything already queued, then stop the worker and its thread."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    # ------------------------------------------------------------------ intake
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has drained, by the recent batch time; at least 1."""
+        batches = math.ceil(len(self._queue) / self.max_batch_size) + 1
+        return max(1, math.ceil(batches * self._seconds_per_batch))
+
+    def submit(self, items: Sequence[T], deadline: float) -> list[asyncio.Future]:
+        """Queue all of a request's items or none (a half-queued request would waste model time on a 429).
+
+        deadline is a time.monotonic() value; returns one future per item, resolving to a BatchResult.
+        """
+        if self._closing:
+            raise BatcherClosedError("the service is shutting down")
+        if len(self._queue) + len(items) > self.queue_limit:
+            raise QueueFullError(self.retry_after_s())
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        pending = [_Pending(item, loop.create_future(), now, deadline) for item in items]
+        self._queue.extend(pending)
+        self._set_depth()
+        self._wakeup.set()
+        return [p.future for p in pending]
+
+    # ------------------------------------------------------------------ worker
+    def _set_depth(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(len(self._queue))
+
+    async def _wait_for_batch(self) -> str:
+        """Wait until the queue holds a full batch, the first item has waited max_wait, or shutdown; say which."""
+        while len(self._queue) < self.max_batch_size:
+            if self._closing:
+                return "shutdown"
+            remaining = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return "timeout"
+        return "full"
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            reason = await self._wait_for_batch()
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+            self._set_depth()
+            if self.metrics:
+                self.metrics.batch_flush.labels(reason).inc()
+            now = time.monotonic()
+            live = []
+            for p in batch:
+                if p.future.done():  # the caller gave up (deadline or disconnect) while it waited
+                    continue
+                if now >= p.deadline:
+                    p.future.set_exception(DeadlineExceededError())
+                    if self.metrics:
+                        self.metrics.rejected.labels("deadline").inc()
+                    continue
+                p.started = now
+                live.append(p)
+            if not live:
+                continue
+            try:
+                await loop.run_in_executor(self._executor, self._run_batch, live)
+            except Exception:  # _run_batch settles every future itself; this is only a safety net
+                log.exception("batch runner failed")
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(RuntimeError("inference failed"))
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        """Runs on the inference thread: process, then settle each future on the event loop."""
+        start = time.perf_counter()
+        try:
+            results = list(self.process([p.item for p in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)}")
+        except Exception as error:
+            if is_out_of_memory(error) and len(batch) > 1:
+                # Halve and retry: the batch fit in the warm-up, so fragmentation or a co-tenant took memory.
+                log.warning("out of memory on a batch of %d; retrying as two halves", len(batch))
+                if self.on_out_of_memory:
+                    self.on_out_of_memory()
+                half = len(batch) // 2
+                self._run_batch(batch[:half])
+                self._run_batch(batch[half:])
+                return
+            log.exception("a batch of %d failed; failing its items only", len(batch))
+            for p in batch:
+                self._settle(p, error=error)
+            return
+        elapsed = time.perf_counter() - start
+        self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
+        self.batches_run += 1
+        if self.metrics:
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.inference_duration.observe(elapsed)
+        for p, value in zip(batch, results, strict=True):
+            if self.metrics:
+                self.metrics.queue_wait.observe(p.started - p.enqueued)
+            self._settle(p, BatchResult(value, p.started - p.enqueued, elapsed, len(batch)))
+
+    def _settle(self, p: _Pending, result: BatchResult | None = None, error: BaseException | None = None) -> None:
+        def apply() -> None:
+            if p.future.done():
+                return
+            if error is not None:
+                p.future.set_exception(error)
+            else:
+                p.future.set_result(result)
+
+        p.future.get_loop().call_soon_threadsafe(apply)

@@ -1,0 +1,113 @@
+"""Python clients for the petvit service (httpx): PetvitClient (sync) and AsyncPetvitClient.
+
+with PetvitClient("http://localhost:8000") as client:
+    answer = client.classify(["cat.jpg"], top_k=3)
+    print(answer["results"][0]["predictions"][0]["label"])
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ImageInput = str | os.PathLike | bytes
+
+
+class PetvitError(Exception):
+    """The service answered with an error: status, code and message from its JSON body."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+def _files(images: Sequence[ImageInput]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    files = []
+    for i, image in enumerate(images):
+        if isinstance(image, bytes):
+            files.append(("file", (f"image{i}", image, "application/octet-stream")))
+        else:
+            path = Path(image)
+            ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            files.append(("file", (path.name, path.read_bytes(), ctype)))
+    return files
+
+
+def _params(top_k: int | None, heatmap: bool) -> dict[str, Any]:
+    params: dict[str, Any] = {"heatmap": "true" if heatmap else "false"}
+    if top_k is not None:
+        params["top_k"] = top_k
+    return params
+
+
+def _answer(response: httpx.Response) -> dict[str, Any]:
+    if response.is_success:
+        return response.json()
+    try:
+        error = response.json()["error"]
+        code, message = error["code"], error["message"]
+    except (ValueError, KeyError, TypeError):
+        code, message = f"http_{response.status_code}", response.text[:200]
+    retry = response.headers.get("Retry-After")
+    raise PetvitError(response.status_code, code, message, float(retry) if retry else None)
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"X-API-Key": api_key} if api_key else {}
+
+
+class PetvitClient:
+    def __init__(self, url: str = "http://localhost:8000", api_key: str | None = None, timeout: float = 60) -> None:
+        self._http = httpx.Client(base_url=url, headers=_headers(api_key), timeout=timeout)
+
+    def classify(self, images: Sequence[ImageInput], top_k: int | None = None, heatmap: bool = False) -> dict:
+        return _answer(self._http.post("/classify", files=_files(images), params=_params(top_k, heatmap)))
+
+    def model(self) -> dict:
+        return _answer(self._http.get("/v1/model"))
+
+    def ready(self) -> bool:
+        return self._http.get("/readyz").status_code == 200
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> PetvitClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncPetvitClient:
+    def __init__(
+        self,
+        url: str = "http://localhost:8000",
+        api_key: str | None = None,
+        timeout: float = 60,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(base_url=url, headers=_headers(api_key), timeout=timeout, transport=transport)
+
+    async def classify(self, images: Sequence[ImageInput], top_k: int | None = None, heatmap: bool = False) -> dict:
+        return _answer(await self._http.post("/classify", files=_files(images), params=_params(top_k, heatmap)))
+
+    async def model(self) -> dict:
+        return _answer(await self._http.get("/v1/model"))
+
+    async def ready(self) -> bool:
+        return (await self._http.get("/readyz")).status_code == 200
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncPetvitClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,53 @@
+"""Service settings, read from PETVIT_* environment variables (pydantic-settings).
+
+Every limit has a default that is safe on a small CPU box; docs/service.md lists them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    # env_ignore_empty: compose passes `PETVIT_DTYPE:` through as "" when unset on the host; that means "default".
+    model_config = SettingsConfigDict(env_prefix="PETVIT_", env_file=None, extra="ignore", env_ignore_empty=True)
+
+    checkpoint: Path = Field(Path("artifacts/petvit.safetensors"), description="model artifact (.safetensors)")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto tries cuda, then mps, then cpu")
+    # bf16 halves memory traffic on GPUs with tensor cores at no measurable accuracy cost for classification;
+    # on CPU float32 is the fast path unless the CPU has AMX, so "auto" means bf16 on CUDA and float32 elsewhere.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(16, ge=1, le=1024, description="images per forward pass at most")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits for company")
+    queue_limit: int = Field(256, ge=1, description="images waiting for the model before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline; 504 past it")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="bytes per image")
+    max_pixels: int = Field(40_000_000, ge=1, description="width x height per image, read from the header")
+    max_files: int = Field(16, ge=1, description="images per request")
+    default_top_k: int = Field(5, ge=1)
+    # "auto": every batch size on accelerators (cheap there, and kernels are chosen per shape); on CPU powers of
+    # two plus max_batch_size, because warming 1..N costs N(N+1)/2 images and CPU kernels barely care about B.
+    warmup: Literal["auto", "all", "pow2", "none"] = "auto"
+    # 0 keeps PyTorch's default (one intra-op thread per core). On a CPU shared with other busy processes, set it
+    # lower: OpenMP threads spin at every barrier waiting for a descheduled peer (measured on a loaded 2-core box:
+    # ti16 at 0.4 img/s with 2 threads, 13.5 img/s with 1).
+    torch_threads: int = Field(0, ge=0, description="PyTorch intra-op threads; 0 = one per core")
+    preprocess_threads: int = Field(2, ge=1, description="threads decoding and resizing uploads")
+    api_key: SecretStr | None = Field(None, description="when set, /classify needs header X-API-Key")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
+    log_level: str = "info"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,106 @@
+"""Every failure answers `{"error": {"code", "message"}}` with the status GUIDE §3 gives it.
+
+ServiceError carries the three parts; the handlers below also translate FastAPI's own 404/405/422 and any
+unexpected exception, so no client ever has to parse an HTML page or a bare `{"detail": ...}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("petvit.errors")
+
+
+class ServiceError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+# Constructors for the errors the service raises, so each code is spelt in one place.
+def bad_image(message: str) -> ServiceError:
+    return ServiceError(400, "undecodable_image", message)
+
+
+def unauthorized() -> ServiceError:
+    return ServiceError(401, "unauthorized", "missing or wrong API key: send it in the X-API-Key header")
+
+
+def too_large(code: str, message: str) -> ServiceError:
+    return ServiceError(413, code, message)
+
+
+def unsupported_type(message: str) -> ServiceError:
+    return ServiceError(415, "unsupported_media_type", message)
+
+
+def bad_request(message: str, code: str = "invalid_request") -> ServiceError:
+    return ServiceError(422, code, message)
+
+
+def queue_full(retry_after_s: int) -> ServiceError:
+    return ServiceError(
+        429,
+        "queue_full",
+        f"the service is at capacity; retry in about {retry_after_s} s",
+        {"Retry-After": str(retry_after_s)},
+    )
+
+
+def not_ready(message: str) -> ServiceError:
+    return ServiceError(503, "not_ready", message, {"Retry-After": "5"})
+
+
+def deadline_exceeded(timeout_s: float) -> ServiceError:
+    return ServiceError(504, "deadline_exceeded", f"no answer within the {timeout_s:g} s request deadline; retry later")
+
+
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=dict(headers or {}))
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}; see /docs for the API"
+        return error_response(exc.status_code, code, message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path", "header"))
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return error_response(422, "invalid_parameters", "; ".join(parts) or "invalid request parameters")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "the service failed unexpectedly; the error is in its log")

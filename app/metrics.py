@@ -1,0 +1,75 @@
+"""The Prometheus metrics of GUIDE §3, in one registry per app (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+
+# The *_created series double the exposition for no dashboard we draw; Prometheus itself ignores them.
+disable_created_metrics()
+
+# Latency buckets from 1 ms to 30 s: a tiny model answers in milliseconds, a big one on a busy CPU in seconds.
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _batch_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to the largest batch the batcher can form, which is always its own bucket."""
+    edges, b = [], 1
+    while b < max_batch_size:
+        edges.append(float(b))
+        b *= 2
+    return (*edges, float(max_batch_size))
+
+
+class Metrics:
+    def __init__(self, max_batch_size: int = 16, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(namespace="petvit", registry=r)
+        self.requests = Counter("petvit_requests", "HTTP requests answered", ["route", "status"], registry=r)
+        self.request_duration = Histogram(
+            "petvit_request_duration_seconds", "HTTP request latency", ["route"], buckets=_SECONDS, registry=r
+        )
+        self.images = Counter("petvit_images", "images classified", registry=r)
+        self.preprocess_duration = Histogram(
+            "petvit_preprocess_duration_seconds", "decode + resize + crop per image", buckets=_SECONDS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "petvit_queue_wait_seconds", "time an image waited for its batch", buckets=_SECONDS, registry=r
+        )
+        self.batch_size = Histogram(
+            "petvit_batch_size", "images per forward pass", buckets=_batch_buckets(max_batch_size), registry=r
+        )
+        self.batch_flush = Counter("petvit_batch_flush", "batches released, by reason", ["reason"], registry=r)
+        for reason in ("full", "timeout", "shutdown"):
+            self.batch_flush.labels(reason)  # export zeros so rate() works before the first flush
+        self.inference_duration = Histogram(
+            "petvit_inference_duration_seconds", "model time per batch", buckets=_SECONDS, registry=r
+        )
+        self.queue_depth = Gauge("petvit_queue_depth", "images waiting for the model", registry=r)
+        self.rejected = Counter("petvit_rejected", "requests or images refused, by reason", ["reason"], registry=r)
+        self.model_info = Gauge(
+            "petvit_model_info", "the loaded model (value 1)", ["name", "arch", "sha256"], registry=r
+        )
+        self.gpu_allocated: Gauge | None = None  # created by enable_gpu_gauges, only when serving on CUDA
+
+    def enable_gpu_gauges(self) -> None:
+        r = self.registry
+        self.gpu_allocated = Gauge("petvit_gpu_memory_allocated_bytes", "CUDA memory held by tensors", registry=r)
+        self.gpu_reserved = Gauge("petvit_gpu_memory_reserved_bytes", "CUDA memory held by the allocator", registry=r)
+        self.gpu_max_allocated = Gauge(
+            "petvit_gpu_memory_max_allocated_bytes", "peak CUDA memory held by tensors", registry=r
+        )
+
+    def update_gpu_memory(self, device: object) -> None:
+        """Refresh the GPU gauges at scrape time (cheap: allocator counters, no sync)."""
+        if self.gpu_allocated is None or getattr(device, "type", None) != "cuda":
+            return
+        import torch
+
+        self.gpu_allocated.set(torch.cuda.memory_allocated(device))
+        self.gpu_reserved.set(torch.cuda.memory_reserved(device))
+        self.gpu_max_allocated.set(torch.cuda.max_memory_allocated(device))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

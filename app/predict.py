@@ -1,0 +1,77 @@
+"""`petvit predict IMAGE...`: classify local files with a local model, no server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from app.config import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("--top-k", type=int, default=5, help="breeds per image (default 5)")
+    parser.add_argument(
+        "--heatmap", type=Path, metavar="OUT.png", help="write the rollout overlay here (OUT-<n>.png when several)"
+    )
+    parser.add_argument("--checkpoint", type=Path, help="artifact (default PETVIT_CHECKPOINT)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default PETVIT_DEVICE)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def heatmap_path(out: Path, index: int, count: int) -> Path:
+    return out if count == 1 else out.with_name(f"{out.stem}-{index + 1}{out.suffix or '.png'}")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from app.errors import ServiceError
+    from app.heatmap import render_overlay
+    from app.predictor import Predictor
+    from app.preprocess import Preprocessing, prepare
+    from model.checkpoint import ArtifactError
+
+    settings = Settings()
+    checkpoint = args.checkpoint or settings.checkpoint
+    try:
+        predictor = Predictor.from_artifact(checkpoint, args.device or settings.device, settings.dtype)
+    except ArtifactError as err:
+        print(f"petvit predict: {err}")
+        return 2
+    k = max(1, min(args.top_k, len(predictor.labels)))
+    pre = Preprocessing.from_metadata(predictor.metadata)
+    want_map = args.heatmap is not None
+    status, answers = 0, []
+    for index, path in enumerate(args.images):
+        try:
+            prepared = prepare(path.read_bytes(), pre, settings.max_pixels, keep_image=want_map)
+        except (OSError, ServiceError) as err:
+            print(f"{path}: {getattr(err, 'message', err)}")
+            status = 1
+            continue
+        [result] = predictor.predict([prepared.tensor], [want_map])
+        scores, indices = torch.topk(result.probs, k)
+        predictions = [
+            {"label": predictor.labels[i], "score": round(float(s), 6), "species": predictor.species[i], "index": i}
+            for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
+        ]
+        answer = {"image": str(path), "predictions": predictions}
+        if want_map and result.grid is not None and prepared.image is not None:
+            out = heatmap_path(args.heatmap, index, len(args.images))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            render_overlay(prepared.image, result.grid, prepared.size, prepared.crop_box).save(out)
+            answer["heatmap"] = str(out)
+        answers.append(answer)
+        if not args.json:
+            print(path)
+            for p in predictions:
+                print(f"  {p['score']:7.2%}  {p['label']} ({p['species']})")
+            if "heatmap" in answer:
+                print(f"  heatmap -> {answer['heatmap']}")
+    if args.json:
+        print(json.dumps(answers, indent=2))
+    if not predictor.metadata.get("trained"):
+        print(f"note: {predictor.metadata.get('name')} is marked untrained; its predictions mean nothing yet")
+    return status

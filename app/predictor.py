@@ -1,0 +1,153 @@
+"""The model on its device: batched forward passes, probabilities, and rollout grids for images that want them.
+
+Called from the batcher's single inference thread, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import file_sha256, load_artifact
+from model.rollout import attention_rollout
+from model.vit import ViT
+
+log = logging.getLogger("petvit.predictor")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """auto: cuda, then mps, then cpu. An explicit choice that is not available is an error, not a fallback."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("PETVIT_DEVICE=cuda but torch sees no CUDA device")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("PETVIT_DEVICE=mps but MPS is not available")
+    return torch.device(name)
+
+
+def select_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class ImagePrediction:
+    probs: torch.Tensor  # (classes,) float32 on the CPU
+    grid: torch.Tensor | None  # (rows, cols) rollout in [0, 1], only when a heatmap was asked for
+
+
+class Predictor:
+    def __init__(
+        self, model: ViT, metadata: dict[str, Any], device: torch.device, dtype: torch.dtype, sha256: str = ""
+    ) -> None:
+        self.model = model.to(device=device, dtype=dtype).eval()
+        # Keep the normalisation constants in float32 even for a bf16 model: they are applied in float32.
+        self.model.mean, self.model.std = self.model.mean.float(), self.model.std.float()
+        self.metadata = metadata
+        self.device = device
+        self.dtype = dtype
+        self.sha256 = sha256
+        self.labels: list[str] = list(metadata["labels"])
+        self.species: list[str] = list(metadata["species"])
+        self.forward_passes = 0  # batches run (tests and logs use it)
+        self._lock = threading.Lock()  # predict may be called from the CLI and warm-up; keep forwards serial
+
+    @classmethod
+    def from_artifact(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> Predictor:
+        dev = select_device(device)
+        model, meta = load_artifact(path, device="cpu")
+        return cls(model, meta, dev, select_dtype(dtype, dev), sha256=file_sha256(path))
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    @property
+    def architecture(self) -> str:
+        c = self.model.config
+        variant = self.metadata.get("variant") or "custom"
+        return f"vit-{variant} (patch {c.patch_size}, width {c.hidden_dim}, depth {c.depth})"
+
+    def forward(self, images: torch.Tensor, with_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, S, S) uint8 on the device -> (probs (B, classes) float32, rollout (B, rows, cols) or None)."""
+        if with_attention:
+            logits, attentions = self.model.forward_with_attention(images)
+            patch = self.model.config.patch_size
+            grid = attention_rollout(attentions, grid=(images.shape[-2] // patch, images.shape[-1] // patch))
+        else:
+            logits, grid = self.model(images), None
+        return logits.float().softmax(dim=-1), grid
+
+    @torch.inference_mode()
+    def predict(self, images: list[torch.Tensor], heatmaps: list[bool] | None = None) -> list[ImagePrediction]:
+        """One batch: uint8 (3, S, S) tensors -> one ImagePrediction each, in order.
+
+        The explicit-attention path is several times slower than SDPA, so only the images that asked for a
+        heatmap take it; the rest of the batch runs on the fast path in its own forward.
+        """
+        if not images:
+            return []
+        heatmaps = heatmaps or [False] * len(images)
+        with self._lock:
+            self.forward_passes += 1
+            batch = torch.stack(images).to(self.device, non_blocking=True)  # list of (3, S, S) -> (B, 3, S, S)
+            probs = torch.empty(len(images), len(self.labels), dtype=torch.float32, device=self.device)
+            grids: list[torch.Tensor | None] = [None] * len(images)
+            want = torch.tensor(heatmaps, dtype=torch.bool)
+            for with_attention in (False, True):
+                index = (want == with_attention).nonzero().flatten()
+                if len(index) == 0:
+                    continue
+                sub = batch if len(index) == len(images) else batch[index.to(self.device)]
+                p, g = self.forward(sub, with_attention)
+                probs[index.to(self.device)] = p
+                if g is not None:
+                    g = g.float().cpu()
+                    for row, i in enumerate(index.tolist()):
+                        grids[i] = g[row]
+            probs = probs.cpu()
+        return [ImagePrediction(probs[i], grids[i]) for i in range(len(images))]
+
+    def warmup(self, batch_sizes: list[int]) -> float:
+        """Run each batch size once (and the heatmap path once) so first requests don't pay for kernel selection,
+        allocator growth or lazy initialisation. Returns the seconds spent."""
+        start = time.perf_counter()
+        size = self.image_size
+        for b in batch_sizes:
+            self.predict([torch.zeros(3, size, size, dtype=torch.uint8)] * b)
+        self.predict([torch.zeros(3, size, size, dtype=torch.uint8)], [True])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.forward_passes = 0
+        return time.perf_counter() - start
+
+
+def warmup_sizes(max_batch_size: int, policy: str, device: torch.device) -> list[int]:
+    """Batch sizes to warm. The batcher can form every size 1..max_batch_size; on accelerators each size may get
+    its own kernels, so warm them all ("all"); on CPU the cost grows as N^2/2 images and kernels hardly depend on
+    B, so powers of two plus the maximum ("pow2") is enough to grow the allocator and build oneDNN primitives."""
+    if policy == "none":
+        return []
+    if policy == "auto":
+        policy = "pow2" if device.type == "cpu" else "all"
+    if policy == "all":
+        return list(range(1, max_batch_size + 1))
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_batch_size]

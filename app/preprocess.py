@@ -1,0 +1,141 @@
+"""Upload bytes -> a checked, upright RGB image -> the model's uint8 (3, S, S) crop.
+
+Runs in a thread pool (PIL releases the GIL while decoding). Cheap checks come first: the pixel count is read
+from the header before any pixel is decoded, so a 30 kB PNG that inflates to 2 GB is refused at 413 without
+allocating it. Normalisation is not done here: the model does it on its device (uint8 is 4x fewer bytes to move).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import ServiceError, bad_image, too_large, unsupported_type
+
+# Formats we decode. Anything else PIL happens to recognise (PSD, ICO, EPS through Ghostscript, ...) is refused:
+# each extra decoder is extra attack surface, and none is how people send photos of pets.
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the artifact wants its inputs (metadata["preprocessing"])."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> Preprocessing:
+        pre = meta.get("preprocessing") or {}
+        size = int(pre.get("image_size") or meta["config"]["image_size"])
+        return cls(size, int(pre.get("resize_size") or size), str(pre.get("interpolation") or "bilinear"))
+
+
+@dataclass
+class PreparedImage:
+    tensor: torch.Tensor  # (3, S, S) uint8, what the model sees
+    size: tuple[int, int]  # (width, height) of the upload after EXIF rotation: the heatmap overlay's size
+    crop_box: tuple[float, float, float, float]  # the model's crop in upload pixels (left, top, right, bottom)
+    image: Image.Image | None  # the decoded RGB image (maybe draft-reduced), kept only when a heatmap is wanted
+
+
+def open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Identify the image from its header and enforce the pixel limit before decoding anything."""
+    if not data:
+        raise bad_image("the upload is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_large("image_too_large", f"the image has too many pixels; the limit is {max_pixels}") from None
+    except UnidentifiedImageError:
+        raise bad_image("the upload is not an image we can decode (send JPEG, PNG, WebP, GIF, BMP or TIFF)") from None
+    except Exception as err:  # truncated headers raise assorted errors inside PIL's plugins
+        raise bad_image(f"the image header is damaged: {err}") from None
+    if image.format not in ALLOWED_FORMATS:
+        raise unsupported_type(f"{image.format} images are not accepted; send JPEG, PNG, WebP, GIF, BMP or TIFF")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise too_large(
+            "image_too_large", f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited onto white (transparent pixels' colours are arbitrary,
+    often black, and would otherwise show through); 16- and 32-bit greys are scaled, not clipped at 255."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            peak = 65535.0 if values.max(initial=0) <= 65535 else float(values.max())
+            values = values * (255.0 / peak)
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # float images in 0..1
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def decode(data: bytes, max_pixels: int, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes -> (upright RGB image, upright (width, height) of the full-resolution upload).
+
+    JPEGs decode at the smallest DCT scale that still covers draft_size, so the image may be smaller than the size.
+    """
+    image = open_checked(data, max_pixels)
+    width, height = image.size
+    try:
+        # EXIF orientations 5..8 turn the picture by 90 degrees, swapping its sides.
+        upright = (height, width) if image.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)  # animated GIF / WebP / APNG: the first frame stands for the image
+        if draft_size and image.format in ("JPEG", "MPO"):
+            # draft() picks a 1/2, 1/4 or 1/8 scale whose result is still >= the request in both sides, so the
+            # shorter side stays >= resize_size: same crop, far less decoding for phone photos.
+            image.draft("RGB", (draft_size, draft_size))
+        image = ImageOps.exif_transpose(image)  # also loads the pixels
+        return to_rgb(image), upright
+    except ServiceError:
+        raise
+    except Image.DecompressionBombError:
+        raise too_large("image_too_large", f"the image has too many pixels; the limit is {max_pixels}") from None
+    except Exception as err:  # truncated or corrupt data fails while loading, with assorted error types
+        raise bad_image(f"the image data is corrupt or truncated: {err}") from None
+
+
+def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float, float, float]:
+    """The centre crop in (width, height) pixels that resize-shorter-side + centre-crop keeps."""
+    scale = pre.resize_size / min(width, height)
+    side = pre.image_size / scale  # the crop's side in original pixels
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def prepare(data: bytes, pre: Preprocessing, max_pixels: int, keep_image: bool = False) -> PreparedImage:
+    """The whole pipeline for one upload; raises ServiceError (400/413/415) for what is wrong with it."""
+    image, original = decode(data, max_pixels, draft_size=pre.resize_size)
+    width, height = image.size
+    scale = pre.resize_size / min(width, height)
+    resized_size = (max(pre.image_size, round(width * scale)), max(pre.image_size, round(height * scale)))
+    resized = image.resize(resized_size, _RESAMPLE.get(pre.interpolation, Image.Resampling.BILINEAR))
+    left = (resized_size[0] - pre.image_size) // 2
+    top = (resized_size[1] - pre.image_size) // 2
+    crop = resized.crop((left, top, left + pre.image_size, top + pre.image_size))
+    # (S, S, 3) HWC uint8 -> (3, S, S) CHW, the layout the model takes
+    tensor = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return PreparedImage(tensor, original, crop_box(*original, pre), image if keep_image else None)

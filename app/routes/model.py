@@ -1,0 +1,32 @@
+"""GET /v1/model: what is being served, from the artifact's own metadata."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.deps import ServiceDep
+from app.schemas import ERROR_RESPONSES, ModelInfo
+
+router = APIRouter(tags=["model"])
+
+
+@router.get("/v1/model", response_model=ModelInfo, responses={503: ERROR_RESPONSES[503]})
+async def model_info(service: ServiceDep) -> ModelInfo:
+    predictor, _ = service.require_ready()
+    meta = predictor.metadata
+    return ModelInfo(
+        name=str(meta.get("name")),
+        variant=meta.get("variant"),
+        architecture=predictor.architecture,
+        trained=bool(meta.get("trained")),
+        num_labels=len(predictor.labels),
+        labels=predictor.labels,
+        species=predictor.species,
+        image_size=predictor.image_size,
+        preprocessing=dict(meta.get("preprocessing") or {}),
+        evaluation=dict(meta.get("evaluation") or {}),
+        sha256=predictor.sha256,
+        device=str(predictor.device),
+        dtype=str(predictor.dtype).removeprefix("torch."),
+        parameters=predictor.model.num_parameters(),
+    )

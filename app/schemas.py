@@ -1,0 +1,125 @@
+"""Response bodies, named by role. The examples feed the OpenAPI page at /docs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Prediction(BaseModel):
+    """Hugging Face's image-classification shape, plus species and the class index."""
+
+    label: str = Field(examples=["Abyssinian"])
+    score: float = Field(ge=0, le=1, examples=[0.93])
+    species: str = Field(examples=["cat"])
+    index: int = Field(ge=0, examples=[0])
+
+
+class Heatmap(BaseModel):
+    grid: list[list[float]] = Field(description="attention rollout, patch rows x cols, each in [0, 1]")
+    png: str | None = Field(
+        description="base64 PNG: the upload at its own size with the heat over the model's crop (null when "
+        "heatmap_png=false)"
+    )
+    rows: int
+    cols: int
+
+
+class Timings(BaseModel):
+    preprocess_ms: float = Field(description="decode, resize and crop of this image")
+    queue_ms: float = Field(description="waiting for a batch")
+    inference_ms: float = Field(description="the forward pass of the batch this image was in")
+    batch_size: int = Field(description="images in that forward pass")
+    heatmap_ms: float | None = Field(None, description="rendering the PNG overlay")
+
+
+class ImageResult(BaseModel):
+    filename: str | None = Field(None, examples=["chelsea.jpg"])
+    width: int
+    height: int
+    predictions: list[Prediction]
+    heatmap: Heatmap | None = None
+    timings: Timings
+
+
+class ClassifyResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "petvit-b16",
+                    "results": [
+                        {
+                            "filename": "chelsea.jpg",
+                            "width": 451,
+                            "height": 300,
+                            "predictions": [
+                                {"label": "Egyptian Mau", "score": 0.71, "species": "cat", "index": 11},
+                                {"label": "Bengal", "score": 0.12, "species": "cat", "index": 5},
+                            ],
+                            "heatmap": None,
+                            "timings": {"preprocess_ms": 3.1, "queue_ms": 4.8, "inference_ms": 38.0, "batch_size": 6},
+                        }
+                    ],
+                    "timings": {"total_ms": 49.7},
+                }
+            ]
+        }
+    )
+    model: str
+    results: list[ImageResult]
+    timings: dict[str, float]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["image_too_large"])
+    message: str = Field(examples=["the image is 20000x20000 = 400000000 pixels; the limit is 40000000"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Readiness(BaseModel):
+    status: str = Field(examples=["ready"])
+    model: str
+    device: str
+    dtype: str
+    warmup_s: float
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(examples=["petvit-b16"])
+    variant: str | None = Field(examples=["b16"])
+    architecture: str
+    trained: bool = Field(description="false for random or ImageNet-initialised heads: predictions mean nothing")
+    num_labels: int
+    labels: list[str]
+    species: list[str]
+    image_size: int
+    preprocessing: dict[str, Any]
+    evaluation: dict[str, Any]
+    sha256: str
+    device: str
+    dtype: str
+    parameters: int
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "an image could not be decoded",
+        401: "API key missing or wrong (only when PETVIT_API_KEY is set)",
+        413: "too many bytes, pixels or files",
+        415: "not an image type the service reads",
+        422: "bad parameters",
+        429: "queue full; see Retry-After",
+        503: "model not loaded or warmed up yet, or shutting down",
+        504: "no answer within the request deadline",
+    }.items()
+}

@@ -1,0 +1,164 @@
+"""Read a /classify request body into image uploads, enforcing the byte limits while the bytes arrive.
+
+FastAPI's File() parameters would spool the whole body before the handler runs; reading request.stream()
+ourselves lets a 2 GB upload be refused with 413 after max_upload_bytes, not after 2 GB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from app.errors import ServiceError, bad_request, too_large, unsupported_type
+
+FILE_FIELD = "file"
+_MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers per file, generously
+_MAX_FIELD_BYTES = 64 * 1024  # non-file form fields are ignored, but not read without bound either
+
+
+@dataclass
+class Upload:
+    data: bytes
+    filename: str | None = None
+    content_type: str | None = None
+
+
+def _is_image_type(content_type: str) -> bool:
+    return content_type.startswith("image/")
+
+
+def _check_part_type(content_type: str | None, filename: str | None) -> None:
+    # Browsers and curl send image/*; tools that don't know the type send application/octet-stream. Anything
+    # else (text/plain, application/pdf) was declared as not an image by the client itself.
+    if content_type and not (_is_image_type(content_type) or content_type == "application/octet-stream"):
+        raise unsupported_type(f"{filename or 'the upload'} was sent as {content_type}; send images (image/*)")
+
+
+@dataclass
+class _Part:
+    headers: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    filename: str | None = None
+    content_type: str | None = None
+    data: bytearray = field(default_factory=bytearray)
+
+
+class _MultipartCollector:
+    """Callbacks for python-multipart's streaming parser; keeps the `file` parts, checks limits per chunk."""
+
+    def __init__(self, max_bytes: int, max_files: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.files: list[Upload] = []
+        self._part: _Part | None = None
+        self._field = b""
+        self._value = b""
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": lambda d, s, e: setattr(self, "_field", self._field + d[s:e]),
+            "on_header_value": lambda d, s, e: setattr(self, "_value", self._value + d[s:e]),
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self._part = _Part()
+
+    def on_header_end(self) -> None:
+        assert self._part is not None
+        self._part.headers[self._field.decode("latin-1").lower()] = self._value.decode("latin-1")
+        self._field, self._value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        part = self._part
+        assert part is not None
+        _, options = parse_options_header(part.headers.get("content-disposition", ""))
+        part.name = options.get(b"name", b"").decode("utf-8", "replace") or None
+        filename = options.get(b"filename")
+        part.filename = filename.decode("utf-8", "replace") if filename is not None else None
+        ctype, _ = parse_options_header(part.headers.get("content-type", ""))
+        part.content_type = ctype.decode("latin-1").lower() or None
+        if part.name == FILE_FIELD:
+            if len(self.files) >= self.max_files:
+                raise too_large("too_many_files", f"at most {self.max_files} images per request")
+            _check_part_type(part.content_type, part.filename)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        assert part is not None
+        part.data += data[start:end]
+        limit = self.max_bytes if part.name == FILE_FIELD else _MAX_FIELD_BYTES
+        if len(part.data) > limit:
+            what = f"image {part.filename or len(self.files) + 1}" if part.name == FILE_FIELD else "a form field"
+            raise too_large("upload_too_large", f"{what} is over the {limit} byte limit; send a smaller image")
+
+    def on_part_end(self) -> None:
+        part = self._part
+        if part is not None and part.name == FILE_FIELD:
+            self.files.append(Upload(bytes(part.data), part.filename, part.content_type))
+        self._part = None
+
+
+async def read_uploads(request: Request, max_bytes: int, max_files: int) -> list[Upload]:
+    """The request's images in upload order: multipart `file` fields, or one raw image/* body."""
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    content_type = content_type.decode("latin-1").lower()
+    declared = request.headers.get("content-length")
+    declared_bytes = int(declared) if declared and declared.isdigit() else None
+    try:
+        if content_type == "multipart/form-data":
+            return await _read_multipart(request, params, declared_bytes, max_bytes, max_files)
+        if _is_image_type(content_type):
+            return [await _read_raw(request, content_type, declared_bytes, max_bytes)]
+    except ClientDisconnect:
+        raise ServiceError(400, "client_disconnected", "the client closed the connection mid-upload") from None
+    if not content_type:
+        raise unsupported_type("no Content-Type; send multipart/form-data with `file` fields, or an image/* body")
+    raise unsupported_type(f"{content_type} is not accepted; send multipart/form-data with `file` fields, or image/*")
+
+
+async def _read_raw(request: Request, content_type: str, declared: int | None, max_bytes: int) -> Upload:
+    if declared is not None and declared > max_bytes:
+        raise too_large("upload_too_large", f"the body is {declared} bytes; the limit is {max_bytes} per image")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large("upload_too_large", f"the body is over the {max_bytes} byte limit per image")
+    return Upload(bytes(body), None, content_type)
+
+
+async def _read_multipart(
+    request: Request, params: dict, declared: int | None, max_bytes: int, max_files: int
+) -> list[Upload]:
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise bad_request("multipart/form-data without a boundary parameter", "malformed_multipart")
+    budget = max_files * (max_bytes + _MULTIPART_OVERHEAD)
+    if declared is not None and declared > budget:
+        raise too_large(
+            "upload_too_large", f"the body is {declared} bytes; at most {max_files} images of {max_bytes} bytes each"
+        )
+    collector = _MultipartCollector(max_bytes, max_files)
+    parser = MultipartParser(boundary, collector.callbacks())
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > budget:
+                raise too_large("upload_too_large", f"the body is over {budget} bytes")
+            parser.write(chunk)
+        parser.finalize()
+    except ServiceError:
+        raise
+    except Exception as err:  # python-multipart raises on malformed framing
+        raise ServiceError(400, "malformed_multipart", f"the multipart body is malformed: {err}") from None
+    if not collector.files:
+        raise bad_request(f"no images: send them as multipart fields named `{FILE_FIELD}`", "no_images")
+    return collector.files

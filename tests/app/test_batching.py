@@ -1,0 +1,194 @@
+"""DynamicBatcher through the app (ASGITransport + LifespanManager + asyncio.gather) and on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from app.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from app.metrics import Metrics
+
+from .conftest import make_settings, png_bytes, recording_loader, running_app
+from .test_classify import assert_matches_model, direct_probs
+
+
+def post_png(client, data: bytes, **params):
+    return client.post("/classify", content=data, headers={"Content-Type": "image/png"}, params=params)
+
+
+def flushes(service, reason: str) -> float:
+    return service.metrics.batch_flush.labels(reason)._value.get()
+
+
+async def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_answer(tiny_artifact):
+    settings = make_settings(tiny_artifact, max_batch_size=8, max_wait_ms=100)
+    async with running_app(settings, recording_loader(tiny_artifact)) as (client, service):
+        images = [png_bytes(seed) for seed in range(12)]
+        responses = await asyncio.gather(*(post_png(client, data) for data in images))
+        batches = service.predictor.batches
+    assert [r.status_code for r in responses] == [200] * 12
+    assert len(batches) < 12 and sum(len(b) for b in batches) == 12
+    assert max(len(b) for b in batches) > 1
+    for response, data in zip(responses, images, strict=True):
+        assert_matches_model(response.json()["results"][0], direct_probs(tiny_artifact, data), 5)
+
+
+async def test_batch_is_released_when_full_without_waiting(tiny_artifact):
+    settings = make_settings(tiny_artifact, max_batch_size=4, max_wait_ms=10_000)
+    async with running_app(settings, recording_loader(tiny_artifact)) as (client, service):
+        start = time.monotonic()
+        files = [("file", (f"{i}.png", png_bytes(i), "image/png")) for i in range(8)]
+        response = await asyncio.wait_for(client.post("/classify", files=files), 5)
+        elapsed = time.monotonic() - start
+        assert response.status_code == 200
+        assert [len(b) for b in service.predictor.batches] == [4, 4]
+        assert flushes(service, "full") == 2 and flushes(service, "timeout") == 0
+    assert elapsed < 5
+
+
+async def test_partial_batch_is_released_after_max_wait(tiny_artifact):
+    settings = make_settings(tiny_artifact, max_batch_size=64, max_wait_ms=150)
+    async with running_app(settings, recording_loader(tiny_artifact)) as (client, service):
+        start = time.monotonic()
+        responses = await asyncio.gather(*(post_png(client, png_bytes(i)) for i in range(3)))
+        elapsed = time.monotonic() - start
+        assert [r.status_code for r in responses] == [200] * 3
+        assert [len(b) for b in service.predictor.batches] == [3]
+        assert flushes(service, "timeout") == 1 and flushes(service, "full") == 0
+        assert all(r.json()["results"][0]["timings"]["queue_ms"] >= 140 for r in responses)
+    assert elapsed >= 0.15
+
+
+async def test_full_queue_answers_429_with_retry_after(tiny_artifact):
+    settings = make_settings(tiny_artifact, max_batch_size=1, max_wait_ms=0, queue_limit=2)
+    async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.2)) as (client, service):
+        responses = await asyncio.gather(*(post_png(client, png_bytes(i)) for i in range(8)))
+        rejected = service.metrics.rejected.labels("queue_full")._value.get()
+    codes = [r.status_code for r in responses]
+    assert 200 in codes and 429 in codes and set(codes) == {200, 429}
+    for r in responses:
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "queue_full"
+            assert int(r.headers["Retry-After"]) >= 1
+    assert rejected == codes.count(429)
+
+
+async def test_deadline_answers_504_and_expired_items_never_reach_the_model(tiny_artifact):
+    settings = make_settings(tiny_artifact, max_batch_size=1, max_wait_ms=0, request_timeout_s=0.15)
+    async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.3)) as (client, service):
+        responses = await asyncio.gather(*(post_png(client, png_bytes(i)) for i in range(4)))
+        await asyncio.sleep(0.4)  # let the worker reach the queued (now expired) items
+        batches = service.predictor.batches
+        assert service.batcher.depth == 0
+    assert [r.status_code for r in responses] == [504] * 4
+    assert {r.json()["error"]["code"] for r in responses} == {"deadline_exceeded"}
+    assert len(batches) == 1  # only the first image started before its deadline
+
+
+async def test_one_corrupt_upload_among_concurrent_good_ones_fails_alone(tiny_artifact):
+    settings = make_settings(tiny_artifact, max_batch_size=8, max_wait_ms=50)
+    async with running_app(settings, recording_loader(tiny_artifact)) as (client, _):
+        images = [png_bytes(i) for i in range(5)]
+        images[2] = images[2][:60]  # truncated PNG
+        responses = await asyncio.gather(*(post_png(client, data) for data in images))
+    assert [r.status_code for r in responses] == [200, 200, 400, 200, 200]
+    for i in (0, 1, 3, 4):
+        assert_matches_model(responses[i].json()["results"][0], direct_probs(tiny_artifact, images[i]), 5)
+
+
+async def test_a_failing_batch_fails_only_its_own_requests(tiny_artifact):
+    def fail_on_black(images):
+        return RuntimeError("boom") if any(int(img.max()) == 0 for img in images) else None
+
+    from PIL import Image
+
+    from .conftest import encode
+
+    black = encode(Image.new("RGB", (40, 40)), "PNG")
+    settings = make_settings(tiny_artifact, max_batch_size=1, max_wait_ms=0)
+    async with running_app(settings, recording_loader(tiny_artifact, fail_when=fail_on_black)) as (client, _):
+        responses = await asyncio.gather(*(post_png(client, d) for d in [png_bytes(1), black, png_bytes(2)]))
+    assert [r.status_code for r in responses] == [200, 500, 200]
+    assert responses[1].json()["error"]["code"] == "inference_failed"
+
+
+async def test_shutdown_drains_queued_requests_with_answers(tiny_artifact):
+    # A long max_wait: the two images left after the first full batch would wait 10 s, but shutdown releases them.
+    settings = make_settings(tiny_artifact, max_batch_size=4, max_wait_ms=10_000)
+    async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.05)) as (client, service):
+        tasks = [asyncio.create_task(post_png(client, png_bytes(i))) for i in range(6)]
+        while not (service.predictor.batches and service.batcher.depth == 2):
+            await asyncio.sleep(0.002)
+        start = time.monotonic()
+        await service.stop()  # what the lifespan does on SIGTERM
+        responses = await asyncio.gather(*tasks)
+        late = await post_png(client, png_bytes(9))
+        assert time.monotonic() - start < 5
+        assert flushes(service, "full") == 1 and flushes(service, "shutdown") == 1
+        assert [len(b) for b in service.predictor.batches] == [4, 2]
+    assert [r.status_code for r in responses] == [200] * 6
+    assert late.status_code == 503
+
+
+# ---------------------------------------------------------------------- the batcher on its own
+
+
+async def test_batcher_failure_is_confined_to_its_batch():
+    def process(items):
+        if "bad" in items:
+            raise ValueError("bad item in batch")
+        return [item.upper() for item in items]
+
+    batcher = DynamicBatcher(process, max_batch_size=2, max_wait_ms=1000)
+    batcher.start()
+    deadline = time.monotonic() + 5
+    first = batcher.submit(["a", "bad"], deadline)
+    second = batcher.submit(["c", "d"], deadline)
+    results = await asyncio.gather(*first, *second, return_exceptions=True)
+    await batcher.close()
+    assert isinstance(results[0], ValueError) and isinstance(results[1], ValueError)
+    assert [r.value for r in results[2:]] == ["C", "D"]
+
+
+async def test_batcher_splits_a_batch_that_runs_out_of_memory():
+    sizes = []
+
+    def process(items):
+        sizes.append(len(items))
+        if len(items) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return [i * 10 for i in items]
+
+    cleared = []
+    batcher = DynamicBatcher(process, max_batch_size=8, max_wait_ms=1000, on_out_of_memory=lambda: cleared.append(1))
+    batcher.start()
+    futures = batcher.submit(list(range(8)), time.monotonic() + 5)
+    results = await asyncio.gather(*futures)
+    await batcher.close()
+    assert [r.value for r in results] == [i * 10 for i in range(8)]
+    assert sizes == [8, 4, 2, 2, 4, 2, 2] and len(cleared) == 3
+
+
+async def test_batcher_rejects_whole_requests_when_full_and_after_close():
+    batcher = DynamicBatcher(lambda items: items, max_batch_size=4, max_wait_ms=1000, queue_limit=3)
+    futures = batcher.submit([1, 2], time.monotonic() + 5)  # not started: items stay queued
+    with pytest.raises(QueueFullError) as info:
+        batcher.submit([3, 4], time.monotonic() + 5)
+    assert info.value.retry_after_s >= 1 and batcher.depth == 2  # nothing of the refused request was queued
+    batcher.start()
+    await batcher.close()  # drains the two queued items
+    assert [f.result().value for f in futures] == [1, 2]
+    with pytest.raises(BatcherClosedError):
+        batcher.submit([5], time.monotonic() + 5)
+
+
+async def test_batcher_counts_a_wrong_number_of_results_as_failure():
+    metrics = Metrics(4)
+    batcher = DynamicBatcher(lambda items: items[:-1], max_batch_size=4, max_wait_ms=0, metrics=metrics)
+    batcher.start()
+    results = await asyncio.gather(*batcher.submit([1, 2], time.monotonic() + 5), return_exceptions=True)
+    await batcher.close()
+    assert all(isinstance(r, RuntimeError) and "1 results for a batch of 2" in str(r) for r in results)

@@ -1,0 +1,172 @@
+"""POST /classify: upload shapes, top_k, heatmaps, every PIL mode, and agreement with the model itself."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.preprocess import Preprocessing, prepare
+from model.checkpoint import load_artifact
+from model.labels import PET_LABELS, PET_SPECIES
+
+from .conftest import encode, noise_image, png_bytes
+
+
+def direct_probs(artifact: Path, data: bytes) -> torch.Tensor:
+    """What the model itself says about these bytes, preprocessed the way the artifact asks."""
+    model, meta = load_artifact(artifact, "cpu")
+    tensor = prepare(data, Preprocessing.from_metadata(meta), 10**9).tensor
+    with torch.inference_mode():
+        return model(tensor[None]).float().softmax(-1)[0]  # (1, 3, S, S) -> (classes,)
+
+
+def assert_matches_model(result: dict, expected: torch.Tensor, k: int) -> None:
+    scores, indices = torch.topk(expected, k)
+    assert [p["index"] for p in result["predictions"]] == indices.tolist()
+    np.testing.assert_allclose([p["score"] for p in result["predictions"]], scores.numpy(), rtol=1e-5, atol=1e-6)
+    for p in result["predictions"]:
+        assert p["label"] == PET_LABELS[p["index"]] and p["species"] == PET_SPECIES[p["index"]]
+
+
+async def test_one_multipart_image_matches_the_models_direct_output(client, tiny_artifact, chelsea):
+    data = encode(chelsea)
+    response = await client.post("/classify", files={"file": ("chelsea.jpg", data, "image/jpeg")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "petvit-tiny-test"
+    [result] = body["results"]
+    assert (result["filename"], result["width"], result["height"]) == ("chelsea.jpg", 451, 300)
+    assert len(result["predictions"]) == 5
+    scores = [p["score"] for p in result["predictions"]]
+    assert scores == sorted(scores, reverse=True)
+    assert_matches_model(result, direct_probs(tiny_artifact, data), 5)
+    assert result["heatmap"] is None
+    assert result["timings"]["batch_size"] >= 1 and result["timings"]["inference_ms"] > 0
+
+
+async def test_many_images_answer_in_upload_order(client, tiny_artifact):
+    images = [png_bytes(seed) for seed in range(5)]
+    files = [("file", (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    response = await client.post("/classify", files=files, params={"top_k": 3})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == [f"img{i}.png" for i in range(5)]
+    for result, data in zip(results, images, strict=True):
+        assert_matches_model(result, direct_probs(tiny_artifact, data), 3)
+
+
+async def test_raw_image_body(client, tiny_artifact):
+    data = png_bytes(7)
+    response = await client.post("/classify", content=data, headers={"Content-Type": "image/png"})
+    assert response.status_code == 200, response.text
+    [result] = response.json()["results"]
+    assert result["filename"] is None
+    assert_matches_model(result, direct_probs(tiny_artifact, data), 5)
+
+
+@pytest.mark.parametrize("top_k", [1, 37])
+async def test_top_k_bounds_are_accepted(client, top_k):
+    response = await client.post(
+        "/classify", params={"top_k": top_k}, content=png_bytes(1), headers={"Content-Type": "image/png"}
+    )
+    assert response.status_code == 200
+    predictions = response.json()["results"][0]["predictions"]
+    assert len(predictions) == top_k
+    if top_k == 37:
+        assert sorted(p["index"] for p in predictions) == list(range(37))
+        assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [0, 38, -1])
+async def test_top_k_out_of_range_is_422(client, top_k):
+    response = await client.post(
+        "/classify", params={"top_k": top_k}, content=png_bytes(1), headers={"Content-Type": "image/png"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_parameters"
+    assert "top_k" in response.json()["error"]["message"]
+
+
+async def test_heatmap_grid_and_png_at_the_uploads_size(client, chelsea):
+    small = noise_image(3, (40, 90))  # portrait: checks width/height are not swapped
+    files = [
+        ("file", ("cat.jpg", encode(chelsea), "image/jpeg")),
+        ("file", ("tall.png", encode(small, "PNG"), "image/png")),
+    ]
+    response = await client.post("/classify", files=files, params={"heatmap": "true", "top_k": 2})
+    assert response.status_code == 200, response.text
+    for result, size in zip(response.json()["results"], [(451, 300), (40, 90)], strict=True):
+        heatmap = result["heatmap"]
+        grid = np.array(heatmap["grid"])
+        assert grid.shape == (4, 4) == (heatmap["rows"], heatmap["cols"])  # tiny model: 32 px / 8 px patches
+        assert grid.min() >= 0 and grid.max() <= 1 and grid.max() == pytest.approx(1.0)
+        png = Image.open(io.BytesIO(base64.b64decode(heatmap["png"])))
+        assert png.format == "PNG" and png.size == size
+        assert result["timings"]["heatmap_ms"] > 0
+
+
+async def test_heatmap_and_plain_requests_get_the_same_predictions(client):
+    data = png_bytes(11)
+    plain = await client.post("/classify", content=data, headers={"Content-Type": "image/png"})
+    with_map = await client.post(
+        "/classify", content=data, headers={"Content-Type": "image/png"}, params={"heatmap": True}
+    )
+    a, b = plain.json()["results"][0]["predictions"], with_map.json()["results"][0]["predictions"]
+    assert [p["index"] for p in a] == [p["index"] for p in b]
+    np.testing.assert_allclose([p["score"] for p in a], [p["score"] for p in b], rtol=1e-4, atol=1e-6)
+
+
+def _mode_images() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    rgba = rgb.copy()
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (40, 56), dtype=np.uint8)))
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    frames = [noise_image(s, (56, 40)) for s in range(3)]
+    animated = io.BytesIO()
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    i16 = Image.fromarray((rng.integers(0, 65536, (40, 56))).astype(np.uint16))
+    return {
+        "L": encode(rgb.convert("L"), "PNG"),
+        "LA": encode(rgb.convert("LA"), "PNG"),
+        "P+transparency": encode(palette, "PNG"),
+        "RGBA": encode(rgba, "PNG"),
+        "CMYK": encode(rgb.convert("CMYK"), "JPEG"),
+        "I;16": encode(i16, "PNG"),
+        "animated GIF": animated.getvalue(),
+        "WebP": encode(rgb, "WEBP"),
+        "1": encode(rgb.convert("1"), "BMP"),
+    }
+
+
+MODE_IMAGES = _mode_images()
+
+
+@pytest.mark.parametrize("mode", list(MODE_IMAGES))
+async def test_every_pil_mode_is_classified(client, tiny_artifact, mode):
+    data = MODE_IMAGES[mode]
+    response = await client.post("/classify", files={"file": (f"{mode}.img", data, "application/octet-stream")})
+    assert response.status_code == 200, response.text
+    [result] = response.json()["results"]
+    assert (result["width"], result["height"]) == (56, 40)
+    assert_matches_model(result, direct_probs(tiny_artifact, data), 5)
+
+
+async def test_heatmap_grid_without_png(client):
+    response = await client.post(
+        "/classify",
+        content=png_bytes(4),
+        headers={"Content-Type": "image/png"},
+        params={"heatmap": "true", "heatmap_png": "false"},
+    )
+    assert response.status_code == 200
+    heatmap = response.json()["results"][0]["heatmap"]
+    assert heatmap["png"] is None and np.array(heatmap["grid"]).shape == (4, 4)
+    assert np.array(heatmap["grid"]).max() == pytest.approx(1.0)

@@ -1,0 +1,101 @@
+"""`petvit predict` on a saved photo, and `petvit classify` against a live uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from app.cli import main as petvit
+from app.client import PetvitClient, PetvitError
+from app.main import create_app
+
+from .conftest import make_settings
+from .test_classify import direct_probs
+
+
+@pytest.fixture
+def chelsea_jpeg(tmp_path: Path, chelsea: Image.Image) -> Path:
+    path = tmp_path / "chelsea.jpg"
+    chelsea.save(path, quality=90)
+    return path
+
+
+@pytest.fixture
+def live_url(tiny_artifact: Path) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(make_settings(tiny_artifact)), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(500):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.01)
+    yield url
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_predict_prints_the_models_top_k_and_writes_a_heatmap(chelsea_jpeg, tiny_artifact, tmp_path, capsys):
+    out = tmp_path / "maps" / "chelsea-heat.png"
+    code = petvit(
+        [
+            "predict",
+            str(chelsea_jpeg),
+            "--top-k",
+            "3",
+            "--checkpoint",
+            str(tiny_artifact),
+            "--heatmap",
+            str(out),
+            "--json",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    [answer] = json.loads(printed[: printed.rindex("]") + 1])
+    expected = direct_probs(tiny_artifact, chelsea_jpeg.read_bytes())
+    scores, indices = torch.topk(expected, 3)
+    assert [p["index"] for p in answer["predictions"]] == indices.tolist()
+    assert [p["score"] for p in answer["predictions"]] == pytest.approx(scores.tolist(), abs=1e-5)
+    assert Image.open(out).size == (451, 300)
+    assert "untrained" in printed
+
+
+def test_predict_reports_a_missing_artifact(chelsea_jpeg, tmp_path, capsys):
+    assert petvit(["predict", str(chelsea_jpeg), "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+    assert "petvit export" in capsys.readouterr().out
+
+
+def test_classify_against_a_live_server(live_url, chelsea_jpeg, tiny_artifact, capsys):
+    assert petvit(["classify", "--url", live_url, str(chelsea_jpeg), str(chelsea_jpeg), "--top-k", "2", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    expected = torch.topk(direct_probs(tiny_artifact, chelsea_jpeg.read_bytes()), 2).indices.tolist()
+    assert [[p["index"] for p in r["predictions"]] for r in answer["results"]] == [expected, expected]
+
+    with PetvitClient(live_url) as client:
+        assert client.ready() and client.model()["name"] == "petvit-tiny-test"
+        with pytest.raises(PetvitError) as info:
+            client.classify([b"not an image"])
+    assert info.value.status == 400 and info.value.code == "undecodable_image"
+
+
+def test_classify_says_when_the_server_is_unreachable(chelsea_jpeg, capsys):
+    assert petvit(["classify", "--url", "http://127.0.0.1:9", str(chelsea_jpeg)]) == 2
+    assert "could not reach" in capsys.readouterr().out
