@@ -1,0 +1,94 @@
+# petvit: one image for `petvit serve` (default) and `petvit train` (the compose `train` service, the k8s Job).
+#
+#   docker build -t petvit .                                   # CUDA torch wheels (default; also run on CPU)
+#   docker build -t petvit:cpu --build-arg TORCH_FLAVOR=cpu .  # CPU-only torch: a far smaller image
+#   docker build --build-arg PIP_INDEX_URL=https://mirror.example/simple --build-arg PIP_FIND_LINKS=/wheels ...
+#
+# Classic builder only (no BuildKit syntax). Layers are ordered so that editing model/ or app/ rebuilds only
+# the last, small layers: the dependency venv is installed from pyproject.toml + constraints.txt alone.
+# Mirrors: PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS are passed to pip when given.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---------------------------------------------------------------------------------------------------------------
+# build: the petvit wheel. The build backend (setuptools, wheel) and the sources stay in this stage.
+FROM ${PYTHON_IMAGE} AS build
+
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A build venv in its own layer (cached for good), so each code change builds the wheel in seconds, offline.
+RUN python -m venv /opt/build && /opt/build/bin/pip install "setuptools>=68" wheel
+COPY pyproject.toml README.md /src/
+COPY model /src/model
+COPY app /src/app
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation -w /dist /src
+
+# ---------------------------------------------------------------------------------------------------------------
+# runtime: the dependency venv, then the petvit wheel on top. The dependencies are installed here rather than in
+# the build stage and copied over: every one of them ships as a wheel (nothing to compile), and copying a ~6 GB
+# CUDA venv between stages cost ~2 min per cold build here, and a second copy on disk, for no gain.
+FROM ${PYTHON_IMAGE} AS runtime
+
+# pip reads these from the environment; they stay unset unless passed (an empty PIP_INDEX_URL would break pip).
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+# cuda: torch/torchvision wheels from the package index (CUDA builds, NVIDIA libraries as pip deps, run on CPU too)
+# cpu:  torch/torchvision from TORCH_CPU_INDEX_URL (+cpu builds, no NVIDIA libraries: a far smaller image)
+ARG TORCH_FLAVOR=cuda
+ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+# A fixed numeric uid so Kubernetes `runAsNonRoot` can verify it and volume permissions are predictable.
+RUN set -eux; \
+    groupadd --system --gid 10001 petvit; \
+    useradd --system --uid 10001 --gid petvit --home-dir /home/petvit --create-home --shell /usr/sbin/nologin petvit; \
+    mkdir -p /artifacts /data /cache/torch; \
+    chown -R petvit:petvit /artifacts /data /cache
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# 1. Dependencies only, from pyproject.toml + constraints.txt (cached until either changes). torch/torchvision
+#    versions come from constraints.txt in both flavours ("torch==X" also matches the CPU index's "X+cpu").
+COPY pyproject.toml constraints.txt /tmp/deps/
+RUN set -eux; \
+    python -m venv /opt/venv; \
+    cd /tmp/deps; \
+    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > requirements.txt; \
+    case "$TORCH_FLAVOR" in \
+      cuda) ;; \
+      cpu) pip install -c constraints.txt --index-url "$TORCH_CPU_INDEX_URL" torch torchvision ;; \
+      *) echo "TORCH_FLAVOR must be cuda or cpu, got '$TORCH_FLAVOR'" >&2; exit 2 ;; \
+    esac; \
+    pip install -c constraints.txt -r requirements.txt; \
+    python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"; \
+    rm -rf /tmp/deps
+
+# 2. petvit itself: small and quick, the only layers a code change rebuilds.
+COPY --from=build /dist /tmp/dist
+RUN pip install --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist && petvit --help >/dev/null
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    TORCH_HOME=/cache/torch \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    PETVIT_CHECKPOINT=/artifacts/petvit.safetensors \
+    PETVIT_DEVICE=auto
+
+USER petvit
+WORKDIR /home/petvit
+# /artifacts, /data and /cache exist owned by petvit, so a named volume mounted there starts writable by it.
+EXPOSE 8000
+
+# Ready = model loaded and warmed (GET /readyz answers 200; urlopen raises on 503). No curl in slim images.
+# The start period is generous: warming a b16 up on a busy CPU takes minutes; the first 200 ends it early.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
+
+ENTRYPOINT ["petvit"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

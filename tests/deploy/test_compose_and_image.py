@@ -1,0 +1,190 @@
+"""docker-compose.yml, docker-compose.gpu.yml, Dockerfile and .dockerignore: the wiring between them and the app.
+
+When docker-compose (v1.29+) or `docker compose` is installed, its own `config` must accept the files too."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+
+import yaml
+
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+SERVE_PORT = 8000
+
+
+def compose(name: str = "docker-compose.yml") -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def expand_defaults(text: str) -> str:
+    """${VAR:-default} -> default: what compose substitutes when the variable is unset."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", text)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    joined = re.sub(r"\\\n", " ", DOCKERFILE)
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in (raw.strip() for raw in joined.splitlines())
+        if line and not line.startswith("#")
+    ]
+
+
+# ---- compose ----------------------------------------------------------------------------------------------------
+
+
+def test_api_waits_for_train_to_complete_and_serves_what_train_writes():
+    services = compose()["services"]
+    train, api = services["train"], services["api"]
+    assert api["depends_on"]["train"]["condition"] == "service_completed_successfully"
+    train_args = [expand_defaults(a) for a in train["command"]]
+    assert train_args[0] == "train" and "--if-missing" in train_args
+    assert flag(train_args, "--recipe") == "auto"  # picks the CPU recipe without a GPU
+    out = flag(train_args, "--out")
+    assert expand_defaults(api["environment"]["PETVIT_CHECKPOINT"]) == out
+    # Same volume (named by default, or the PETVIT_ARTIFACTS_DIR bind mount) at the same place, read-only for api.
+    (train_artifacts,) = [v for v in train["volumes"] if expand_defaults(v).split(":")[1] == "/artifacts"]
+    (api_artifacts,) = [v for v in api["volumes"] if expand_defaults(v).split(":")[1] == "/artifacts"]
+    assert api_artifacts == train_artifacts + ":ro"
+    assert train_artifacts.startswith("${PETVIT_ARTIFACTS_DIR:-artifacts}:")  # the documented way to serve your own
+    assert out.startswith("/artifacts/")
+    assert train["image"] == api["image"] and train["build"] == api["build"]
+
+
+def test_api_healthcheck_polls_readiness_on_the_served_port():
+    api = compose()["services"]["api"]
+    test = " ".join(api["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{SERVE_PORT}/readyz" in test and "curl" not in test
+    assert flag(api["command"], "--port") == str(SERVE_PORT)
+    assert api["command"][0] == "serve"
+    assert expand_defaults(api["ports"][0]) == f"{SERVE_PORT}:{SERVE_PORT}"
+    assert compose()["services"]["train"]["healthcheck"] == {"disable": True}
+
+
+def test_compose_passes_every_setting_through_and_no_unknown_ones():
+    fields = {f"PETVIT_{name.upper()}" for name in Settings.model_fields}
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        env = compose(name)["services"]["api"]["environment"]
+        assert set(env) <= fields, f"{name}: unknown settings {sorted(set(env) - fields)}"
+    missing = fields - set(compose()["services"]["api"]["environment"])
+    assert not missing, f"settings users cannot set through compose: {sorted(missing)}"
+
+
+def test_every_bind_mount_and_build_context_exists():
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        for service in compose(name)["services"].values():
+            for volume in service.get("volumes", []):
+                source = expand_defaults(volume).split(":")[0]
+                if source.startswith("./"):
+                    assert (ROOT / source).exists(), f"{name}: {source} does not exist"
+            if "build" in service:
+                assert (ROOT / service["build"]["context"] / "Dockerfile").is_file()
+    declared = set(compose()["volumes"])
+    for service in compose()["services"].values():
+        for volume in service.get("volumes", []):
+            source = expand_defaults(volume).split(":")[0]
+            assert source.startswith(("./", "/")) or source in declared, f"undeclared volume {source}"
+
+
+def test_gpu_override_reserves_nvidia_devices_and_serves_on_cuda():
+    gpu = compose("docker-compose.gpu.yml")["services"]
+    assert set(gpu) == {"train", "api"} and set(gpu) <= set(compose()["services"])
+    for service in gpu.values():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert gpu["api"]["environment"]["PETVIT_DEVICE"] == "cuda"
+    # the default file must run where there is no NVIDIA runtime
+    assert "deploy" not in compose()["services"]["api"] and "nvidia" not in (ROOT / "docker-compose.yml").read_text()
+
+
+# ---- Dockerfile -------------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_is_multi_stage_on_python_slim_and_runs_as_non_root():
+    instructions = dockerfile_instructions()
+    froms = [arg for op, arg in instructions if op == "FROM"]
+    assert len(froms) >= 2
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", DOCKERFILE, re.M)
+    assert all(f.startswith("${PYTHON_IMAGE}") for f in froms)
+    runtime = instructions[[i for i, (op, _) in enumerate(instructions) if op == "FROM"][-1] :]
+    users = [arg for op, arg in runtime if op == "USER"]
+    assert users and users[-1] not in {"root", "0"}
+    assert any(op == "COPY" and arg.startswith("--from=build") for op, arg in runtime)
+
+
+def test_dockerfile_has_mirror_passthrough_torch_flavour_and_a_readiness_healthcheck():
+    args = {arg.split("=")[0] for op, arg in dockerfile_instructions() if op == "ARG"}
+    assert {"PIP_INDEX_URL", "PIP_FIND_LINKS", "TORCH_FLAVOR"} <= args
+    # An empty PIP_INDEX_URL would break pip: mirrors stay unset unless passed.
+    assert re.search(r"^ARG PIP_INDEX_URL$", DOCKERFILE, re.M) and re.search(r"^ARG PIP_FIND_LINKS$", DOCKERFILE, re.M)
+    assert "-c constraints.txt" in DOCKERFILE
+    (healthcheck,) = [arg for op, arg in dockerfile_instructions() if op == "HEALTHCHECK"]
+    assert f"http://127.0.0.1:{SERVE_PORT}/readyz" in healthcheck and "curl" not in healthcheck
+    assert ("EXPOSE", str(SERVE_PORT)) in dockerfile_instructions()
+
+
+def test_dockerfile_uses_no_buildkit_only_syntax():
+    assert not re.search(r"^#\s*syntax=", DOCKERFILE, re.M)
+    for op, arg in dockerfile_instructions():
+        assert "--mount" not in arg and "<<" not in arg, f"{op} {arg[:40]}: BuildKit only"
+        assert not (op in {"COPY", "ADD"} and re.search(r"--(link|parents|exclude|chmod)", arg))
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last matching pattern wins; `!` re-includes; a directory pattern covers its contents."""
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        if pattern == "**" or any(
+            fnmatch.fnmatch(candidate, pattern.replace("**/", "*"))
+            for candidate in [path, *["/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 1)]]
+        ):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_sends_only_what_the_dockerfile_copies():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copied = [
+        src
+        for op, arg in dockerfile_instructions()
+        if op == "COPY" and not arg.startswith("--from")
+        for src in arg.split()[:-1]
+    ]
+    assert copied and "tests" not in " ".join(copied)
+    for src in copied:
+        assert not _ignored(src, patterns), f"{src} is copied by the Dockerfile but excluded by .dockerignore"
+        assert (ROOT / src).exists()
+    for kept_out in (
+        ".venv/bin/python",
+        "data/oxford-iiit-pet",
+        "artifacts/petvit.safetensors",
+        "results/x.png",
+        ".git/HEAD",
+        "tests/conftest.py",
+        "model/__pycache__/vit.cpython-311.pyc",
+        "app/static/weights.safetensors",
+    ):
+        assert _ignored(kept_out, patterns), f"{kept_out} would be sent to the Docker daemon"
+
+
+def test_deploy_docs_list_every_setting():
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    rows = set(re.findall(r"^\| `(PETVIT_[A-Z0-9_]+)` \|", docs, re.M))
+    fields = {f"PETVIT_{name.upper()}" for name in Settings.model_fields}
+    assert not fields - rows, f"settings missing from the table: {sorted(fields - rows)}"
+    assert not rows - fields, f"the table lists settings the service does not read: {sorted(rows - fields)}"
