@@ -123,12 +123,20 @@ def _read_header(path: Path) -> dict[str, Any]:
         )
     size = path.stat().st_size
     with path.open("rb") as f:
-        prefix = f.read(8)
-        if prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80":
+        prefix = f.read(9)
+        # A safetensors header is JSON right after the 8-byte length, so byte 8 is "{". Check that first: the
+        # length's low byte alone can equal pickle's 0x80 opcode (any header of 128 + 256k bytes), so sniffing
+        # the first byte for a pickle would refuse about one valid artifact in 256.
+        looks_safetensors = prefix[8:9] == b"{"
+        is_zip = prefix[:4] == b"PK\x03\x04"  # torch.save's default zip container
+        is_pickle = prefix[:1] == b"\x80" and prefix[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # PROTO opcode
+        if not looks_safetensors and (is_zip or is_pickle):
             raise ArtifactError(
                 f"{path} is a pickle (torch.save) checkpoint; petvit never unpickles files it is handed. "
                 "Convert the weights to a petvit artifact (model/checkpoint.save_artifact) where you trust the file."
             )
+        prefix = prefix[:8]
+        f.seek(8)
         if len(prefix) < 8:
             raise ArtifactError(f"{path} is truncated ({size} bytes): not even a safetensors header is there")
         (header_len,) = struct.unpack("<Q", prefix)
@@ -143,7 +151,10 @@ def _read_header(path: Path) -> dict[str, Any]:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ArtifactError(f"{path} is not a safetensors file: its header is not JSON ({err})") from None
-    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    try:
+        data_end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise ArtifactError(f"{path} is not a safetensors file: its header does not describe tensors") from None
     if 8 + header_len + data_end > size:
         raise ArtifactError(
             f"{path} is truncated: its tensors need {8 + header_len + data_end} bytes but the file has {size}; "
@@ -159,7 +170,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
     if raw is None:
         raise ArtifactError(f"{path} is a safetensors file without petvit metadata; it is not a petvit artifact")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} has damaged petvit metadata (not JSON: {err})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} has damaged petvit metadata (a JSON {type(meta).__name__}, not an object)")
     if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{path} has artifact format {meta.get('format')!r} version {meta.get('format_version')!r}; "
@@ -176,24 +192,31 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device | None = N
         config = ViTConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{path} holds an invalid model config: {err}") from None
+    for key in ("labels", "species"):
+        names = meta.get(key)
+        if not isinstance(names, list) or len(names) != config.num_classes:
+            count = len(names) if isinstance(names, list) else "no"
+            raise ArtifactError(
+                f"{path}: the head has {config.num_classes} classes but the metadata lists {count} {key}; "
+                "every class needs exactly one label and one species"
+            )
     try:
         tensors = load_file(path, device="cpu")
     except SafetensorError as err:
         raise ArtifactError(f"{path} is a damaged safetensors file: {err}") from None
-    model = ViT(config)
-    expected = model.state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        expected = ViT(config).state_dict()
     problems = [f"missing {k}" for k in expected if k not in tensors]
     problems += [f"unexpected {k}" for k in tensors if k not in expected]
     problems += [
-        f"{k}: file has {tuple(t.shape)}, config {config.to_dict()['hidden_dim']}-wide model needs "
-        f"{tuple(expected[k].shape)}"
+        f"{k} has shape {tuple(t.shape)} in the file but {tuple(expected[k].shape)} in the stored config"
         for k, t in tensors.items()
         if k in expected and t.shape != expected[k].shape
     ]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ArtifactError(f"{path}: weights do not match the stored config: {shown}")
-    model.load_state_dict(tensors)
+    model = ViT.from_weights(config, tensors)
     if device is not None:
         model = model.to(device)
     return model.eval(), meta

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -19,9 +20,11 @@ def export_artifact(
 ) -> Path:
     """Build `variant` with random or ImageNet weights and a fresh num_classes head; save it as an artifact."""
     key = canonical_variant(variant)
-    torch.manual_seed(seed)
     if init == "random":
-        model = ViT(get_config(key, num_classes=num_classes))
+        # Seed a private RNG stream so the artifact is reproducible without reseeding the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = ViT(get_config(key, num_classes=num_classes))
         source = f"random init (seed {seed})"
     elif init == "imagenet":
         model = load_pretrained(key, num_classes=num_classes)
@@ -47,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         path = export_artifact(args.variant, args.out, args.init, args.num_classes, args.seed)
-    except PretrainedWeightsUnavailable as err:
-        print(f"petvit export: {err}")
+    except (PretrainedWeightsUnavailable, KeyError, ValueError) as err:
+        # KeyError's str() quotes its message; take the argument itself so the line reads cleanly.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"petvit export: {message}", file=sys.stderr)
         return 2
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -121,9 +121,11 @@ def from_torchvision(module: nn.Module) -> ViT:
         dropout=float(module.dropout),
         attention_dropout=float(module.attention_dropout),
     )
-    model = ViT(config)
-    model.load_state_dict(state_dict)
-    return model.eval() if not module.training else model
+    # Copies: the converted dict shares storage with the module's parameters, and the two must stay independent.
+    model = ViT.from_weights(config, {k: v.clone() for k, v in state_dict.items()})
+    # Same place and precision as the source, and the same train/eval mode (dropout behaves alike).
+    ref = module.conv_proj.weight
+    return model.to(device=ref.device, dtype=ref.dtype).train(module.training)
 
 
 def weights_enum(name: str, weights: str | None = None):  # -> torchvision.models.WeightsEnum member
@@ -168,8 +170,7 @@ def load_pretrained(name: str, num_classes: int | None = None, weights: str | No
     min_size = entry.meta.get("min_size", (None,))[0]
     # The architecture comes from the file's tensor shapes (heads from the width), not from the name.
     config, converted = convert_torchvision_state_dict(state_dict, image_size=min_size)
-    model = ViT(config)
-    model.load_state_dict(converted)
+    model = ViT.from_weights(config, converted)
     if num_classes is not None and num_classes != config.num_classes:
         model.reset_head(num_classes)
     return model

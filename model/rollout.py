@@ -1,8 +1,10 @@
 """Attention rollout heatmaps: where the CLS token's information comes from, per patch.
 
 attention_rollout follows Abnar & Zuidema, "Quantifying Attention Flow in Transformers" (2020);
-gradient_rollout is the class-specific variant of Chefer, Gur & Wolf, "Transformer Interpretability Beyond
-Attention Visualization" (2021). Pure functions over tensors: no model, no hooks.
+gradient_rollout is the class-specific, gradient-weighted rule of Chefer, Gur & Wolf, "Generic Attention-model
+Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers" (ICCV 2021) -- the follow-up to their
+LRP-based "Transformer Interpretability Beyond Attention Visualization" (CVPR 2021), whose relevance rule is
+what this one simplifies. Pure functions over tensors: no model, no hooks.
 """
 
 from __future__ import annotations
@@ -59,19 +61,15 @@ def _grid_from_tokens(tokens: torch.Tensor, grid: tuple[int, int] | None) -> tor
     return (tokens / peak).clamp(0.0, 1.0).reshape(B, *grid)  # (B, N) -> (B, rows, cols)
 
 
-def attention_rollout(
-    attentions: Sequence[torch.Tensor],
-    head_fusion: HeadFusion = "mean",
-    discard_ratio: float = 0.0,
-    grid: tuple[int, int] | None = None,
+def rollout_matrix(
+    attentions: Sequence[torch.Tensor], head_fusion: HeadFusion = "mean", discard_ratio: float = 0.0
 ) -> torch.Tensor:
-    """Roll attention out through the layers; return the CLS token's flow to each patch as (B, rows, cols).
+    """The rolled-out token-to-token flow (B, T, T): row i is where token i's information comes from; rows sum to 1.
 
-    attentions: one (B, heads, 1 + N, 1 + N) tensor per block, first block first (ViT.forward_with_attention).
-    grid: the patch grid (rows, cols); inferred for square grids. Each image is scaled into [0, 1] by its max.
+    attentions: one (B, heads, T, T) tensor per block, first block first (ViT.forward_with_attention).
     """
     if not attentions:
-        raise ValueError("attention_rollout needs at least one layer of attention weights")
+        raise ValueError("attention rollout needs at least one layer of attention weights")
     rollout = None
     for attention in attentions:
         a = discard_lowest(fuse_heads(attention.float(), head_fusion), discard_ratio)
@@ -81,7 +79,22 @@ def attention_rollout(
         a = a + torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
         a = a / a.sum(dim=-1, keepdim=True)
         rollout = a if rollout is None else a @ rollout  # later layers read from earlier ones
-    return _grid_from_tokens(rollout[:, 0, 1:], grid)
+    return rollout
+
+
+def attention_rollout(
+    attentions: Sequence[torch.Tensor],
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Roll attention out through the layers; return the CLS token's flow to each patch as (B, rows, cols).
+
+    attentions: one (B, heads, 1 + N, 1 + N) tensor per block, first block first (ViT.forward_with_attention).
+    discard_ratio: per layer and per row, zero the int(N * discard_ratio) lowest patch weights (CLS column kept).
+    grid: the patch grid (rows, cols); inferred for square grids. Each image is scaled into [0, 1] by its max.
+    """
+    return _grid_from_tokens(rollout_matrix(attentions, head_fusion, discard_ratio)[:, 0, 1:], grid)
 
 
 def gradient_rollout(
@@ -91,7 +104,9 @@ def gradient_rollout(
 ) -> torch.Tensor:
     """Class-specific relevance (Chefer et al. 2021): R <- R + mean_heads(relu(grad * A)) @ R, from R = I.
 
-    gradients: d(target logit)/d(attention) for each layer, same shapes as attentions.
+    gradients: d(target logit)/d(attention) for each layer, same shapes as attentions, e.g.
+        logits, attentions = model.forward_with_attention(images)
+        gradients = torch.autograd.grad(logits[:, target].sum(), attentions)
     """
     if len(attentions) != len(gradients) or not attentions:
         raise ValueError("need one gradient per attention layer, and at least one layer")
