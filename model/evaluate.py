@@ -40,19 +40,24 @@ def predict(
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
     desc: str = "evaluate",
+    pre_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, C) float32, targets (N,)) for the whole dataset, in order."""
+    """(logits (N, C) float32, targets (N,)) for the whole dataset, in order, with a tqdm bar.
+
+    pre_logits=True returns the CLS features (N, D) instead: the linear probe's inputs.
+    """
     model.eval()
     device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     logits, targets = [], []
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(images.to(device))
+            out = model.forward_head(model.forward_features(images.to(device)), pre_logits=pre_logits)
         logits.append(out.float().cpu())
         targets.append(torch.as_tensor(labels, dtype=torch.long))
     if not logits:
-        return torch.zeros(0, model.config.num_classes), torch.zeros(0, dtype=torch.long)
+        width = model.config.hidden_dim if pre_logits else model.config.num_classes
+        return torch.zeros(0, width), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(targets)
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
+from model.evaluate import predict
 from model.vit import ViT
 
 
@@ -42,7 +42,6 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-@torch.no_grad()
 def extract_features(
     model: ViT,
     dataset: Dataset,
@@ -52,20 +51,8 @@ def extract_features(
     autocast_dtype: torch.dtype | None = None,
     desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32, targets (N,) int64) in dataset order, with a tqdm bar."""
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    device = torch.device(device)
-    feats, targets = [], []
-    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            cls = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)  # (B, D)
-        feats.append(cls.float().cpu())
-        targets.append(torch.as_tensor(labels, dtype=torch.long))
-    D = model.config.hidden_dim
-    if not feats:
-        return torch.zeros(0, D), torch.zeros(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(targets)
+    """(features (N, D) float32, targets (N,) int64) in dataset order: the frozen backbone's CLS features."""
+    return predict(model, dataset, batch_size, device, num_workers, autocast_dtype, desc, pre_logits=True)
 
 
 def cached_features(
