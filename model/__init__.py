@@ -5,17 +5,22 @@ Usable without the service: nothing here imports `app`.
 
 from model.checkpoint import ArtifactError, load_artifact, read_metadata, save_artifact
 from model.config import VARIANTS, ViTConfig, get_config
-from model.rollout import attention_rollout, upsample_heatmap
+from model.pretrained import PretrainedWeightsUnavailable, from_torchvision, load_pretrained
+from model.rollout import attention_rollout, gradient_rollout, upsample_heatmap
 from model.vit import ViT
 
 __all__ = [
     "VARIANTS",
     "ArtifactError",
+    "PretrainedWeightsUnavailable",
     "ViT",
     "ViTConfig",
     "attention_rollout",
+    "from_torchvision",
     "get_config",
+    "gradient_rollout",
     "load_artifact",
+    "load_pretrained",
     "read_metadata",
     "save_artifact",
     "upsample_heatmap",
