@@ -1,7 +1,12 @@
-"""Rollout grid -> a PNG overlay on the uploaded photo, at the upload's own size.
+"""Rollout grid -> a transparent PNG overlay at the uploaded image's own size; the client lays it over the photo.
 
-The model saw only the centre crop, so the heat is drawn over that square and the rest of the photo is dimmed:
-the picture tells the truth about what the model looked at.
+The overlay holds no photo pixels. Over the centre crop the model saw it carries the heat colours, more opaque
+where the attention is higher; outside the crop a translucent dark veil shows what the model did not see.
+
+It is an 8-bit palette PNG with a tRNS chunk (colour type 3): colour and alpha are both functions of the heat
+level alone, so 255 heat levels + 1 veil entry describe every pixel exactly, at a quarter of RGBA's bytes. Browsers
+and PIL decode it to RGBA (`Image.open(...).convert("RGBA")`). Measured on a 500x375 upload: 1.5 ms to render,
+encode and base64 versus 8-10 ms for the same overlay as an RGBA PNG and 14 ms for the old composited photo.
 """
 
 from __future__ import annotations
@@ -24,10 +29,26 @@ _LUT = np.stack(
     [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCHORS)), _ANCHORS[:, c]) for c in range(3)], axis=1
 ).astype(np.uint8)  # (256, 3)
 
-HEAT_ALPHA = 0.55  # how much colour covers the crop; the photo stays readable underneath
-OUTSIDE_DIM = 0.45  # brightness kept outside the crop the model saw
-_DIM = [round(v * OUTSIDE_DIM) for v in range(256)] * 3  # point table for all three channels
-_LUT_CHANNELS = [_LUT[:, c].tolist() for c in range(3)]
+# Opacity of the heat over the crop: cold patches only shade the photo, hot ones cover it in yellow but leave it
+# recognisable. The veil outside the crop is darker than the coldest heat, so the crop's edge is always visible.
+HEAT_ALPHA = (0.30, 0.70)  # at heat 0 and at heat 1, linear in between
+VEIL_ALPHA = 0.55  # black at this opacity outside the crop the model saw (the photo keeps 45% of its brightness)
+VEIL_COLOR = (0, 0, 0)
+
+HEAT_LEVELS = 255  # palette entries 0..254: heat 0..1; entry 255: the veil
+VEIL_INDEX = HEAT_LEVELS
+
+
+def _palette() -> tuple[list[int], bytes]:
+    """(PLTE as a flat RGB list, tRNS alpha bytes) for the 256 palette entries."""
+    levels = np.linspace(0.0, 1.0, HEAT_LEVELS)
+    colors = _LUT[np.rint(levels * 255).astype(np.intp)]  # (255, 3)
+    alphas = np.rint(255 * (HEAT_ALPHA[0] + (HEAT_ALPHA[1] - HEAT_ALPHA[0]) * levels)).astype(np.uint8)
+    rgb = np.concatenate([colors, np.array([VEIL_COLOR], dtype=np.uint8)]).reshape(-1).tolist()
+    return rgb, alphas.tobytes() + bytes([round(255 * VEIL_ALPHA)])
+
+
+PALETTE, TRANSPARENCY = _palette()
 
 
 def colorize(heat: np.ndarray) -> np.ndarray:
@@ -35,43 +56,48 @@ def colorize(heat: np.ndarray) -> np.ndarray:
     return _LUT[np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8)]
 
 
-def render_overlay(
-    image: Image.Image,
-    grid: torch.Tensor,
-    size: tuple[int, int],
-    crop_box: tuple[float, float, float, float],
-) -> Image.Image:
-    """The photo at `size` (width, height), dimmed outside crop_box, with the grid's heat blended over the crop.
-
-    All pixel work is PIL's uint8 C code (point tables, bilinear resize, blend): float numpy over a full-size photo
-    cost several times more per heatmap.
-    """
+def _clamped_box(size: tuple[int, int], crop_box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
     width, height = size
-    base = image.convert("RGB")
-    if base.size != size:
-        base = base.resize(size, Image.Resampling.BILINEAR)  # a draft-decoded JPEG comes back to full size
     left, top, right, bottom = (round(v) for v in crop_box)
-    left, top, right, bottom = max(left, 0), max(top, 0), min(right, width), min(bottom, height)
-    out = base.point(_DIM)
+    return max(left, 0), max(top, 0), min(right, width), min(bottom, height)
+
+
+def render_overlay(
+    grid: torch.Tensor, size: tuple[int, int], crop_box: tuple[float, float, float, float]
+) -> Image.Image:
+    """The overlay at `size` (width, height): heat over crop_box (upload pixels), the veil elsewhere.
+
+    A mode "P" image whose palette is PALETTE and whose info["transparency"] is the per-entry alpha; convert("RGBA")
+    for pixel values. All pixel work is PIL's uint8 C code: a bilinear resize of the tiny grid and a paste.
+    """
+    left, top, right, bottom = _clamped_box(size, crop_box)
+    canvas = Image.new("L", size, VEIL_INDEX)
     if right > left and bottom > top:
-        cells = np.clip(np.rint(grid.float().numpy() * 255), 0, 255).astype(np.uint8)  # (rows, cols) in 0..255
+        cells = np.clip(np.rint(grid.float().numpy() * (HEAT_LEVELS - 1)), 0, HEAT_LEVELS - 1).astype(np.uint8)
         heat = Image.fromarray(cells, mode="L").resize((right - left, bottom - top), Image.Resampling.BILINEAR)
-        colored = Image.merge("RGB", [heat.point(_LUT_CHANNELS[c]) for c in range(3)])
-        region = Image.blend(base.crop((left, top, right, bottom)), colored, HEAT_ALPHA)
-        out.paste(region, (left, top))
-    return out
+        canvas.paste(heat, (left, top))
+    overlay = canvas.convert("P")  # same bytes, now palette indices
+    overlay.putpalette(PALETTE)
+    overlay.info["transparency"] = TRANSPARENCY
+    return overlay
 
 
-def overlay_png(
-    image: Image.Image, grid: torch.Tensor, size: tuple[int, int], crop_box: tuple[float, float, float, float]
-) -> bytes:
+def compose(image: Image.Image, overlay: Image.Image) -> Image.Image:
+    """The photo with the overlay alpha-composited over it (RGB): what a client shows, for `petvit predict`."""
+    base = image.convert("RGBA")
+    if base.size != overlay.size:
+        base = base.resize(overlay.size, Image.Resampling.BILINEAR)  # a draft-decoded JPEG comes back to full size
+    return Image.alpha_composite(base, overlay.convert("RGBA")).convert("RGB")
+
+
+def overlay_png(grid: torch.Tensor, size: tuple[int, int], crop_box: tuple[float, float, float, float]) -> bytes:
     buffer = io.BytesIO()
-    # compress_level 1: a few percent bigger than the default 6 and several times faster to encode.
-    render_overlay(image, grid, size, crop_box).save(buffer, format="PNG", compress_level=1)
+    # compress_level 1: level 6 or 9 saves ~15% of the bytes for 2-4x the time. Pillow writes palette rows
+    # unfiltered (filter 0) and offers no choice; a hand-made "Up"-filtered IDAT measured half the bytes but the same
+    # time (1.2 vs 1.5 ms at 500x375), not worth owning a PNG writer for.
+    render_overlay(grid, size, crop_box).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
-def overlay_png_base64(
-    image: Image.Image, grid: torch.Tensor, size: tuple[int, int], crop_box: tuple[float, float, float, float]
-) -> str:
-    return base64.b64encode(overlay_png(image, grid, size, crop_box)).decode("ascii")
+def overlay_png_base64(grid: torch.Tensor, size: tuple[int, int], crop_box: tuple[float, float, float, float]) -> str:
+    return base64.b64encode(overlay_png(grid, size, crop_box)).decode("ascii")

@@ -13,7 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("--top-k", type=int, default=5, help="breeds per image (default 5)")
     parser.add_argument(
-        "--heatmap", type=Path, metavar="OUT.png", help="write the rollout overlay here (OUT-<n>.png when several)"
+        "--heatmap",
+        type=Path,
+        metavar="OUT.png",
+        help="write the photo with the rollout heatmap over it here (OUT-<n>.png when several)",
     )
     parser.add_argument("--checkpoint", type=Path, help="artifact (default PETVIT_CHECKPOINT)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default PETVIT_DEVICE)")
@@ -28,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from app.errors import ServiceError
-    from app.heatmap import render_overlay
+    from app.heatmap import compose, render_overlay
     from app.predictor import Predictor
     from app.preprocess import Preprocessing, prepare
     from model.checkpoint import ArtifactError
@@ -61,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
         if want_map and result.grid is not None and prepared.image is not None:
             out = heatmap_path(args.heatmap, index, len(args.images))
             out.parent.mkdir(parents=True, exist_ok=True)
-            render_overlay(prepared.image, result.grid, prepared.size, prepared.crop_box).save(out)
+            # The service sends the overlay alone; a person looking at a file wants it over the photo.
+            compose(prepared.image, render_overlay(result.grid, prepared.size, prepared.crop_box)).save(out)
             answer["heatmap"] = str(out)
         answers.append(answer)
         if not args.json:

@@ -44,7 +44,7 @@ class PreparedImage:
     tensor: torch.Tensor  # (3, S, S) uint8, what the model sees
     size: tuple[int, int]  # (width, height) of the upload after EXIF rotation: the heatmap overlay's size
     crop_box: tuple[float, float, float, float]  # the model's crop in upload pixels (left, top, right, bottom)
-    image: Image.Image | None  # the decoded RGB image (maybe draft-reduced), kept only when a heatmap is wanted
+    image: Image.Image | None  # the decoded RGB image (maybe draft-reduced), kept only on request (CLI)
 
 
 def open_checked(data: bytes, max_pixels: int) -> Image.Image:

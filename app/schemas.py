@@ -19,8 +19,9 @@ class Prediction(BaseModel):
 class Heatmap(BaseModel):
     grid: list[list[float]] = Field(description="attention rollout, patch rows x cols, each in [0, 1]")
     png: str | None = Field(
-        description="base64 PNG: the upload at its own size with the heat over the model's crop (null when "
-        "heatmap_png=false)"
+        description="base64 PNG overlay at the upload's own size, to lay over the photo: heat colours (more opaque "
+        "where hotter) over the centre crop the model saw, a translucent dark veil outside it, no photo pixels; "
+        "palette + tRNS, decodes to RGBA (null when heatmap_png=false)"
     )
     rows: int
     cols: int

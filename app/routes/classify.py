@@ -55,15 +55,15 @@ def _top_k(prediction: ImagePrediction, k: int, labels: list[str], species: list
     ]
 
 
-def _timed_prepare(data: bytes, pre: Preprocessing, max_pixels: int, keep: bool) -> tuple[PreparedImage, float]:
+def _timed_prepare(data: bytes, pre: Preprocessing, max_pixels: int) -> tuple[PreparedImage, float]:
     start = time.perf_counter()
-    return prepare(data, pre, max_pixels, keep_image=keep), time.perf_counter() - start
+    return prepare(data, pre, max_pixels), time.perf_counter() - start
 
 
 def _timed_overlay(prepared: PreparedImage, grid: torch.Tensor) -> tuple[str, float]:
+    # The overlay needs only the upload's size and the crop box, not its pixels: the client composes it.
     start = time.perf_counter()
-    assert prepared.image is not None
-    return overlay_png_base64(prepared.image, grid, prepared.size, prepared.crop_box), time.perf_counter() - start
+    return overlay_png_base64(grid, prepared.size, prepared.crop_box), time.perf_counter() - start
 
 
 @router.post(
@@ -73,7 +73,8 @@ def _timed_overlay(prepared: PreparedImage, grid: torch.Tensor) -> tuple[str, fl
     description=(
         "Send images as multipart fields named `file` (repeat the field for several, up to PETVIT_MAX_FILES) or one "
         "image as the raw body with an `image/*` Content-Type. Each image gets its top-k breeds, sorted by score; "
-        "`heatmap=true` adds the attention-rollout grid and a PNG overlay at the image's own size."
+        "`heatmap=true` adds the attention-rollout grid and a transparent PNG overlay at the image's own size (heat "
+        "over the crop the model saw, a dark veil outside it) for the client to lay over the photo."
     ),
     responses=ERROR_RESPONSES,
     dependencies=[ApiKeyDep],
@@ -88,7 +89,7 @@ async def classify(
         bool,
         Query(
             description="with heatmap=true, also render the PNG overlay (false: the grid only, for clients that "
-            "draw it themselves; the PNG at full upload size costs more CPU than the attention itself)"
+            "draw it themselves)"
         ),
     ] = True,
 ) -> ClassifyResponse:
@@ -105,9 +106,7 @@ async def classify(
     loop = asyncio.get_running_loop()
     pre = Preprocessing.from_metadata(predictor.metadata)
     jobs = [
-        loop.run_in_executor(
-            service.preprocess_pool, partial(_timed_prepare, u.data, pre, settings.max_pixels, heatmap and heatmap_png)
-        )
+        loop.run_in_executor(service.preprocess_pool, partial(_timed_prepare, u.data, pre, settings.max_pixels))
         for u in uploads
     ]
     outcomes = await asyncio.gather(*jobs, return_exceptions=True)

@@ -260,19 +260,28 @@
 
   const BASE64 = /^[A-Za-z0-9+/]+={0,2}$/;
 
-  // Nothing to lay the heatmap over: the server's picture is the only view of this photo the browser can show.
+  // Nothing to lay the overlay over (the browser cannot show this file): the overlay alone, over a neutral grey,
+  // still shows where the model looked and which part of the image it never saw. Toggle and slider would only
+  // fade it into the grey, so they go; the legend stays.
   function showHeatmapAlone(item, src) {
-    const photo = $(".photo", item);
-    photo.alt = `Attention heatmap over ${$(".card-title", item).textContent}`;
-    photo.src = src;
-    $(".heatmap-overlay", item).hidden = true;
-    $(".heatmap-controls", item).hidden = true;
-    $(".photo-frame", item).hidden = false;
-    $(".photo-missing", item).textContent = "No preview of this file in the browser; shown: the server's heatmap.";
+    const frame = $(".photo-frame", item);
+    const overlay = $(".heatmap-overlay", item);
+    $(".photo", item).hidden = true;
+    frame.classList.add("overlay-alone");
+    overlay.src = src;
+    overlay.alt = `Attention heatmap of ${$(".card-title", item).textContent}, without the photo`;
+    overlay.style.opacity = "1";
+    overlay.hidden = false;
+    frame.hidden = false;
+    $(".heatmap-controls", item).hidden = false;
+    $(".toggle", item).hidden = true;
+    $(".slider", item).hidden = true;
+    $(".photo-missing", item).textContent = "No preview of this file in the browser; shown: the heatmap alone, over grey.";
   }
 
-  // The server's PNG is the photo at its own size with the heat blended over the crop the model saw (and the
-  // rest dimmed); laid over the photo, the opacity slider fades between the plain photo and the server's view.
+  // The server's PNG is a transparent overlay at the upload's own size: heat colours over the square crop the model
+  // saw, a dark veil outside it, nothing of the photo. Laid over the photo, the slider scales its opacity (0% = the
+  // plain photo) and the toggle hides it.
   function renderHeatmap(item, heatmap) {
     if (!heatmap || typeof heatmap.png !== "string" || !BASE64.test(heatmap.png)) return;
     const src = `data:image/png;base64,${heatmap.png}`;

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.preprocess import Preprocessing, prepare
+from app.preprocess import Preprocessing, crop_box, prepare
 from model.checkpoint import load_artifact
 from model.labels import PET_LABELS, PET_SPECIES
 
@@ -93,7 +93,7 @@ async def test_top_k_out_of_range_is_422(client, top_k):
     assert "top_k" in response.json()["error"]["message"]
 
 
-async def test_heatmap_grid_and_png_at_the_uploads_size(client, chelsea):
+async def test_heatmap_grid_and_png_at_the_uploads_size(client, chelsea, tiny_artifact):
     small = noise_image(3, (40, 90))  # portrait: checks width/height are not swapped
     files = [
         ("file", ("cat.jpg", encode(chelsea), "image/jpeg")),
@@ -101,6 +101,8 @@ async def test_heatmap_grid_and_png_at_the_uploads_size(client, chelsea):
     ]
     response = await client.post("/classify", files=files, params={"heatmap": "true", "top_k": 2})
     assert response.status_code == 200, response.text
+    pre = Preprocessing.from_metadata(load_artifact(tiny_artifact, "cpu")[1])
+    assert (pre.image_size, pre.resize_size) == (32, 37)
     for result, size in zip(response.json()["results"], [(451, 300), (40, 90)], strict=True):
         heatmap = result["heatmap"]
         grid = np.array(heatmap["grid"])
@@ -108,7 +110,37 @@ async def test_heatmap_grid_and_png_at_the_uploads_size(client, chelsea):
         assert grid.min() >= 0 and grid.max() <= 1 and grid.max() == pytest.approx(1.0)
         png = Image.open(io.BytesIO(base64.b64decode(heatmap["png"])))
         assert png.format == "PNG" and png.size == size
+        assert png.mode == "P" and isinstance(png.info["transparency"], bytes)  # palette + tRNS: RGBA when decoded
+        pixels = np.asarray(png.convert("RGBA")).astype(int)
+        assert pixels.shape == (size[1], size[0], 4)
+        assert_overlay_follows_the_grid(pixels, grid, crop_box(*size, pre))
         assert result["timings"]["heatmap_ms"] > 0
+
+
+def assert_overlay_follows_the_grid(pixels: np.ndarray, grid: np.ndarray, box: tuple[float, ...]) -> None:
+    """A transparent overlay, not a picture: the veil (black, alpha 140) outside the model's crop; inside it, heat
+    colours that are brightest and most opaque where the grid is hottest."""
+    height, width = pixels.shape[:2]
+    left, top, right, bottom = (round(v) for v in box)
+    inside = np.zeros((height, width), dtype=bool)
+    inside[max(top, 0) : bottom, max(left, 0) : right] = True
+    if (~inside).any():
+        assert (pixels[~inside] == (0, 0, 0, 140)).all()
+    alpha = pixels[inside][:, 3]
+    assert alpha.min() >= 76 and alpha.max() <= 178  # 30%..70%: the photo always shows through
+    rows, cols = grid.shape
+    centres = [
+        pixels[int(top + (r + 0.5) * (bottom - top) / rows), int(left + (c + 0.5) * (right - left) / cols)]
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    hottest = int(grid.argmax())
+    brightness = [int(p[:3].sum()) for p in centres]
+    assert brightness[hottest] == max(brightness)  # the hottest cell's square is the brightest and most yellow
+    assert centres[hottest][3] == max(p[3] for p in centres)
+    assert centres[hottest][0] >= 240 and centres[hottest][1] >= 230  # yellow: red and green near full
+    # Colour and opacity rise with the grid: each centre's alpha is the grid value on the 30%..70% ramp.
+    np.testing.assert_allclose([p[3] for p in centres], 255 * (0.30 + 0.40 * grid.reshape(-1)), atol=4)
 
 
 async def test_heatmap_and_plain_requests_get_the_same_predictions(client):

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import uvicorn
@@ -74,7 +75,14 @@ def test_predict_prints_the_models_top_k_and_writes_a_heatmap(chelsea_jpeg, tiny
     scores, indices = torch.topk(expected, 3)
     assert [p["index"] for p in answer["predictions"]] == indices.tolist()
     assert [p["score"] for p in answer["predictions"]] == pytest.approx(scores.tolist(), abs=1e-5)
-    assert Image.open(out).size == (451, 300)
+    # A person looks at this file: the photo with the overlay composed over it, not the overlay alone.
+    picture = Image.open(out)
+    assert picture.size == (451, 300) and picture.mode == "RGB"
+    photo = np.asarray(Image.open(chelsea_jpeg).convert("RGB"), dtype=float)
+    shown = np.asarray(picture, dtype=float)
+    # Left of the crop (x < 95 for this artifact's 37 -> 32 crop): the photo under the veil, 45% of its brightness.
+    assert shown[:, :90].mean() == pytest.approx(0.45 * photo[:, :90].mean(), abs=3)
+    assert shown[:, :90].std() > 5  # the photo's texture, not a flat fill
     assert "untrained" in printed
 
 

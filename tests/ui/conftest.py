@@ -118,7 +118,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def upload_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Files the tests pick in the browser: the chelsea photo as a JPEG, a text file, a name full of markup."""
+    """Files the tests pick in the browser: the chelsea photo as a JPEG and as a TIFF (which Chromium cannot
+    display), a text file, a name full of markup."""
     import numpy as np
     from PIL import Image
     from skimage import data
@@ -126,9 +127,11 @@ def upload_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("uploads")
     chelsea = folder / "chelsea.jpg"
     Image.fromarray(np.asarray(data.chelsea())).save(chelsea, format="JPEG", quality=90)
+    tiff = folder / "chelsea.tif"
+    Image.fromarray(np.asarray(data.chelsea())).save(tiff, format="TIFF")
     text = folder / "notes.txt"
     text.write_text("these are notes, not a photo\n")
     # A file name that would run script if the page put it (or a server message echoing it) into innerHTML.
     markup = folder / "<img src=x onerror=window.__pwned=1>.jpg"
     shutil.copy(chelsea, markup)
-    return {"chelsea": chelsea, "text": text, "markup": markup}
+    return {"chelsea": chelsea, "tiff": tiff, "text": text, "markup": markup}

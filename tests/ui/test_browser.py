@@ -194,6 +194,67 @@ def test_heatmap_overlay_covers_the_photo_and_toggles(page: WebDriver, upload_fi
     assert overlay_opacity() == 0.0
 
 
+def overlay_pixels(browser: WebDriver, overlay: WebElement, points: list[tuple[int, int]]) -> list[list[int]]:
+    """RGBA of the overlay image itself (as the browser decoded it, at its natural size) at (x, y) points."""
+    return browser.execute_script(
+        """
+        const [img, points] = arguments;
+        const canvas = document.createElement('canvas');
+        canvas.width = img.naturalWidth;
+        canvas.height = img.naturalHeight;
+        const context = canvas.getContext('2d');
+        context.drawImage(img, 0, 0);
+        return points.map(([x, y]) => Array.from(context.getImageData(x, y, 1, 1).data));
+        """,
+        overlay,
+        [list(p) for p in points],
+    )
+
+
+def test_overlay_is_transparent_heat_over_the_crop_and_a_veil_outside(page: WebDriver, upload_files):
+    pick_files(page, upload_files["chelsea"])
+    (card,) = wait_for_cards(page, 1)
+    overlay = card.find_element(By.CLASS_NAME, "heatmap-overlay")
+    WebDriverWait(page, WAIT_S).until(lambda d: d.execute_script("return arguments[0].complete", overlay))
+    # chelsea is 451x300; the tiny artifact's crop (resize 37, crop 32) spans x 95.8..355.2, y 20.3..279.7.
+    veil, *inside = overlay_pixels(page, overlay, [(20, 150), (120, 150), (225, 150), (330, 150), (225, 40)])
+    assert veil == [0, 0, 0, 140]  # the photo shows through, darkened: the model never saw it
+    for pixel in inside:
+        assert 76 <= pixel[3] <= 178  # heat colours, translucent: the photo shows through here too
+        assert pixel[:3] != [0, 0, 0]
+    # Nothing of the photo is in the overlay: its left strip is one flat colour.
+    assert {tuple(p) for p in overlay_pixels(page, overlay, [(x, y) for x in (0, 40, 90) for y in (0, 150, 299)])} == {
+        (0, 0, 0, 140)
+    }
+
+
+def test_a_file_the_browser_cannot_show_gets_the_overlay_alone_over_grey(page: WebDriver, upload_files, tmp_path):
+    pick_files(page, upload_files["tiff"])
+    (card,) = wait_for_cards(page, 1)
+    assert "is-done" in card.get_attribute("class")
+    missing = (By.CLASS_NAME, "photo-missing")
+    WebDriverWait(page, WAIT_S).until(lambda d: "heatmap alone" in card.find_element(*missing).text)
+    photo = card.find_element(By.CLASS_NAME, "photo")
+    overlay = card.find_element(By.CLASS_NAME, "heatmap-overlay")
+    frame = card.find_element(By.CLASS_NAME, "photo-frame")
+    WebDriverWait(page, WAIT_S).until(lambda d: d.execute_script("return arguments[0].complete", overlay))
+    assert not photo.is_displayed() and overlay.is_displayed()
+    natural = page.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", overlay)
+    assert natural == [451, 300]
+    box = rect(page, overlay)
+    assert box["w"] > 100 and box["h"] / box["w"] == pytest.approx(300 / 451, abs=0.01)  # not squashed
+    assert rect(page, frame) == pytest.approx(box, abs=0.5)  # the grey is exactly behind it
+    grey = page.execute_script("return getComputedStyle(arguments[0]).backgroundColor", frame)
+    assert grey == "rgb(138, 141, 145)"
+    assert page.execute_script("return getComputedStyle(arguments[0]).opacity", overlay) == "1"
+    # Nothing to fade into or hide from: no toggle or slider, but the legend explains the colours.
+    assert not card.find_element(By.CLASS_NAME, "heatmap-toggle").is_displayed()
+    assert not card.find_element(By.CLASS_NAME, "heatmap-opacity").is_displayed()
+    assert card.find_element(By.CLASS_NAME, "heatmap-legend").is_displayed()
+    assert script_errors(page) == []
+    save_screenshot(page, tmp_path, "overlay-alone.png")
+
+
 def test_non_image_shows_the_servers_own_error_message(page: WebDriver, service_url: str, upload_files):
     pick_files(page, upload_files["text"])
     (card,) = wait_for_cards(page, 1)
