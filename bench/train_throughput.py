@@ -28,8 +28,11 @@ from model.config import get_config
 from model.recipes import parameter_groups
 from model.vit import ViT
 
-PETS_TRAIN_IMAGES = 3312  # Oxford-IIIT Pet trainval (3,680) minus the 10 % held-out validation slice
+PETS_TRAINVAL_IMAGES = 3680  # Oxford-IIIT Pet trainval
+PETS_TRAIN_IMAGES = 3312  # trainval minus the 10 % held-out validation slice: what one finetune epoch sees
 PETS_TEST_IMAGES = 3669
+# The linear probe extracts train, validation and test features once: every Pets image.
+PETS_ALL_IMAGES = PETS_TRAINVAL_IMAGES + PETS_TEST_IMAGES
 
 
 @dataclass
@@ -144,7 +147,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         seconds = fn(model, batch, device, amp, args.warmup, steps)
         ips = batch / seconds
-        images = PETS_TRAIN_IMAGES if mode.startswith("finetune") else PETS_TRAIN_IMAGES + PETS_TEST_IMAGES
+        images = PETS_TRAIN_IMAGES if mode.startswith("finetune") else PETS_ALL_IMAGES
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         results.append(Result(mode, args.variant, str(device), args.dtype, batch, ips, images / ips, peak))
 
@@ -161,7 +164,7 @@ def main() -> None:
             f"{r.mode:<26}{r.variant:<8}{r.dtype:<6}{r.batch_size:>6}{r.images_per_s:>10.2f}"
             f"{r.seconds_per_pets_epoch:>14.0f}{peak:>9}"
         )
-    print("(extraction 's/Pets epoch' = the one-off pass over train + test images the linear probe caches)")
+    print("(extraction 's/Pets epoch' = the one-off pass over train + val + test images the linear probe caches)")
     plot(results, args.out, note)
     args.out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")

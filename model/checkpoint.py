@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import ViTConfig
+from model.config import ViTConfig, resize_size_for
 from model.labels import PET_LABELS, PET_SPECIES, species_of
 from model.vit import ViT
 
@@ -53,7 +53,7 @@ def preprocessing_for(config: ViTConfig) -> dict[str, Any]:
     return {
         "image_size": config.image_size,
         # Resize the shorter side to 256/224 of the crop, then centre-crop: torchvision's ImageNet eval recipe.
-        "resize_size": round(config.image_size * 256 / 224),
+        "resize_size": resize_size_for(config.image_size),
         "interpolation": "bilinear",
         "mean": list(config.mean),
         "std": list(config.std),
@@ -97,21 +97,29 @@ def build_metadata(config: ViTConfig, metadata: Mapping[str, Any] | None = None)
     return meta
 
 
-def save_artifact(model: ViT, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write weights + metadata to one .safetensors file, atomically (a crash never leaves half a file)."""
+def save_file_atomically(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """safetensors save_file through a uniquely named temp file in the same folder, then a rename: a crash never
+    leaves half a file, and two writers of the same path never interleave."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = build_metadata(model.config, metadata)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        save_file(dict(tensors), tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_artifact(model: ViT, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write weights + metadata to one .safetensors file, atomically (a crash never leaves half a file)."""
+    meta = build_metadata(model.config, metadata)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    return save_file_atomically(tensors, path, metadata={METADATA_KEY: json.dumps(meta)})
 
 
 def _read_header(path: Path) -> dict[str, Any]:

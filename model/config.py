@@ -16,6 +16,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def resize_size_for(image_size: int) -> int:
+    """Shorter side before the eval centre crop: torchvision's ImageNet 256/224 ratio. The one definition shared
+    by the eval transform (model.data) and the artifact's preprocessing metadata the service follows."""
+    return round(image_size * 256 / 224)
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     image_size: int = 224  # native input side; position embeddings are learned for this grid
@@ -34,6 +40,13 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6  # torchvision and the original JAX ViT use 1e-6, not PyTorch's default 1e-5
 
     def __post_init__(self) -> None:
+        sizes = ("image_size", "patch_size", "in_channels", "hidden_dim", "depth", "num_heads", "mlp_dim")
+        for name in sizes:  # checked first: a zero patch_size or num_heads would divide by zero below
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_dim % self.num_heads:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from model.config import resize_size_for
 from model.labels import BREEDS, PET_LABELS, PET_SPECIES, species_of
 
 PETS_FOLDER = "oxford-iiit-pet"  # torchvision's OxfordIIITPet looks for <root>/oxford-iiit-pet/{images,annotations}
@@ -64,11 +65,6 @@ class DataSplits:
 
 
 # ---------------------------------------------------------------------------------------------- transforms
-def resize_size_for(image_size: int) -> int:
-    """Shorter side before the centre crop: torchvision's 256/224 ratio (matches checkpoint.preprocessing_for)."""
-    return round(image_size * 256 / 224)
-
-
 def _to_output(dtype: torch.dtype) -> list[v2.Transform]:
     # ToImage gives a uint8 tv_tensors.Image; ToDtype with scale=True maps 0..255 -> 0..1 for float output.
     steps: list[v2.Transform] = [v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)]

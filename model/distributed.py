@@ -7,6 +7,8 @@ of them and trains single-process. Only rank 0 writes files or prints the epoch 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,3 +61,18 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+@contextmanager
+def local_main_first(info: DistInfo) -> Iterator[None]:
+    """Run the body on each node's local rank 0 first, then on that node's other ranks.
+
+    For downloads into a shared folder (Pets archives, torch hub weights): eight ranks fetching the same archive
+    at once would write one file eight times over. Every rank passes exactly one barrier; if local rank 0 fails,
+    torchrun stops the waiting ranks.
+    """
+    if info.enabled and info.local_rank != 0:
+        barrier(info)
+    yield
+    if info.enabled and info.local_rank == 0:
+        barrier(info)

@@ -159,8 +159,13 @@ def evaluate_artifact(
     data = data_config_from_metadata(meta, dataset, data_dir)
     splits = load_splits(data)
     labels = list(meta["labels"])
-    if len(splits.labels) != len(labels):
-        raise ValueError(f"the artifact has {len(labels)} classes but {data.data_dir} has {len(splits.labels)}")
+    if list(splits.labels) != labels:
+        # Same count is not enough: class i of the data must be class i of the head, or every metric is wrong.
+        raise ValueError(
+            f"the artifact's {len(labels)} classes are not {data.data_dir}'s {len(splits.labels)} classes in the "
+            f"same order (first difference: {_first_difference(labels, splits.labels)}); evaluate on the data "
+            "the model was trained for"
+        )
     view = getattr(splits, split).with_transform(eval_transform(model.config.image_size))
     logits, targets = predict(model, view, batch_size, device, num_workers, desc=f"evaluate {split}")
     report = {
@@ -174,12 +179,21 @@ def evaluate_artifact(
         "labels": labels,
         **compute_metrics(logits, targets, labels, list(meta["species"])),
     }
-    history = (meta.get("training") or {}).get("history")
-    report["files"] = {k: str(v) for k, v in write_report(report, labels, output_dir, history).items()}
     if write_metadata:
         meta["evaluation"] = metadata_summary(report)
         save_artifact(model.cpu(), checkpoint, meta)
+        # The report names the file as it now is (the one the service loads and shows the sha256 of).
+        report["checkpoint_sha256"] = file_sha256(checkpoint)
+    history = (meta.get("training") or {}).get("history")
+    report["files"] = {k: str(v) for k, v in write_report(report, labels, output_dir, history).items()}
     return report
+
+
+def _first_difference(ours: Sequence[str], theirs: Sequence[str]) -> str:
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
+        if a != b:
+            return f"class {i} is {a!r} in the artifact, {b!r} in the data"
+    return f"the artifact has {len(ours)} classes, the data {len(theirs)}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
             args.workers,
             args.write_metadata,
         )
-    except (DatasetUnavailable, ArtifactError) as err:
+    except (DatasetUnavailable, ArtifactError, ValueError) as err:  # ValueError: wrong classes, empty split
         print(f"petvit evaluate: {err}", file=sys.stderr)
         return 2
     cvd = report["cat_vs_dog"]

@@ -1,26 +1,33 @@
 """Frozen-backbone CLS features for linear probes, extracted once and cached on disk as safetensors.
 
-The cache key hashes everything that changes the features (backbone weights, preprocessing, the exact list of
-images), so a stale cache is never reused and a second run or a --resume skips the expensive forward passes.
+The cache key hashes everything that changes the features (backbone weights and the config fields that are not
+weights -- normalisation, heads, LayerNorm eps --, the transform, the autocast dtype, the exact list of images
+with each file's size and modification time), so a stale cache is never reused and a second run or a --resume
+skips the expensive forward passes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from model.checkpoint import save_file_atomically
 from model.evaluate import predict
 from model.vit import ViT
 
 
 def backbone_fingerprint(model: ViT) -> str:
-    """A short hash of the backbone's weights (the head is excluded: it is what the probe trains)."""
-    digest = hashlib.sha256()
+    """A short hash of the backbone: its weights (not the head's: it is what the probe trains) and the config,
+    whose mean/std, heads and eps change the features without changing a single weight."""
+    config = {k: v for k, v in model.config.to_dict().items() if k != "num_classes"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith("head."):
             continue
@@ -29,16 +36,27 @@ def backbone_fingerprint(model: ViT) -> str:
     return digest.hexdigest()[:16]
 
 
+def _file_stamp(path: str) -> list[Any]:
+    """[path, size, mtime_ns]: an image replaced under the same name changes its stamp."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return [path, None, None]
+    return [path, stat.st_size, stat.st_mtime_ns]
+
+
 def dataset_fingerprint(dataset: Dataset) -> str:
-    """Hash of the image list and targets when the dataset exposes them, else just its length."""
+    """Hash of the image files (names, sizes, mtimes), targets and transform when the dataset exposes them,
+    else just its length."""
     digest = hashlib.sha256(str(len(dataset)).encode())
     base = getattr(dataset, "base", None)
     indices = getattr(dataset, "indices", None)
     files = getattr(base, "samples", None) or [(str(p), 0) for p in getattr(base, "_images", [])]
     if indices is not None and files:
-        digest.update(json.dumps([str(files[i][0]) for i in indices]).encode())
+        digest.update(json.dumps([_file_stamp(str(files[i][0])) for i in indices]).encode())
     if hasattr(dataset, "targets"):
         digest.update(json.dumps(dataset.targets()).encode())
+    digest.update(repr(getattr(dataset, "transform", None)).encode())  # resize/crop sizes, interpolation
     return digest.hexdigest()[:16]
 
 
@@ -60,8 +78,8 @@ def cached_features(
     split: str,
     model: ViT,
     dataset: Dataset,
-    preprocessing: dict,
-    **extract_kwargs,
+    preprocessing: dict[str, Any],
+    **extract_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Features for `dataset`, read from cache_dir when the key matches, else extracted and written.
 
@@ -71,6 +89,7 @@ def cached_features(
         "backbone": backbone_fingerprint(model),
         "data": dataset_fingerprint(dataset),
         "preprocessing": preprocessing,
+        "autocast": str(extract_kwargs.get("autocast_dtype")),  # bf16 features are not fp32 features
     }
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{split}-{key}.safetensors"
@@ -78,8 +97,6 @@ def cached_features(
         tensors = load_file(path)
         return tensors["features"], tensors["targets"], True
     feats, targets = extract_features(model, dataset, desc=f"extract {split} features", **extract_kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"features": feats.contiguous(), "targets": targets}, tmp, metadata={"key": json.dumps(key_doc)})
-    tmp.replace(path)  # atomic: an interrupted extraction never leaves a truncated cache behind
+    # Atomic: an interrupted extraction never leaves a truncated cache behind.
+    save_file_atomically({"features": feats.contiguous(), "targets": targets}, path, {"key": json.dumps(key_doc)})
     return feats, targets, False

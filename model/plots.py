@@ -13,6 +13,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)  # pyplot keeps every open figure alive otherwise
+    return path
+
+
 def plot_confusion_matrix(
     confusion: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str = ""
 ) -> Path:
@@ -30,12 +39,7 @@ def plot_confusion_matrix(
     ax.set_ylabel("true")
     ax.set_title(title or f"confusion matrix ({int(cm.sum())} images, rows normalised)")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -65,9 +69,4 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, ti
     ax_acc.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

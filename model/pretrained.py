@@ -14,16 +14,21 @@ Name map (torchvision -> ours), per block i:
 
 from __future__ import annotations
 
+import pickle  # for its exception class only: nothing here unpickles
 import re
 import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from model.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, ViTConfig, canonical_variant
 from model.vit import ViT
+
+if TYPE_CHECKING:  # torchvision.models is imported lazily: model/ stays cheap to import
+    from torchvision.models import WeightsEnum
 
 _LAYER = re.compile(r"^encoder\.layers\.encoder_layer_(\d+)\.(.+)$")
 _BLOCK_NAMES = {
@@ -128,7 +133,7 @@ def from_torchvision(module: nn.Module) -> ViT:
     return model.to(device=ref.device, dtype=ref.dtype).train(module.training)
 
 
-def weights_enum(name: str, weights: str | None = None):  # -> torchvision.models.WeightsEnum member
+def weights_enum(name: str, weights: str | None = None) -> WeightsEnum:
     """torchvision's weights entry for a variant, e.g. ("b16", None) -> ViT_B_16_Weights.IMAGENET1K_V1."""
     from torchvision.models import get_model_weights
 
@@ -167,6 +172,15 @@ def load_pretrained(name: str, num_classes: int | None = None, weights: str | No
             f"Download {entry.url} on a machine with network access and place it as {target} "
             f"(the torch hub cache; set TORCH_HOME to move it), then run again."
         ) from err
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        # A partial or wrong file placed by hand. torch's own unpickling message advises weights_only=False:
+        # never repeat that for a file we can't vouch for.
+        lines = str(err).strip().splitlines()
+        reason = "not a PyTorch weights file" if isinstance(err, pickle.UnpicklingError) or not lines else lines[0]
+        raise PretrainedWeightsUnavailable(
+            f"{target} is not a readable weights file ({reason}). Delete it and download {entry.url} again "
+            "(compare the hash in its name with `sha256sum`)."
+        ) from None
     min_size = entry.meta.get("min_size", (None,))[0]
     # The architecture comes from the file's tensor shapes (heads from the width), not from the name.
     config, converted = convert_torchvision_state_dict(state_dict, image_size=min_size)

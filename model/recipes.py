@@ -98,13 +98,11 @@ def build_model(config: TrainConfig, num_classes: int) -> ViT:
             f"recipe {config.recipe} needs ImageNet weights, which torchvision has only for "
             f"{sorted(k for k, v in VARIANTS.items() if v.torchvision_builder)}; use --recipe scratch for {variant}"
         )
-    model = load_pretrained(variant, num_classes=num_classes)
-    if model.config.num_classes != num_classes:  # the file's head already had this many classes
-        model.reset_head(num_classes)
     if config.model_overrides:
-        # The architecture of a pretrained model is whatever the weights file holds.
+        # The architecture of a pretrained model is whatever the weights file holds. Checked before loading:
+        # a bad flag should not cost a ViT-B download first.
         raise ValueError(f"model overrides ({config.model_overrides}) apply to --recipe scratch only")
-    return model
+    return load_pretrained(variant, num_classes=num_classes)  # a fresh num_classes head on the ImageNet backbone
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,17 +34,33 @@ from model.data import (
     AUGMENTATIONS,
     DataConfig,
     DatasetUnavailable,
+    DataSplits,
     batch_mixer,
     eval_transform,
     load_splits,
     train_transform,
 )
-from model.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from model.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    local_main_first,
+    shutdown_distributed,
+)
 from model.evaluate import compute_metrics, metadata_summary, predict, write_report
 from model.features import cached_features
 from model.pretrained import PretrainedWeightsUnavailable
 from model.recipes import RECIPES, TrainConfig, build_model, lr_at, parameter_groups, recipe_config
-from model.train_state import BEST_FILE, STATE_FILE, load_train_state, load_weights, save_train_state, save_weights
+from model.train_state import (
+    BEST_FILE,
+    STATE_FILE,
+    load_train_state,
+    load_weights,
+    read_train_state_info,
+    save_train_state,
+    save_weights,
+)
 
 LOG_FILE = "log.json"
 
@@ -96,25 +113,35 @@ def default_workers(device: torch.device) -> int:
     return min(8, cpus - 1) if device.type == "cuda" else (0 if cpus <= 2 else min(4, cpus // 2))
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
+def git_commit(repo: Path | None = None) -> str:
+    """The petvit checkout's commit, "-dirty" when tracked files differ from it; "unknown" outside a checkout.
+
+    Only the repository this file belongs to counts: an installed copy (site-packages) that happens to sit inside
+    some other git repository must not record that repository's commit.
+    """
+    repo = repo or Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
         return "unknown"
 
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=5).stdout.strip()
 
-def seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Reseed per epoch: shuffling, augmentation, mixing and dropout depend only on (seed, epoch), so a run
-    resumed at epoch e draws exactly what an uninterrupted run would have."""
-    torch.manual_seed(seed * 100_003 + epoch)
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if commit and dirty else commit or "unknown"
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """Reseed per epoch: shuffling, augmentation, mixing and dropout depend only on (seed, epoch, rank), so a run
+    resumed at epoch e draws exactly what an uninterrupted run would have. Each DDP rank gets its own stream:
+    with one shared seed every rank would draw the same crops, mixing factors, dropout masks and DataLoader
+    worker seeds for its different images. Rank 0 draws what a single-process run draws."""
+    base = seed * 100_003 + epoch
+    torch.manual_seed(base + rank * 1_000_000_007)
+    return torch.Generator().manual_seed(base)
 
 
 # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -141,6 +168,27 @@ def epoch_line(rec: dict[str, Any], epochs: int) -> str:
         f"held-out loss {rec['val_loss']:.4f}  held-out top-1 {rec['val_top1']:.3f}  lr {rec['lr']:.2e}  "
         f"{rec['images_per_s']:.0f} img/s  {rec['seconds']:.1f}s{best}"
     )
+
+
+def check_resumable(state_path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to continue a run with settings that change what is trained (ValueError saying what differs)."""
+    keys = ("recipe", "variant", "model_overrides", "seed")
+    differ = [f"{k} {saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
+    if differ:
+        raise ValueError(
+            f"{state_path} was saved by a run with {', '.join(differ)}; resume it with the same "
+            "--recipe/--variant/--set/--seed or choose another --output-dir"
+        )
+
+
+def require_examples(splits: DataSplits, data: DataConfig) -> None:
+    """An empty train or validation split would train on nothing or pick the "best" epoch from no data."""
+    for name, hint in (("train", "add images"), ("val", "raise --val-fraction or add images per class")):
+        if len(getattr(splits, name)) == 0:
+            raise DatasetUnavailable(
+                f"the {name} split of {data.data_dir} is empty ({splits.extra.get('sizes')}); {hint} "
+                "(each class needs at least two images to have one held out for validation)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- one epoch
@@ -234,7 +282,7 @@ class FeatureBatches:
     def __len__(self) -> int:
         return math.ceil(len(self.targets) / self.batch_size)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.targets)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
@@ -262,9 +310,11 @@ def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, s
     run_dir = Path(run.output_dir)
     show = info.is_main
 
-    splits = load_splits(data)
-    num_classes = len(splits.labels)
-    model = build_model(cfg, num_classes).to(device)
+    with local_main_first(info):  # one download per node (data, ImageNet weights), the other ranks read it
+        splits = load_splits(data)
+        require_examples(splits, data)
+        num_classes = len(splits.labels)
+        model = build_model(cfg, num_classes).to(device)
     image_size = model.config.image_size
     data = replace(data, image_size=image_size)
     eval_tf = eval_transform(image_size)
@@ -291,12 +341,12 @@ def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, s
     start_epoch, best, history = 0, {"epoch": None, "val_top1": -1.0}, []
     state_path = run_dir / STATE_FILE
     if run.resume and state_path.exists():
-        saved = load_train_state(state_path, trained, optimizer, device)
-        if saved["train"]["recipe"] != cfg.recipe or saved["train"]["seed"] != cfg.seed:
-            raise ValueError(
-                f"{state_path} is a {saved['train']['recipe']} run with seed {saved['train']['seed']}; "
-                f"resume it with the same --recipe/--seed or choose another --output-dir"
-            )
+        # Check before loading: a state of another recipe or model would otherwise die in load_state_dict.
+        check_resumable(state_path, read_train_state_info(state_path)["train"], cfg)
+        try:
+            saved = load_train_state(state_path, trained, optimizer, device)
+        except ValueError as err:  # e.g. another dataset: the head has another number of classes
+            raise ValueError(f"{err}; resume with the same settings or choose another --output-dir") from None
         start_epoch, best, history = saved["next_epoch"], saved["best"], saved["history"]
         if show:
             print(f"resuming {state_path} at epoch {start_epoch + 1}/{cfg.epochs}")
@@ -363,7 +413,7 @@ def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, s
         if probe and not info.is_main:
             break
         tick = time.time()
-        generator = seed_epoch(cfg.seed, epoch)
+        generator = seed_epoch(cfg.seed, epoch, info.rank)
         if probe:
             train_batches.generator = generator
             batches = train_batches
@@ -594,4 +644,7 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, KeyError) as err:  # bad settings: unknown variant, wrong recipe for a variant, ...
         print(f"petvit train: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # the loss diverged: the message says which setting to change
+        print(f"petvit train: {err}; continue from the last good epoch with --resume", file=sys.stderr)
+        return 1
     return 0

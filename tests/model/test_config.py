@@ -24,6 +24,12 @@ def test_derived_sizes() -> None:
         ({"num_heads": 5}, "hidden_dim 768 does not divide into 5 heads"),
         ({"mean": (0.5, 0.5)}, r"mean and std need 3 values each"),
         ({"num_classes": 0}, "num_classes must be at least 1, got 0"),
+        # were ZeroDivisionError / silently accepted (--set patch_size=0 ended in a traceback)
+        ({"patch_size": 0}, "patch_size must be a positive integer, got 0"),
+        ({"num_heads": 0}, "num_heads must be a positive integer, got 0"),
+        ({"depth": 0}, "depth must be a positive integer, got 0"),
+        ({"image_size": 224.0}, "image_size must be a positive integer, got 224.0"),
+        ({"dropout": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(changes: dict[str, Any], message: str) -> None:

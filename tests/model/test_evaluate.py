@@ -122,3 +122,25 @@ def test_evaluate_cli_writes_the_summary_into_the_artifact(folder_artifact, tmp_
 def test_evaluate_cli_missing_checkpoint_exits_2(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.safetensors"), "--data-dir", str(tmp_path)]) == 2
     assert "no model artifact" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_data_with_the_same_count_of_other_classes(folder_artifact, tmp_path: Path, capsys) -> None:
+    artifact, _ = folder_artifact
+    other = tmp_path / "other"
+    for name in ("Bengal", "beagle", "boxer"):  # 3 classes like the artifact, but boxer is not pug
+        (other / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (40, 40), (20 * i, 50, 50)).save(other / name / f"{i}.png")
+    argv = ["evaluate", "--checkpoint", str(artifact), "--data-dir", str(other), "--output-dir", str(tmp_path / "o")]
+    assert main(argv) == 2  # was: a report scoring boxer images against the pug output
+    err = capsys.readouterr().err
+    assert "class 2 is 'Pug' in the artifact, 'Boxer' in the data" in err and "Traceback" not in err
+
+
+def test_report_sha256_names_the_artifact_after_the_metadata_write(folder_artifact, tmp_path: Path) -> None:
+    from model.checkpoint import file_sha256
+
+    artifact, _ = folder_artifact
+    report = evaluate_artifact(artifact, output_dir=tmp_path / "out", write_metadata=True)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["checkpoint_sha256"] == saved["checkpoint_sha256"] == file_sha256(artifact)

@@ -140,3 +140,15 @@ def test_from_torchvision_copies_weights_mode_and_dropout() -> None:
     with torch.no_grad():
         ours.cls_token.add_(1.0)
     assert not torch.equal(ours.cls_token, tv.class_token)  # independent copies, not shared storage
+
+
+@pytest.mark.parametrize("content", [b"<html>404</html>", b"PK\x03\x04truncated zip"])
+def test_damaged_file_in_the_hub_cache_says_which_file_to_replace(torch_home: Path, content: bytes) -> None:
+    path = torch_home / "hub" / "checkpoints" / B16_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)  # e.g. an error page saved under the weights' name, or a partial copy
+    with pytest.raises(PretrainedWeightsUnavailable) as info:
+        load_pretrained("vit_b_16")  # was: torch.load's traceback, advising weights_only=False
+    message = str(info.value)
+    assert str(path) in message and "Delete it" in message and ViT_B_16_Weights.IMAGENET1K_V1.url in message
+    assert "weights_only" not in message

@@ -323,3 +323,130 @@ def test_cli_lists_train_and_evaluate() -> None:
 
     assert COMMANDS["train"][0] == "model.train" and COMMANDS["evaluate"][0] == "model.evaluate"
     assert os.path.exists(REPO / "model" / "train.py")
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+def test_resume_with_another_model_is_refused_with_a_message_not_a_traceback(pets_root, tmp_path, capsys) -> None:
+    common = ["train", "--recipe", "scratch", "--dataset", "pets", "--data-dir", str(pets_root), "--epochs", "2",
+              "--batch-size", "16", "--no-evaluate", "--out", str(tmp_path / "a.safetensors"),
+              "--output-dir", str(tmp_path / "run"), *QUIET]  # fmt: skip
+    assert main([*common, *TINY_SCRATCH, "--stop-after", "1"]) == 0
+    wider = [arg.replace("hidden_dim=32", "hidden_dim=64") for arg in TINY_SCRATCH]
+    assert main([*common, *wider, "--resume"]) == 2  # was: load_state_dict's RuntimeError escaping main
+    err = capsys.readouterr().err
+    assert "model_overrides" in err and "'hidden_dim': 32" in err and "--output-dir" in err
+
+
+def test_state_that_does_not_fit_the_module_raises_value_error(tmp_path) -> None:
+    """E.g. --resume on another dataset: same recipe and model, another number of classes in the head."""
+    small = torch.nn.Linear(4, 3)
+    path = save_train_state(tmp_path / "s.safetensors", small, torch.optim.AdamW(small.parameters()), {})
+    other = torch.nn.Linear(4, 5)
+    with pytest.raises(ValueError, match="another model shape"):
+        load_train_state(path, other, torch.optim.AdamW(other.parameters()))
+
+
+def test_empty_validation_split_is_refused_instead_of_picking_epoch_1(pets_root, tmp_path, capsys) -> None:
+    argv = ["train", "--recipe", "scratch", "--dataset", "pets", "--data-dir", str(pets_root), "--epochs", "1",
+            "--val-fraction", "0", "--out", str(tmp_path / "a.safetensors"), "--output-dir", str(tmp_path / "run"),
+            *TINY_SCRATCH, *QUIET]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "val split" in err and "is empty" in err and "--val-fraction" in err
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_each_ddp_rank_draws_its_own_random_stream_and_rank_0_the_single_process_one() -> None:
+    from model.train import seed_epoch
+
+    draws = {}
+    for rank in (0, 1):
+        seed_epoch(3, 2, rank)
+        draws[rank] = torch.rand(4)
+    seed_epoch(3, 2)
+    single = torch.rand(4)
+    assert not torch.equal(draws[0], draws[1])  # was: every rank the same crops, mixing and dropout masks
+    assert torch.equal(draws[0], single)
+    seed_epoch(3, 2, 1)
+    assert torch.equal(torch.rand(4), draws[1])  # still a pure function of (seed, epoch, rank): resumable
+
+
+def test_git_commit_marks_uncommitted_changes_and_ignores_folders_that_are_not_the_checkout(tmp_path) -> None:
+    from model.train import git_commit
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "f.txt").write_text("1")
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(repo) == head
+    (repo / "f.txt").write_text("2")
+    assert git_commit(repo) == f"{head}-dirty"  # was: the clean commit, for weights trained from other code
+    (repo / "sub").mkdir()
+    assert git_commit(repo / "sub") == "unknown"  # inside some repository, but not at a checkout's root
+
+
+def test_pretrained_recipe_refuses_model_overrides_before_loading_weights(monkeypatch) -> None:
+    from model import recipes
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("load_pretrained ran before the overrides were refused")
+
+    monkeypatch.setattr(recipes, "load_pretrained", must_not_load)
+    cfg = recipes.recipe_config("finetune", model_overrides={"depth": 2})
+    with pytest.raises(ValueError, match="apply to --recipe scratch only"):
+        recipes.build_model(cfg, 37)
+
+
+@pytest.mark.parametrize(("local_rank", "expected"), [(0, ["body", "barrier"]), (1, ["barrier", "body"])])
+def test_each_node_downloads_once_before_its_other_ranks_read(monkeypatch, local_rank, expected) -> None:
+    from model import distributed
+
+    calls: list[str] = []
+    monkeypatch.setattr(distributed, "barrier", lambda info: calls.append("barrier"))
+    info = distributed.DistInfo(rank=local_rank, world_size=2, local_rank=local_rank, enabled=True)
+    with distributed.local_main_first(info):
+        calls.append("body")
+    assert calls == expected
+    calls.clear()
+    with distributed.local_main_first(distributed.DistInfo()):  # single process: no barrier at all
+        calls.append("body")
+    assert calls == ["body"]
+
+
+def test_training_loads_data_and_weights_inside_local_main_first(pets_root, tmp_path, monkeypatch) -> None:
+    """Was: every rank downloading Pets / the ImageNet weights into the same folder at once."""
+    from contextlib import contextmanager
+
+    from model import train
+
+    events: list[str] = []
+
+    @contextmanager
+    def recorder(info):
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    load_splits, build_model = train.load_splits, train.build_model
+    monkeypatch.setattr(train, "local_main_first", recorder)
+    monkeypatch.setattr(train, "load_splits", lambda data: events.append("load_splits") or load_splits(data))
+    monkeypatch.setattr(train, "build_model", lambda cfg, n: events.append("build_model") or build_model(cfg, n))
+    argv = ["train", "--recipe", "scratch", "--dataset", "pets", "--data-dir", str(pets_root), "--epochs", "1",
+            "--no-evaluate", "--out", str(tmp_path / "a.safetensors"), "--output-dir", str(tmp_path / "run"),
+            *TINY_SCRATCH, *QUIET]  # fmt: skip
+    assert main(argv) == 0
+    assert events == ["enter", "load_splits", "build_model", "exit"]
+
+
+def test_diverging_loss_exits_1_with_what_to_change(pets_root, tmp_path, capsys) -> None:
+    argv = ["train", "--recipe", "scratch", "--dataset", "pets", "--data-dir", str(pets_root), "--epochs", "1",
+            "--batch-size", "16", "--lr", "1e30", "--warmup-epochs", "0", "--no-evaluate",
+            "--out", str(tmp_path / "a.safetensors"), "--output-dir", str(tmp_path / "run"),
+            *TINY_SCRATCH, *QUIET]  # fmt: skip
+    assert main(argv) == 1  # was: FloatingPointError's traceback out of `petvit train`
+    err = capsys.readouterr().err
+    assert "loss became nan" in err and "lower --lr" in err
