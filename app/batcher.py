@@ -90,7 +90,6 @@ class DynamicBatcher(Generic[T, R]):
         # One thread: the model runs one batch at a time; a second thread would only contend for the same cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petvit-inference")
         self._seconds_per_batch = 0.05  # running estimate for Retry-After
-        self.batches_run = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -104,10 +103,6 @@ class DynamicBatcher(Generic[T, R]):
         if self._worker is not None:
             await self._worker
         self._executor.shutdown(wait=True)
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
 
     @property
     def depth(self) -> int:
@@ -168,22 +163,20 @@ class DynamicBatcher(Generic[T, R]):
             reason = await self._wait_for_batch()
             batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
             self._set_depth()
-            if self.metrics:
-                self.metrics.batch_flush.labels(reason).inc()
             now = time.monotonic()
             live = []
             for p in batch:
                 if p.future.done():  # the caller gave up (deadline or disconnect) while it waited
                     continue
                 if now >= p.deadline:
-                    p.future.set_exception(DeadlineExceededError())
-                    if self.metrics:
-                        self.metrics.rejected.labels("deadline").inc()
+                    p.future.set_exception(DeadlineExceededError())  # the caller counts its refusal, once
                     continue
                 p.started = now
                 live.append(p)
             if not live:
-                continue
+                continue  # nothing left for the model: not a released batch
+            if self.metrics:
+                self.metrics.batch_flush.labels(reason).inc()
             try:
                 await loop.run_in_executor(self._executor, self._run_batch, live)
             except Exception:  # _run_batch settles every future itself; this is only a safety net
@@ -215,7 +208,6 @@ class DynamicBatcher(Generic[T, R]):
             return
         elapsed = time.perf_counter() - start
         self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
-        self.batches_run += 1
         if self.metrics:
             self.metrics.batch_size.observe(len(batch))
             self.metrics.inference_duration.observe(elapsed)

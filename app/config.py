@@ -5,10 +5,11 @@ Every limit has a default that is safe on a small CPU box; docs/service.md lists
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -39,7 +40,21 @@ class Settings(BaseSettings):
     preprocess_threads: int = Field(2, ge=1, description="threads decoding and resizing uploads")
     api_key: SecretStr | None = Field(None, description="when set, /classify needs header X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # names logging and uvicorn share
+
+    @model_validator(mode="after")
+    def _a_full_request_fits_the_queue(self) -> Settings:
+        if self.queue_limit < self.max_files:  # such a request would get 429 "retry later" for ever
+            raise ValueError(
+                f"PETVIT_QUEUE_LIMIT ({self.queue_limit}) must be at least PETVIT_MAX_FILES ({self.max_files}): "
+                "a request's images are queued together or not at all"
+            )
+        return self
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -49,5 +64,23 @@ class Settings(BaseSettings):
         return value
 
 
-def get_settings() -> Settings:
-    return Settings()
+def describe_invalid_settings(error: ValidationError) -> str:
+    """One line per refused setting, named as the environment variable people set, not as the Python field:
+    `PETVIT_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1`."""
+    lines = []
+    for problem in error.errors():
+        if problem.get("loc"):
+            lines.append(f"PETVIT_{str(problem['loc'][0]).upper()}={problem.get('input')!r}: {problem['msg']}")
+        else:  # a rule over several settings: its message names them
+            lines.append(problem["msg"])
+    return "\n".join(lines)
+
+
+def settings_or_report(command: str) -> Settings | None:
+    """Settings from the environment, or None after printing to stderr which variables are wrong and why, for a
+    command line to exit 2 on instead of a traceback."""
+    try:
+        return Settings()
+    except ValidationError as err:
+        print(f"{command}: invalid settings:\n{describe_invalid_settings(err)}", file=sys.stderr)
+        return None

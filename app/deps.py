@@ -7,22 +7,12 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from app.config import Settings
 from app.errors import unauthorized
-from app.metrics import Metrics
 from app.state import ServiceState
 
 
 def get_service(request: Request) -> ServiceState:
     return request.app.state.service
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.service.settings
-
-
-def get_metrics(request: Request) -> Metrics:
-    return request.app.state.service.metrics
 
 
 def require_api_key(
@@ -39,6 +29,4 @@ def require_api_key(
 
 
 ServiceDep = Annotated[ServiceState, Depends(get_service)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ApiKeyDep = Depends(require_api_key)

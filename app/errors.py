@@ -31,6 +31,10 @@ def bad_image(message: str) -> ServiceError:
     return ServiceError(400, "undecodable_image", message)
 
 
+def malformed_multipart(message: str) -> ServiceError:
+    return ServiceError(400, "malformed_multipart", message)
+
+
 def unauthorized() -> ServiceError:
     return ServiceError(401, "unauthorized", "missing or wrong API key: send it in the X-API-Key header")
 

@@ -51,11 +51,6 @@ def _palette() -> tuple[list[int], bytes]:
 PALETTE, TRANSPARENCY = _palette()
 
 
-def colorize(heat: np.ndarray) -> np.ndarray:
-    """(H, W) floats in [0, 1] -> (H, W, 3) uint8 colours."""
-    return _LUT[np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8)]
-
-
 def _clamped_box(size: tuple[int, int], crop_box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
     width, height = size
     left, top, right, bottom = (round(v) for v in crop_box)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from app.config import Settings
+from app.config import settings_or_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,9 @@ def main(args: argparse.Namespace) -> int:
     from app.preprocess import Preprocessing, prepare
     from model.checkpoint import ArtifactError
 
-    settings = Settings()
+    settings = settings_or_report("petvit predict")
+    if settings is None:
+        return 2
     checkpoint = args.checkpoint or settings.checkpoint
     try:
         predictor = Predictor.from_artifact(checkpoint, args.device or settings.device, settings.dtype)

@@ -63,7 +63,6 @@ class Predictor:
         self.sha256 = sha256
         self.labels: list[str] = list(metadata["labels"])
         self.species: list[str] = list(metadata["species"])
-        self.forward_passes = 0  # batches run (tests and logs use it)
         self._lock = threading.Lock()  # predict may be called from the CLI and warm-up; keep forwards serial
 
     @classmethod
@@ -103,7 +102,6 @@ class Predictor:
             return []
         heatmaps = heatmaps or [False] * len(images)
         with self._lock:
-            self.forward_passes += 1
             batch = torch.stack(images).to(self.device, non_blocking=True)  # list of (3, S, S) -> (B, 3, S, S)
             probs = torch.empty(len(images), len(self.labels), dtype=torch.float32, device=self.device)
             grids: list[torch.Tensor | None] = [None] * len(images)
@@ -132,7 +130,6 @@ class Predictor:
         self.predict([torch.zeros(3, size, size, dtype=torch.uint8)], [True])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.forward_passes = 0
         return time.perf_counter() - start
 
 

@@ -47,6 +47,17 @@ class PreparedImage:
     image: Image.Image | None  # the decoded RGB image (maybe draft-reduced), kept only on request (CLI)
 
 
+def _known_unsupported_format(data: bytes) -> str | None:
+    """Formats people send that PIL cannot identify (an iPhone's HEIC above all): they deserve 415 "not a type we
+    read", not 400 "damaged"."""
+    if data[4:8] == b"ftyp":  # ISO base media file: HEIC/HEIF photos, also MP4/MOV video; the brand says which
+        return data[8:12].decode("latin-1").strip().upper() or "ISO media"
+    head = data[:1024].lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return "SVG"
+    return None
+
+
 def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     """Identify the image from its header and enforce the pixel limit before decoding anything."""
     if not data:
@@ -58,6 +69,8 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise too_large("image_too_large", f"the image has too many pixels; the limit is {max_pixels}") from None
     except UnidentifiedImageError:
+        if (kind := _known_unsupported_format(data)) is not None:
+            raise unsupported_type(f"{kind} files are not accepted; send JPEG, PNG, WebP, GIF, BMP or TIFF") from None
         raise bad_image("the upload is not an image we can decode (send JPEG, PNG, WebP, GIF, BMP or TIFF)") from None
     except Exception as err:  # truncated headers raise assorted errors inside PIL's plugins
         raise bad_image(f"the image header is damaged: {err}") from None
@@ -118,24 +131,36 @@ def decode(data: bytes, max_pixels: int, draft_size: int | None = None) -> tuple
         raise bad_image(f"the image data is corrupt or truncated: {err}") from None
 
 
+def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """torchvision's Resize(int): the shorter side becomes `shorter`, the longer one scales and is truncated."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
 def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float, float, float]:
-    """The centre crop in (width, height) pixels that resize-shorter-side + centre-crop keeps."""
-    scale = pre.resize_size / min(width, height)
-    side = pre.image_size / scale  # the crop's side in original pixels
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
+    """The centre crop in (width, height) pixels that resize-shorter-side + centre-crop keeps, with torchvision's
+    rounding (Resize truncates the longer side, CenterCrop rounds its offsets) so serving sees the pixels the
+    evaluation (model.data.eval_transform) saw. A resize_size below image_size (odd metadata) resizes the shorter
+    side to image_size instead: the crop never leaves the image."""
+    side = pre.image_size
+    resized_w, resized_h = _resized_size(width, height, max(pre.resize_size, side))
+    left, top = round((resized_w - side) / 2), round((resized_h - side) / 2)
+    sx, sy = width / resized_w, height / resized_h  # resized pixels -> upload pixels
+    return left * sx, top * sy, (left + side) * sx, (top + side) * sy
 
 
 def prepare(data: bytes, pre: Preprocessing, max_pixels: int, keep_image: bool = False) -> PreparedImage:
     """The whole pipeline for one upload; raises ServiceError (400/413/415) for what is wrong with it."""
     image, original = decode(data, max_pixels, draft_size=pre.resize_size)
+    # Resample only the crop's box: PIL samples the same positions with the same filter width as when it resizes
+    # the whole image and crops that, without the whole resized image, which for an extreme aspect ratio is
+    # enormous (100000x1 -> 25.6M x 256 pixels, 20 GB: one request took the server down).
     width, height = image.size
-    scale = pre.resize_size / min(width, height)
-    resized_size = (max(pre.image_size, round(width * scale)), max(pre.image_size, round(height * scale)))
-    resized = image.resize(resized_size, _RESAMPLE.get(pre.interpolation, Image.Resampling.BILINEAR))
-    left = (resized_size[0] - pre.image_size) // 2
-    top = (resized_size[1] - pre.image_size) // 2
-    crop = resized.crop((left, top, left + pre.image_size, top + pre.image_size))
+    left, top, right, bottom = crop_box(width, height, pre)
+    box = (max(0.0, left), max(0.0, top), min(float(width), right), min(float(height), bottom))  # float rounding
+    size = (pre.image_size, pre.image_size)
+    crop = image.resize(size, _RESAMPLE.get(pre.interpolation, Image.Resampling.BILINEAR), box=box)
     # (S, S, 3) HWC uint8 -> (3, S, S) CHW, the layout the model takes
     tensor = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
     return PreparedImage(tensor, original, crop_box(*original, pre), image if keep_image else None)

@@ -19,10 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.config import Settings
-    from app.main import create_app
+    from app.config import settings_or_report
 
-    settings = Settings()
+    settings = settings_or_report("petvit serve")
+    if settings is None:
+        return 2
+    from app.main import create_app  # only now: importing it builds the module-level app from the same settings
+
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         create_app(settings),

@@ -7,9 +7,10 @@ warm-up can take minutes on a GPU node, and a liveness probe must not kill the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from app.batcher import DynamicBatcher
@@ -39,6 +40,9 @@ class ServiceState:
         self.status = "starting"  # starting -> loading -> ready | failed; -> shutting_down
         self.message = "the service is starting"
         self.warmup_s = 0.0
+        self._in_flight = 0  # /classify requests between require_ready and their answer
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def ready(self) -> bool:
@@ -46,9 +50,22 @@ class ServiceState:
 
     def require_ready(self) -> tuple[Predictor, DynamicBatcher]:
         if self.status != "ready" or self.predictor is None or self.batcher is None:
-            self.metrics.rejected.labels("not_ready").inc()
-            raise not_ready(self.message)
+            raise not_ready(self.message)  # /readyz asks too: refusals are counted by the route that refuses
         return self.predictor, self.batcher
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[tuple[Predictor, DynamicBatcher]]:
+        """require_ready(), then count the request as in flight until it has its answer: stop() waits for those
+        before it closes the thread pool they still need (heatmap PNGs are rendered after the batch)."""
+        predictor, batcher = self.require_ready()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield predictor, batcher
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     async def start(self) -> None:
         self.preprocess_pool = ThreadPoolExecutor(self.settings.preprocess_threads, thread_name_prefix="petvit-pre")
@@ -69,6 +86,10 @@ class ServiceState:
             return
         except (ArtifactError, RuntimeError, OSError) as err:
             self._fail(f"could not load the model from {path}: {err}")
+            return
+        except Exception as err:  # anything else must not leave /readyz saying "loading" for ever
+            log.exception("unexpected error while loading %s", path)
+            self._fail(f"could not load the model from {path}: {type(err).__name__}: {err}")
             return
         self.predictor = predictor
         self.batcher = DynamicBatcher(
@@ -111,8 +132,12 @@ class ServiceState:
             queued = self.batcher.depth
             await self.batcher.close()
             log.info("drained %d queued images in %.2f s (was %s)", queued, time.monotonic() - started, was)
+        try:  # the drained requests still render their heatmaps in the pool
+            await asyncio.wait_for(self._idle.wait(), self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("%d requests still unanswered at shutdown", self._in_flight)
         if self.preprocess_pool is not None:
-            self.preprocess_pool.shutdown(wait=True)
+            await asyncio.to_thread(self.preprocess_pool.shutdown, wait=True)  # joins its threads off the loop
 
 
 __all__ = ["PredictorLoader", "ServiceError", "ServiceState", "load_from_settings"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import ServiceError, bad_request, too_large, unsupported_type
+from app.errors import ServiceError, bad_request, malformed_multipart, too_large, unsupported_type
 
 FILE_FIELD = "file"
 _MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers per file, generously
@@ -139,7 +139,7 @@ async def _read_multipart(
 ) -> list[Upload]:
     boundary = params.get(b"boundary")
     if not boundary:
-        raise bad_request("multipart/form-data without a boundary parameter", "malformed_multipart")
+        raise malformed_multipart("multipart/form-data without a boundary parameter")
     budget = max_files * (max_bytes + _MULTIPART_OVERHEAD)
     if declared is not None and declared > budget:
         raise too_large(
@@ -158,7 +158,7 @@ async def _read_multipart(
     except ServiceError:
         raise
     except Exception as err:  # python-multipart raises on malformed framing
-        raise ServiceError(400, "malformed_multipart", f"the multipart body is malformed: {err}") from None
+        raise malformed_multipart(f"the multipart body is malformed: {err}") from None
     if not collector.files:
         raise bad_request(f"no images: send them as multipart fields named `{FILE_FIELD}`", "no_images")
     return collector.files

@@ -10,18 +10,32 @@ from typing import Annotated
 import torch
 from fastapi import APIRouter, Query, Request
 
-from app.batcher import BatcherClosedError, BatchResult, DeadlineExceededError, QueueFullError
+from app.batcher import BatcherClosedError, BatchResult, DeadlineExceededError, DynamicBatcher, QueueFullError
 from app.deps import ApiKeyDep, ServiceDep
 from app.errors import ServiceError, bad_request, deadline_exceeded, queue_full
 from app.heatmap import overlay_png_base64
-from app.predictor import ImagePrediction
+from app.predictor import ImagePrediction, Predictor
 from app.preprocess import PreparedImage, Preprocessing, prepare
 from app.schemas import ERROR_RESPONSES, ClassifyResponse, Heatmap, ImageResult, Prediction, Timings
+from app.state import ServiceState
 from app.uploads import FILE_FIELD, read_uploads
 
 router = APIRouter(tags=["classify"])
 
-_REJECT_REASONS = {400: "bad_image", 413: "too_large", 415: "unsupported_type", 422: "bad_request"}
+# petvit_rejected_total{reason}: one count per refused request, by its error code, else by its status.
+_REJECT_REASONS_BY_CODE = {
+    "not_ready": "not_ready",
+    "shutting_down": "shutting_down",
+    "queue_full": "queue_full",
+    "deadline_exceeded": "deadline",
+}
+_REJECT_REASONS_BY_STATUS = {400: "bad_image", 413: "too_large", 415: "unsupported_type", 422: "bad_request"}
+
+
+def rejection_reason(error: ServiceError) -> str | None:
+    """The rejected_total reason for a refused request; None for the service's own failures (500)."""
+    return _REJECT_REASONS_BY_CODE.get(error.code) or _REJECT_REASONS_BY_STATUS.get(error.status)
+
 
 _BODY_DOC = {
     "requestBody": {
@@ -94,12 +108,30 @@ async def classify(
     ] = True,
 ) -> ClassifyResponse:
     arrived = time.monotonic()
+    try:
+        with service.serving() as (predictor, batcher):
+            return await _classify(request, service, predictor, batcher, top_k, heatmap, heatmap_png, arrived)
+    except ServiceError as err:
+        if (reason := rejection_reason(err)) is not None:
+            service.metrics.rejected.labels(reason).inc()
+        raise
+
+
+async def _classify(
+    request: Request,
+    service: ServiceState,
+    predictor: Predictor,
+    batcher: DynamicBatcher,
+    top_k: int | None,
+    heatmap: bool,
+    heatmap_png: bool,
+    arrived: float,
+) -> ClassifyResponse:
     settings, metrics = service.settings, service.metrics
-    predictor, batcher = service.require_ready()
-    k = settings.default_top_k if top_k is None else top_k
+    # PETVIT_DEFAULT_TOP_K is a preference, not the client's request: a model with fewer labels caps it, not a 422.
+    k = min(settings.default_top_k, len(predictor.labels)) if top_k is None else top_k
     if k > len(predictor.labels):
         raise bad_request(f"top_k must be between 1 and {len(predictor.labels)}, got {k}", "invalid_parameters")
-    k = min(k, len(predictor.labels))
     deadline = arrived + settings.request_timeout_s
 
     uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
@@ -112,7 +144,6 @@ async def classify(
     outcomes = await asyncio.gather(*jobs, return_exceptions=True)
     for number, (upload, outcome) in enumerate(zip(uploads, outcomes, strict=True), start=1):
         if isinstance(outcome, ServiceError):
-            metrics.rejected.labels(_REJECT_REASONS.get(outcome.status, "bad_image")).inc()
             name = f"image {number}" + (f" ({upload.filename})" if upload.filename else "")
             raise ServiceError(outcome.status, outcome.code, f"{name}: {outcome.message}", outcome.headers)
         if isinstance(outcome, BaseException):
@@ -124,10 +155,8 @@ async def classify(
     try:
         futures = batcher.submit([(p.tensor, heatmap) for p in prepared], deadline)
     except QueueFullError as err:
-        metrics.rejected.labels("queue_full").inc()
         raise queue_full(err.retry_after_s) from None
     except BatcherClosedError:
-        metrics.rejected.labels("shutting_down").inc()
         raise ServiceError(503, "shutting_down", "the service is shutting down; retry on another replica") from None
     try:
         results: list[BatchResult] = await asyncio.wait_for(
@@ -136,7 +165,6 @@ async def classify(
     except (asyncio.TimeoutError, DeadlineExceededError):
         for f in futures:
             f.cancel()  # queued items the worker has not reached yet will be skipped
-        metrics.rejected.labels("deadline").inc()
         raise deadline_exceeded(settings.request_timeout_s) from None
     except Exception as err:
         for f in futures:

@@ -370,8 +370,11 @@
 
   function currentTopK() {
     const max = Number(topKInput.max) || 37;
-    const value = Math.round(Number(topKInput.value));
-    const topK = Number.isFinite(value) ? Math.min(Math.max(value, 1), max) : 5;
+    // An emptied field (or one the browser found invalid) reads "": that means the default, not Number("") = 0 -> 1.
+    const raw = topKInput.value.trim();
+    const value = raw === "" ? NaN : Math.round(Number(raw));
+    const fallback = Math.min(Number(topKInput.defaultValue) || 5, max);
+    const topK = Number.isFinite(value) ? Math.min(Math.max(value, 1), max) : fallback;
     topKInput.value = String(topK);
     return topK;
   }

@@ -63,7 +63,7 @@ async def test_partial_batch_is_released_after_max_wait(tiny_artifact):
 
 
 async def test_full_queue_answers_429_with_retry_after(tiny_artifact):
-    settings = make_settings(tiny_artifact, max_batch_size=1, max_wait_ms=0, queue_limit=2)
+    settings = make_settings(tiny_artifact, max_batch_size=1, max_wait_ms=0, queue_limit=2, max_files=2)
     async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.2)) as (client, service):
         responses = await asyncio.gather(*(post_png(client, png_bytes(i)) for i in range(8)))
         rejected = service.metrics.rejected.labels("queue_full")._value.get()
@@ -83,6 +83,8 @@ async def test_deadline_answers_504_and_expired_items_never_reach_the_model(tiny
         await asyncio.sleep(0.4)  # let the worker reach the queued (now expired) items
         batches = service.predictor.batches
         assert service.batcher.depth == 0
+        assert service.metrics.rejected.labels("deadline")._value.get() == 4  # once per request, not per image too
+        assert sum(flushes(service, r) for r in ("full", "timeout", "shutdown")) == 1  # expired items: no batch
     assert [r.status_code for r in responses] == [504] * 4
     assert {r.json()["error"]["code"] for r in responses} == {"deadline_exceeded"}
     assert len(batches) == 1  # only the first image started before its deadline
@@ -192,3 +194,16 @@ async def test_batcher_counts_a_wrong_number_of_results_as_failure():
     results = await asyncio.gather(*batcher.submit([1, 2], time.monotonic() + 5), return_exceptions=True)
     await batcher.close()
     assert all(isinstance(r, RuntimeError) and "1 results for a batch of 2" in str(r) for r in results)
+
+
+async def test_shutdown_answers_drained_requests_with_their_heatmaps(tiny_artifact):
+    # Heatmap PNGs are rendered in the thread pool after the batch: stop() must not close it under them (it did: 500).
+    settings = make_settings(tiny_artifact, max_batch_size=4, max_wait_ms=10_000)
+    async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.05)) as (client, service):
+        tasks = [asyncio.create_task(post_png(client, png_bytes(i), heatmap="true")) for i in range(6)]
+        while not (service.predictor.batches and service.batcher.depth == 2):
+            await asyncio.sleep(0.002)
+        await service.stop()
+        responses = await asyncio.gather(*tasks)
+    assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
+    assert all(r.json()["results"][0]["heatmap"]["png"] for r in responses)

@@ -15,7 +15,7 @@ from app.preprocess import Preprocessing, crop_box, prepare
 from model.checkpoint import load_artifact
 from model.labels import PET_LABELS, PET_SPECIES
 
-from .conftest import encode, noise_image, png_bytes
+from .conftest import encode, make_settings, noise_image, png_bytes, running_app
 
 
 def direct_probs(artifact: Path, data: bytes) -> torch.Tensor:
@@ -202,3 +202,20 @@ async def test_heatmap_grid_without_png(client):
     heatmap = response.json()["results"][0]["heatmap"]
     assert heatmap["png"] is None and np.array(heatmap["grid"]).shape == (4, 4)
     assert np.array(heatmap["grid"]).max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (100_000, 1), (1, 100_000)])
+async def test_degenerate_sizes_are_classified_with_an_overlay_at_their_size(client, size):
+    data = encode(Image.new("RGB", size, (200, 120, 40)), "PNG")
+    response = await client.post("/classify", files={"file": ("odd.png", data, "image/png")}, params={"heatmap": 1})
+    assert response.status_code == 200, response.text
+    [result] = response.json()["results"]
+    assert (result["width"], result["height"]) == size and len(result["predictions"]) == 5
+    assert Image.open(io.BytesIO(base64.b64decode(result["heatmap"]["png"]))).size == size
+
+
+async def test_a_default_top_k_above_the_label_count_gives_every_label(tiny_artifact):
+    async with running_app(make_settings(tiny_artifact, default_top_k=50)) as (client, _):
+        response = await client.post("/classify", content=png_bytes(1), headers={"Content-Type": "image/png"})
+    assert response.status_code == 200, response.text  # was 422 "top_k ... got 50" for a request without top_k
+    assert len(response.json()["results"][0]["predictions"]) == 37

@@ -107,3 +107,14 @@ def test_classify_against_a_live_server(live_url, chelsea_jpeg, tiny_artifact, c
 def test_classify_says_when_the_server_is_unreachable(chelsea_jpeg, capsys):
     assert petvit(["classify", "--url", "http://127.0.0.1:9", str(chelsea_jpeg)]) == 2
     assert "could not reach" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "9"], ["predict", "x.jpg"]])
+def test_invalid_settings_are_named_as_environment_variables_without_a_traceback(command, monkeypatch, capsys):
+    monkeypatch.setenv("PETVIT_MAX_BATCH_SIZE", "0")
+    monkeypatch.setenv("PETVIT_DEVICE", "tpu")
+    monkeypatch.setenv("PETVIT_LOG_LEVEL", "verbose")  # was accepted, then logging.basicConfig raised
+    assert petvit(command) == 2
+    printed = capsys.readouterr().err
+    assert "PETVIT_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1" in printed
+    assert "PETVIT_DEVICE='tpu'" in printed and "PETVIT_LOG_LEVEL='verbose'" in printed

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.config import Settings
+from app.config import Settings, describe_invalid_settings
 
 
 def test_settings_read_the_environment(monkeypatch):
@@ -27,3 +27,11 @@ def test_invalid_settings_are_refused(monkeypatch):
     monkeypatch.setenv("PETVIT_DEVICE", "tpu")
     with pytest.raises(ValidationError, match="device"):
         Settings()
+
+
+def test_a_queue_smaller_than_one_full_request_is_refused(monkeypatch):
+    # Requests are queued whole: 16 images could never enter a queue of 8, and would be told "429, retry" for ever.
+    monkeypatch.setenv("PETVIT_QUEUE_LIMIT", "8")
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert "PETVIT_QUEUE_LIMIT (8) must be at least PETVIT_MAX_FILES (16)" in describe_invalid_settings(info.value)

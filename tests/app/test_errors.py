@@ -123,6 +123,20 @@ async def test_image_formats_we_do_not_read_are_415(client):
     assert response.status_code == 415 and "ICO" in error_of(response)["message"]
 
 
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64, "HEIC"),  # what an iPhone sends by default
+        (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "SVG"),
+    ],
+)
+async def test_image_types_pil_cannot_identify_are_415_not_corrupt(client, data, kind):
+    response = await client.post("/classify", files={"file": ("photo", data, "image/*")})
+    assert response.status_code == 415, response.text
+    error = error_of(response)
+    assert error["code"] == "unsupported_media_type" and kind in error["message"] and "JPEG" in error["message"]
+
+
 async def test_multipart_without_file_fields_is_422(client):
     response = await client.post(
         "/classify", data={"other": "x"}, files={"photo": ("a.png", png_bytes(1), "image/png")}
@@ -171,3 +185,21 @@ async def test_corrupt_artifact_is_503_with_the_reason(tmp_path):
     async with running_app(make_settings(path)) as (client, _):
         ready = await client.get("/readyz")
     assert ready.status_code == 503 and "pickle" in error_of(ready)["message"]
+
+
+async def test_an_unexpected_load_error_fails_readiness_instead_of_loading_for_ever(tiny_artifact):
+    def loader(settings):
+        raise ValueError("metadata lists 36 labels for 37 classes")
+
+    async with running_app(make_settings(tiny_artifact), loader) as (client, service):
+        ready = await client.get("/readyz")
+        assert service.status == "failed"
+    assert ready.status_code == 503 and "36 labels" in error_of(ready)["message"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["multipart/form-data", "multipart/form-data; boundary=xyz", "multipart/form-data; boundary="]
+)
+async def test_broken_multipart_framing_is_400_whatever_is_broken(client, content_type):
+    response = await client.post("/classify", content=b"\xff\xd8 not multipart", headers={"Content-Type": content_type})
+    assert response.status_code == 400 and error_of(response)["code"] == "malformed_multipart"

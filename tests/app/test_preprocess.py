@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageFilter
 
 from app.errors import ServiceError
 from app.preprocess import Preprocessing, crop_box, decode, prepare, to_rgb
+from model.data import eval_transform, resize_size_for
 
 from .conftest import encode
 
@@ -51,9 +53,42 @@ def test_resize_and_centre_crop_follow_the_artifact():
     prepared = prepare(encode(image, "PNG"), PRE, 10**6)
     assert tuple(prepared.tensor.shape) == (3, 32, 32) and prepared.tensor.dtype.is_floating_point is False
     assert int(prepared.tensor.float().mean()) > 240  # the crop lies inside the white square
-    assert crop_box(100, 50, PRE) == pytest.approx(
-        (50 - 50 * 32 / 37 / 2, 25 - 50 * 32 / 37 / 2, 50 + 50 * 32 / 37 / 2, 25 + 50 * 32 / 37 / 2)
+    # torchvision's geometry: 100x50 -> 74x37, crop offsets round(21.0) = 21 and round(2.5) = 2, back in upload pixels
+    assert crop_box(100, 50, PRE) == pytest.approx((21 * 100 / 74, 2 * 50 / 37, 53 * 100 / 74, 34 * 50 / 37))
+
+
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (64, 48), (37, 37), (121, 80)])
+def test_preprocessing_matches_the_models_evaluation_transform(size):
+    """Serving must feed the model the pixels its evaluation did (model.data.eval_transform), not a crop shifted by
+    half a pixel: same resized size, same crop offsets; PIL's and torch's resamplers differ by a grey level or two
+    here and there."""
+    rng = np.random.default_rng(size[0])
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).filter(
+        ImageFilter.GaussianBlur(2)  # photo-like smoothness; on pure noise a half-pixel shift still looks small
     )
+    served = prepare(encode(image, "PNG"), PRE, 10**6).tensor.int()
+    evaluated = eval_transform(PRE.image_size)(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)).int()
+    assert resize_size_for(PRE.image_size) == PRE.resize_size
+    difference = (served - evaluated).abs()
+    assert difference.float().mean() < 0.1 and difference.max() <= 2
+
+
+@pytest.mark.parametrize("size", [(100_000, 1), (1, 100_000), (1, 1), (5000, 3)])
+def test_extreme_aspect_ratios_never_build_a_huge_intermediate_image(size, monkeypatch):
+    """Resizing a 100000x1 upload's shorter side to 256 makes a 25.6M x 256 image (20 GB): one such request took the
+    real server down. Only the crop's box may be resampled; no intermediate image may be bigger than a few crops."""
+    real_resize = Image.Image.resize
+
+    def bounded_resize(self, out_size, *args, **kwargs):
+        assert out_size[0] * out_size[1] <= 4 * 224 * 224, f"resize to {out_size}"
+        return real_resize(self, out_size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+    prepared = prepare(encode(Image.new("RGB", size, (10, 200, 30)), "PNG"), Preprocessing(224, 256), 10**6)
+    assert tuple(prepared.tensor.shape) == (3, 224, 224) and prepared.size == size
+    assert prepared.tensor[:, 112, 112].tolist() == [10, 200, 30]
+    left, top, right, bottom = prepared.crop_box
+    assert 0 <= left < right <= size[0] and 0 <= top < bottom <= size[1]
 
 
 def test_empty_upload_is_a_bad_image():

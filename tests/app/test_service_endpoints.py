@@ -111,3 +111,33 @@ async def test_cors_origins_from_settings(tiny_artifact):
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://pets.example"
     assert "access-control-allow-origin" not in other.headers
+
+
+def rejected(service, reason: str) -> float:
+    return service.metrics.rejected.labels(reason)._value.get()
+
+
+async def test_rejections_count_refused_classify_requests_once_each_and_not_probes(tmp_path, tiny_artifact):
+    # Not ready: readiness probes and /v1/model polls are not refused requests; the one /classify is.
+    async with running_app(make_settings(tmp_path / "missing.safetensors")) as (client, service):
+        for _ in range(3):
+            assert (await client.get("/readyz")).status_code == 503
+        assert (await client.get("/v1/model")).status_code == 503
+        assert (
+            await client.post("/classify", content=png_bytes(1), headers={"Content-Type": "image/png"})
+        ).status_code == 503
+        assert rejected(service, "not_ready") == 1
+    # Refusals while reading the body count like refusals while decoding it.
+    async with running_app(make_settings(tiny_artifact, max_files=1)) as (client, service):
+        refused = [
+            await client.post("/classify", content=b"hi", headers={"Content-Type": "text/plain"}),
+            await client.post("/classify", files=[("file", (f"{i}.png", png_bytes(i), "image/png")) for i in range(2)]),
+            await client.post("/classify", files={"other": ("a.png", png_bytes(1), "image/png")}),
+            await client.post("/classify", content=b"x", headers={"Content-Type": "multipart/form-data"}),
+        ]
+        assert [r.status_code for r in refused] == [415, 413, 422, 400]
+        counts = {
+            reason: rejected(service, reason)
+            for reason in ("unsupported_type", "too_large", "bad_request", "bad_image")
+        }
+    assert counts == {"unsupported_type": 1, "too_large": 1, "bad_request": 1, "bad_image": 1}

@@ -158,6 +158,17 @@ def test_photo_shows_k_rows_equal_to_the_api_answer(page: WebDriver, service_url
     assert script_errors(page) == []
 
 
+def test_an_emptied_breed_count_means_the_default_not_one(page: WebDriver, upload_files):
+    top_k = page.find_element(By.ID, "top-k")
+    top_k.send_keys(Keys.CONTROL, "a")
+    top_k.send_keys(Keys.BACKSPACE)  # the user clears the field and picks a photo
+    assert top_k.get_attribute("value") == ""
+    pick_files(page, upload_files["chelsea"])
+    (card,) = wait_for_cards(page, 1)
+    assert len(displayed_rows(card)) == 5  # was 1: Number("") is 0, clamped up to 1
+    assert top_k.get_attribute("value") == "5"
+
+
 def test_heatmap_overlay_covers_the_photo_and_toggles(page: WebDriver, upload_files):
     pick_files(page, upload_files["chelsea"])
     (card,) = wait_for_cards(page, 1)
