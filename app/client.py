@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import mimetypes
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,24 @@ def _answer(response: httpx.Response) -> dict[str, Any]:
 
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"X-API-Key": api_key} if api_key else {}
+
+
+def wait_until_ready(
+    url: str, timeout: float = 60, interval: float = 0.2, still_running: Callable[[], bool] = lambda: True
+) -> bool:
+    """Poll GET {url}/readyz until it answers 200: True then; False once `timeout` seconds pass or `still_running()`
+    says the server died (for callers that started it as a subprocess or thread)."""
+    deadline = time.monotonic() + timeout
+    while still_running():
+        try:
+            if httpx.get(f"{url}/readyz", timeout=min(2.0, max(interval, 0.5))).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass  # not listening yet
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return False
 
 
 class PetvitClient:

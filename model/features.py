@@ -60,19 +60,6 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def extract_features(
-    model: ViT,
-    dataset: Dataset,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    num_workers: int = 0,
-    autocast_dtype: torch.dtype | None = None,
-    desc: str = "features",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32, targets (N,) int64) in dataset order: the frozen backbone's CLS features."""
-    return predict(model, dataset, batch_size, device, num_workers, autocast_dtype, desc, pre_logits=True)
-
-
 def cached_features(
     cache_dir: str | Path,
     split: str,
@@ -96,7 +83,8 @@ def cached_features(
     if path.exists():
         tensors = load_file(path)
         return tensors["features"], tensors["targets"], True
-    feats, targets = extract_features(model, dataset, desc=f"extract {split} features", **extract_kwargs)
+    # The frozen backbone's CLS features (N, D) in dataset order: evaluation's loop, stopping before the head.
+    feats, targets = predict(model, dataset, desc=f"extract {split} features", pre_logits=True, **extract_kwargs)
     # Atomic: an interrupted extraction never leaves a truncated cache behind.
     save_file_atomically({"features": feats.contiguous(), "targets": targets}, path, {"key": json.dumps(key_doc)})
     return feats, targets, False

@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -17,7 +16,7 @@ import uvicorn
 from PIL import Image
 
 from app.cli import main as petvit
-from app.client import PetvitClient, PetvitError
+from app.client import PetvitClient, PetvitError, wait_until_ready
 from app.main import create_app
 
 from .conftest import make_settings
@@ -41,13 +40,7 @@ def live_url(tiny_artifact: Path) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(500):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.01)
+    assert wait_until_ready(url, timeout=10, interval=0.01, still_running=thread.is_alive), "test server never ready"
     yield url
     server.should_exit = True
     thread.join(10)
@@ -118,3 +111,19 @@ def test_invalid_settings_are_named_as_environment_variables_without_a_traceback
     printed = capsys.readouterr().err
     assert "PETVIT_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1" in printed
     assert "PETVIT_DEVICE='tpu'" in printed and "PETVIT_LOG_LEVEL='verbose'" in printed
+
+
+def test_wait_until_ready_is_true_for_a_ready_service(live_url):
+    assert wait_until_ready(live_url, timeout=1) is True
+
+
+def test_wait_until_ready_gives_up_on_timeout_and_when_the_server_died():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    start = time.monotonic()
+    assert wait_until_ready(url, timeout=0.3, interval=0.05) is False
+    assert 0.3 <= time.monotonic() - start < 3
+    calls = []
+    assert wait_until_ready(url, timeout=60, still_running=lambda: calls.append(1) is None and len(calls) < 3) is False
+    assert len(calls) == 3  # stopped polling as soon as the server was reported dead, long before the timeout

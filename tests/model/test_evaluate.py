@@ -16,13 +16,7 @@ from model.evaluate import compute_metrics, evaluate_artifact, metadata_summary,
 from model.plots import plot_training_curves
 from tests.conftest import make_tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_metrics_match_a_hand_worked_example() -> None:

@@ -29,13 +29,7 @@ TINY_SCRATCH = ["--set", "image_size=32", "--set", "patch_size=8", "--set", "hid
 QUIET = ["--workers", "0", "--threads", "1", "--no-download"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU is shared: one intra-op thread avoids oversubscription stalls that slow tiny models 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
