@@ -1,8 +1,8 @@
 """Training throughput: `finetune` train-step img/s and `linear-probe` feature-extraction img/s.
 
 Synthetic uint8 batches through our ViT at the variant's real shape (random init: same FLOPs as the ImageNet
-weights, and nothing to download). A train step is forward + backward + AdamW update, as model/train.py runs
-it (autocast when --dtype bf16); extraction is the no-grad backbone forward the linear probe caches.
+weights, and nothing to download). A train step is model/train.py's own (forward, loss, backward, clipping,
+AdamW update; autocast when --dtype bf16); extraction is the no-grad backbone forward the linear probe caches.
 
     .venv/bin/python bench/train_throughput.py                                  # CPU, b16, short
     .venv/bin/python bench/train_throughput.py --device cuda --dtype bf16 --batch-size 64 --steps 20
@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.config import get_config
-from model.recipes import parameter_groups
+from model.recipes import RECIPE_DEFAULTS, parameter_groups
+from model.train import train_one_epoch
 from model.vit import ViT
 
 PETS_TRAINVAL_IMAGES = 3680  # Oxford-IIIT Pet trainval
@@ -65,20 +65,14 @@ def _timed(step, device: torch.device, warmup: int, steps: int, desc: str) -> fl
 
 
 def bench_finetune(model: ViT, batch: int, device: torch.device, amp: torch.dtype | None, warmup: int, steps: int):
-    model.train()
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-4)
+    cfg = RECIPE_DEFAULTS["finetune"]  # label smoothing, clipping, weight decay as the recipe trains
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     size = model.config.image_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     targets = torch.randint(0, model.config.num_classes, (batch,), device=device)
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+    def step() -> None:  # model/train.py's own step, one batch at a time
+        train_one_epoch(model, [(images, targets)], optimizer, cfg, 0, 1, 0, device, amp, show=False)
 
     return _timed(step, device, warmup, steps, "finetune")
 

@@ -38,7 +38,6 @@ class DataConfig:
     dataset: str = "pets"  # "pets" (Oxford-IIIT Pet via torchvision) or "folder" (an ImageFolder tree)
     data_dir: str = "data"
     image_size: int = 224
-    augment: str = "trivial"  # none | light | trivial | randaugment, see train_transform
     hflip: bool = True  # pets are left-right symmetric; digits or text are not
     min_crop_scale: float = 0.08  # RandomResizedCrop's lower area bound (0.08 is the ImageNet/DeiT default)
     # Held-out fractions. Pets keeps its official test split and carves validation out of trainval, so the

@@ -56,10 +56,16 @@ def barrier(info: DistInfo) -> None:
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum a small tensor of counters over all ranks (identity when single-process)."""
+    """Sum a small CPU tensor of counters over all ranks; returns a CPU tensor (the input itself when single-process).
+
+    The tensor visits the device only for the collective, and only the device the backend needs (NCCL: this rank's
+    GPU; gloo: the CPU): float64 counters cannot go to an MPS device at all.
+    """
     if info.enabled and info.world_size > 1:
-        values = values.clone()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        values = values.to(device, copy=True)
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = values.cpu()
     return values
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
 from model.checkpoint import save_artifact
@@ -254,22 +254,9 @@ def held_out_accuracy(
         totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         totals[1] += (logits.argmax(dim=1) == targets).sum().item()
         totals[2] += targets.shape[0]
-    totals = all_reduce_sum(totals.to(device), info).cpu()
+    totals = all_reduce_sum(totals, info)
     n = max(totals[2].item(), 1.0)
     return totals[0].item() / n, totals[1].item() / n
-
-
-class Shard(Dataset):
-    """Every world_size-th item from rank on: held-out evaluation split across ranks without padding."""
-
-    def __init__(self, dataset: Dataset, info: DistInfo) -> None:
-        self.dataset, self.indices = dataset, list(range(info.rank, len(dataset), info.world_size))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.dataset[self.indices[i]]
 
 
 class FeatureBatches:
@@ -377,8 +364,6 @@ def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, s
             test_feats = cache.get("test")
             train_batches = FeatureBatches(*cache["train"], cfg.batch_size, shuffle=True)
             val_batches = FeatureBatches(*cache["val"], 1024, shuffle=False)
-        # The head is tiny: rank 0 trains it alone, other ranks just wait for the artifact.
-        info_probe = DistInfo()
     else:
         train_view = splits.train.with_transform(
             train_transform(image_size, cfg.augment, data.hflip, data.min_crop_scale)
@@ -399,9 +384,14 @@ def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, s
             drop_last=len(train_view) > cfg.batch_size * info.world_size,  # steady batch statistics
             persistent_workers=False,
         )
-        val_batches = DataLoader(Shard(splits.val.with_transform(eval_tf), info), batch_size=cfg.batch_size)
+        # Every world_size-th held-out item from rank on: the ranks split evaluation without padding.
+        val_view = splits.val.with_transform(eval_tf)
+        val_shard = Subset(val_view, range(info.rank, len(val_view), info.world_size))
+        val_batches = DataLoader(val_shard, batch_size=cfg.batch_size)
     mixer = batch_mixer(num_classes) if cfg.mixup and not probe else None
     unwrapped = model.head if probe else model  # what the state and best-weights files hold
+    # The probe's head is tiny: rank 0 trains it alone (no collectives), other ranks just wait for the artifact.
+    epoch_info = DistInfo() if probe else info
 
     steps_per_epoch = len(train_batches) if probe and info.is_main else (0 if probe else len(train_loader))
     total_steps = steps_per_epoch * cfg.epochs
@@ -424,7 +414,7 @@ def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, s
                 sampler.generator = generator
             batches = train_loader
         step, stats = train_one_epoch(
-            trained if not probe else model.head,
+            trained,
             batches,
             optimizer,
             cfg,
@@ -439,10 +429,8 @@ def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, s
         )
         # Train statistics over every rank's shard (DDP), like the held-out ones.
         sums = torch.tensor([stats["loss_sum"], stats["correct"], stats["seen"]], dtype=torch.float64)
-        sums = all_reduce_sum(sums.to(device), DistInfo() if probe else info).cpu().tolist()
-        val_loss, val_top1 = held_out_accuracy(
-            model.head if probe else model, val_batches, device, amp, info_probe if probe else info
-        )
+        sums = all_reduce_sum(sums, epoch_info).tolist()
+        val_loss, val_top1 = held_out_accuracy(unwrapped, val_batches, device, amp, epoch_info)
         seconds = time.time() - tick
         record = {
             "epoch": epoch + 1,
@@ -605,7 +593,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, DataConfig
     data = DataConfig(
         dataset=args.dataset,
         data_dir=args.data_dir,
-        augment=cfg.augment,
         hflip=args.hflip,
         min_crop_scale=args.min_crop_scale,
         val_fraction=args.val_fraction,

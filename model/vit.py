@@ -128,9 +128,11 @@ class ViT(nn.Module):
         return self
 
     def _set_normalisation(self, device: torch.device | str | None = None) -> None:
-        C = self.config.in_channels
-        self.register_buffer("mean", torch.tensor(self.config.mean, device=device).view(1, C, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(self.config.std, device=device).view(1, C, 1, 1), persistent=False)
+        shape = (1, self.config.in_channels, 1, 1)
+        for name, values in (("mean", self.config.mean), ("std", self.config.std)):
+            # float32 whatever the default dtype: normalize computes in float32 (see _apply)
+            tensor = torch.tensor(values, dtype=torch.float32, device=device).view(shape)
+            self.register_buffer(name, tensor, persistent=False)
 
     # ------------------------------------------------------------------ initialisation and head surgery
     def reset_parameters(self) -> None:
@@ -177,7 +179,7 @@ class ViT(nn.Module):
         (x / 255 - mean) / std is folded into one multiply-add, x * scale + shift, so the image is read once and
         written once; the arithmetic runs in float32 even for a bf16 model (uint8 / 255 is not exact in bf16).
         """
-        mean, std = self.mean.float(), self.std.float()
+        mean, std = self.mean, self.std  # float32 whatever the model's dtype (see _apply)
         scale = (255.0 * std).reciprocal() if x.dtype == torch.uint8 else std.reciprocal()  # (1, C, 1, 1)
         # x.float() is free for float32 input; uint8 and half inputs get their one unavoidable conversion.
         x = torch.addcmul(-mean / std, x.float(), scale)  # (B, C, H, W), float32
