@@ -12,13 +12,14 @@ disable_created_metrics()
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def _batch_buckets(max_batch_size: int) -> tuple[float, ...]:
-    """Powers of two up to the largest batch the batcher can form, which is always its own bucket."""
-    edges, b = [], 1
+def pow2_batch_sizes(max_batch_size: int) -> list[int]:
+    """Powers of two below the largest batch the batcher can form, then that largest batch itself: the batch-size
+    histogram's buckets, and the sizes a CPU warm-up runs."""
+    sizes, b = [], 1
     while b < max_batch_size:
-        edges.append(float(b))
+        sizes.append(b)
         b *= 2
-    return (*edges, float(max_batch_size))
+    return [*sizes, max_batch_size]
 
 
 class Metrics:
@@ -38,7 +39,10 @@ class Metrics:
             "petvit_queue_wait_seconds", "time an image waited for its batch", buckets=_SECONDS, registry=r
         )
         self.batch_size = Histogram(
-            "petvit_batch_size", "images per forward pass", buckets=_batch_buckets(max_batch_size), registry=r
+            "petvit_batch_size",
+            "images per forward pass",
+            buckets=[float(b) for b in pow2_batch_sizes(max_batch_size)],
+            registry=r,
         )
         self.batch_flush = Counter("petvit_batch_flush", "batches released, by reason", ["reason"], registry=r)
         for reason in ("full", "timeout", "shutdown"):

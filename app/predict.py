@@ -28,12 +28,10 @@ def heatmap_path(out: Path, index: int, count: int) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
     from app.errors import ServiceError
     from app.heatmap import compose, render_overlay
     from app.predictor import Predictor
-    from app.preprocess import Preprocessing, prepare
+    from app.preprocess import prepare
     from model.checkpoint import ArtifactError
 
     settings = settings_or_report("petvit predict")
@@ -46,22 +44,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"petvit predict: {err}")
         return 2
     k = max(1, min(args.top_k, len(predictor.labels)))
-    pre = Preprocessing.from_metadata(predictor.metadata)
     want_map = args.heatmap is not None
     status, answers = 0, []
     for index, path in enumerate(args.images):
         try:
-            prepared = prepare(path.read_bytes(), pre, settings.max_pixels, keep_image=want_map)
+            prepared = prepare(path.read_bytes(), predictor.preprocessing, settings.max_pixels, keep_image=want_map)
         except (OSError, ServiceError) as err:
             print(f"{path}: {getattr(err, 'message', err)}")
             status = 1
             continue
         [result] = predictor.predict([prepared.tensor], [want_map])
-        scores, indices = torch.topk(result.probs, k)
-        predictions = [
-            {"label": predictor.labels[i], "score": round(float(s), 6), "species": predictor.species[i], "index": i}
-            for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
-        ]
+        predictions = [{**p, "score": round(p["score"], 6)} for p in predictor.top_k(result.probs, k)]
         answer = {"image": str(path), "predictions": predictions}
         if want_map and result.grid is not None and prepared.image is not None:
             out = heatmap_path(args.heatmap, index, len(args.images))

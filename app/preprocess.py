@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import ServiceError, bad_image, too_large, unsupported_type
+from model.config import resize_size_for
 
 # Formats we decode. Anything else PIL happens to recognise (PSD, ICO, EPS through Ghostscript, ...) is refused:
 # each extra decoder is extra attack surface, and none is how people send photos of pets.
@@ -36,7 +37,8 @@ class Preprocessing:
     def from_metadata(cls, meta: dict[str, Any]) -> Preprocessing:
         pre = meta.get("preprocessing") or {}
         size = int(pre.get("image_size") or meta["config"]["image_size"])
-        return cls(size, int(pre.get("resize_size") or size), str(pre.get("interpolation") or "bilinear"))
+        resize = int(pre.get("resize_size") or resize_size_for(size))  # the evaluation's ratio when not stated
+        return cls(size, resize, str(pre.get("interpolation") or "bilinear"))
 
 
 @dataclass

@@ -31,7 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.checkpoint import load_artifact  # noqa: E402
+from app.predictor import Predictor  # noqa: E402
 from model.export import export_artifact  # noqa: E402
 
 
@@ -159,18 +159,28 @@ async def load(
     }
 
 
-def raw_model_throughput(artifact: Path, batch_size: int, seconds: float, heatmap: bool = False) -> tuple[float, float]:
-    """(images/s, images per CPU-second) of the model alone on uint8 batches (no HTTP, no decoding): the ceiling."""
-    model, meta = load_artifact(artifact, "cpu")
-    size = meta["preprocessing"]["image_size"]
-    x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
-    run = model.forward_with_attention if heatmap else model
+def raw_model_throughput(
+    predictor: Predictor, batch_size: int, seconds: float, heatmap: bool = False
+) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of the model alone on uint8 batches (no HTTP, no decoding): the ceiling.
+
+    The predictor is the service's own (same device and dtype: `auto`, as the served subprocess uses), timed on
+    its forward pass alone."""
+    size = predictor.image_size
+    x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=predictor.device)
+
+    def sync() -> None:
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize(predictor.device)
+
     with torch.inference_mode():
-        run(x)  # warm-up
+        predictor.forward(x, heatmap)  # warm-up
+        sync()
         count, start, cpu_start = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds or count < 3 * batch_size:
-            run(x)
+            predictor.forward(x, heatmap)
             count += batch_size
+        sync()
     return count / (time.perf_counter() - start), count / (time.process_time() - cpu_start)
 
 
@@ -245,8 +255,9 @@ def main() -> int:
     results: dict = {"variant": args.variant, "max_batch_size": args.max_batch_size, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_artifact(args.variant, Path(tmp) / f"{args.variant}.safetensors", "random")
-        raw = [raw_model_throughput(artifact, args.max_batch_size, args.seconds)]
-        raw_map = raw_model_throughput(artifact, args.max_batch_size, args.seconds, heatmap=True)
+        predictor = Predictor.from_artifact(artifact)  # loaded once for the three raw timings
+        raw = [raw_model_throughput(predictor, args.max_batch_size, args.seconds)]
+        raw_map = raw_model_throughput(predictor, args.max_batch_size, args.seconds, heatmap=True)
         server = Server(artifact, args.max_batch_size, args.max_wait_ms, args.torch_threads)
         try:
             server.wait_ready()
@@ -273,7 +284,7 @@ def main() -> int:
         finally:
             server.stop()
         # The CPU is shared: time the model alone again after the sweep and keep the better figures (the ceiling).
-        raw.append(raw_model_throughput(artifact, args.max_batch_size, args.seconds))
+        raw.append(raw_model_throughput(predictor, args.max_batch_size, args.seconds))
     results["raw_img_per_s"] = max(r[0] for r in raw)
     results["raw_img_per_cpu_s"] = max(r[1] for r in raw)
     results["raw_heatmap_img_per_s"], results["raw_heatmap_img_per_cpu_s"] = raw_map

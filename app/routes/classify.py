@@ -14,7 +14,7 @@ from app.batcher import BatcherClosedError, BatchResult, DeadlineExceededError, 
 from app.deps import ApiKeyDep, ServiceDep
 from app.errors import ServiceError, bad_request, deadline_exceeded, queue_full
 from app.heatmap import overlay_png_base64
-from app.predictor import ImagePrediction, Predictor
+from app.predictor import Predictor
 from app.preprocess import PreparedImage, Preprocessing, prepare
 from app.schemas import ERROR_RESPONSES, ClassifyResponse, Heatmap, ImageResult, Prediction, Timings
 from app.state import ServiceState
@@ -59,14 +59,6 @@ _BODY_DOC = {
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
-
-
-def _top_k(prediction: ImagePrediction, k: int, labels: list[str], species: list[str]) -> list[Prediction]:
-    scores, indices = torch.topk(prediction.probs, k)  # sorted, highest first
-    return [
-        Prediction(label=labels[i], score=float(s), species=species[i], index=i)
-        for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
-    ]
 
 
 def _timed_prepare(data: bytes, pre: Preprocessing, max_pixels: int) -> tuple[PreparedImage, float]:
@@ -136,7 +128,7 @@ async def _classify(
 
     uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
     loop = asyncio.get_running_loop()
-    pre = Preprocessing.from_metadata(predictor.metadata)
+    pre = predictor.preprocessing
     jobs = [
         loop.run_in_executor(service.preprocess_pool, partial(_timed_prepare, u.data, pre, settings.max_pixels))
         for u in uploads
@@ -189,7 +181,7 @@ async def _classify(
                 filename=upload.filename,
                 width=p.size[0],
                 height=p.size[1],
-                predictions=_top_k(r.value, k, predictor.labels, predictor.species),
+                predictions=[Prediction(**p) for p in predictor.top_k(r.value.probs, k)],
                 heatmap=(
                     Heatmap(grid=grid.tolist(), png=overlay[0], rows=grid.shape[0], cols=grid.shape[1])
                     if overlay is not None and grid is not None
