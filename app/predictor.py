@@ -14,28 +14,16 @@ from typing import Any
 
 import torch
 
+from app.metrics import pow2_batch_sizes
+from app.preprocess import Preprocessing
 from model.checkpoint import file_sha256, load_artifact
+from model.device import resolve_device
 from model.rollout import attention_rollout
 from model.vit import ViT
 
 log = logging.getLogger("petvit.predictor")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """auto: cuda, then mps, then cpu. An explicit choice that is not available is an error, not a fallback."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("PETVIT_DEVICE=cuda but torch sees no CUDA device")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("PETVIT_DEVICE=mps but MPS is not available")
-    return torch.device(name)
 
 
 def select_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -55,19 +43,18 @@ class Predictor:
         self, model: ViT, metadata: dict[str, Any], device: torch.device, dtype: torch.dtype, sha256: str = ""
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
-        # Keep the normalisation constants in float32 even for a bf16 model: they are applied in float32.
-        self.model.mean, self.model.std = self.model.mean.float(), self.model.std.float()
         self.metadata = metadata
         self.device = device
         self.dtype = dtype
         self.sha256 = sha256
         self.labels: list[str] = list(metadata["labels"])
         self.species: list[str] = list(metadata["species"])
+        self.preprocessing = Preprocessing.from_metadata(metadata)  # what every upload is cropped to
         self._lock = threading.Lock()  # predict may be called from the CLI and warm-up; keep forwards serial
 
     @classmethod
     def from_artifact(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> Predictor:
-        dev = select_device(device)
+        dev = resolve_device(device)  # ValueError names a missing device; /readyz shows it
         model, meta = load_artifact(path, device="cpu")
         return cls(model, meta, dev, select_dtype(dtype, dev), sha256=file_sha256(path))
 
@@ -80,6 +67,14 @@ class Predictor:
         c = self.model.config
         variant = self.metadata.get("variant") or "custom"
         return f"vit-{variant} (patch {c.patch_size}, width {c.hidden_dim}, depth {c.depth})"
+
+    def top_k(self, probs: torch.Tensor, k: int) -> list[dict[str, Any]]:
+        """The k best classes of one image's probabilities as {label, score, species, index}, highest first."""
+        scores, indices = torch.topk(probs, k)  # sorted, highest first
+        return [
+            {"label": self.labels[i], "score": float(s), "species": self.species[i], "index": i}
+            for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
+        ]
 
     def forward(self, images: torch.Tensor, with_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, S, S) uint8 on the device -> (probs (B, classes) float32, rollout (B, rows, cols) or None)."""
@@ -105,18 +100,16 @@ class Predictor:
             batch = torch.stack(images).to(self.device, non_blocking=True)  # list of (3, S, S) -> (B, 3, S, S)
             probs = torch.empty(len(images), len(self.labels), dtype=torch.float32, device=self.device)
             grids: list[torch.Tensor | None] = [None] * len(images)
-            want = torch.tensor(heatmaps, dtype=torch.bool)
             for with_attention in (False, True):
-                index = (want == with_attention).nonzero().flatten()
-                if len(index) == 0:
+                rows = [i for i, want in enumerate(heatmaps) if want == with_attention]
+                if not rows:
                     continue
-                sub = batch if len(index) == len(images) else batch[index.to(self.device)]
-                p, g = self.forward(sub, with_attention)
-                probs[index.to(self.device)] = p
+                index = torch.tensor(rows, device=self.device)
+                p, g = self.forward(batch if len(rows) == len(images) else batch[index], with_attention)
+                probs[index] = p
                 if g is not None:
-                    g = g.float().cpu()
-                    for row, i in enumerate(index.tolist()):
-                        grids[i] = g[row]
+                    for i, grid in zip(rows, g.float().cpu(), strict=True):
+                        grids[i] = grid
             probs = probs.cpu()
         return [ImagePrediction(probs[i], grids[i]) for i in range(len(images))]
 
@@ -143,8 +136,4 @@ def warmup_sizes(max_batch_size: int, policy: str, device: torch.device) -> list
         policy = "pow2" if device.type == "cpu" else "all"
     if policy == "all":
         return list(range(1, max_batch_size + 1))
-    sizes, b = [], 1
-    while b < max_batch_size:
-        sizes.append(b)
-        b *= 2
-    return [*sizes, max_batch_size]
+    return pow2_batch_sizes(max_batch_size)

@@ -84,7 +84,7 @@ class ServiceState:
         except ArtifactNotFoundError as err:
             self._fail(f"{err}. The service stays up and turns ready after a restart with the artifact in place.")
             return
-        except (ArtifactError, RuntimeError, OSError) as err:
+        except (ArtifactError, ValueError, RuntimeError, OSError) as err:  # ValueError: e.g. a missing device
             self._fail(f"could not load the model from {path}: {err}")
             return
         except Exception as err:  # anything else must not leave /readyz saying "loading" for ever

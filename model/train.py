@@ -40,6 +40,7 @@ from model.data import (
     load_splits,
     train_transform,
 )
+from model.device import resolve_device
 from model.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -82,18 +83,8 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------------------------- environment
 def pick_device(name: str, dist_info: DistInfo | None = None) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but torch sees no CUDA GPU")
-        return torch.device("cuda", dist_info.local_rank if dist_info else 0)
-    return torch.device(name)
+    """The training device; under DDP each rank takes the GPU of its local rank."""
+    return resolve_device(name, index=dist_info.local_rank if dist_info else 0)
 
 
 def default_recipe(device: torch.device) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -16,7 +17,7 @@ import uvicorn
 from PIL import Image
 
 from app.cli import main as petvit
-from app.client import PetvitClient, PetvitError, wait_until_ready
+from app.client import AsyncPetvitClient, PetvitClient, PetvitError, wait_until_ready
 from app.main import create_app
 
 from .conftest import make_settings
@@ -94,6 +95,21 @@ def test_classify_against_a_live_server(live_url, chelsea_jpeg, tiny_artifact, c
         assert client.ready() and client.model()["name"] == "petvit-tiny-test"
         with pytest.raises(PetvitError) as info:
             client.classify([b"not an image"])
+    assert info.value.status == 400 and info.value.code == "undecodable_image"
+
+
+async def test_async_client_classifies_concurrently_and_raises_structured_errors(live_url, chelsea_jpeg, tiny_artifact):
+    expected = torch.topk(direct_probs(tiny_artifact, chelsea_jpeg.read_bytes()), 3)
+    async with AsyncPetvitClient(live_url) as client:
+        assert await client.ready() and (await client.model())["name"] == "petvit-tiny-test"
+        answers = await asyncio.gather(*(client.classify([chelsea_jpeg], top_k=3, heatmap=True) for _ in range(4)))
+        with pytest.raises(PetvitError) as info:
+            await client.classify([b"not an image"])
+    for answer in answers:
+        (result,) = answer["results"]
+        assert [p["index"] for p in result["predictions"]] == expected.indices.tolist()
+        np.testing.assert_allclose([p["score"] for p in result["predictions"]], expected.values.numpy(), rtol=1e-4)
+        assert len(result["heatmap"]["grid"]) == 4  # tiny model: 32 px / 8 px patches
     assert info.value.status == 400 and info.value.code == "undecodable_image"
 
 

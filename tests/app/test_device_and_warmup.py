@@ -1,0 +1,46 @@
+"""The service's device, dtype and warm-up choices (GUIDE §3: bf16 on CUDA by default; warm what batches form)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.predictor import Predictor, select_dtype, warmup_sizes
+from model.checkpoint import ArtifactError
+
+
+def test_dtype_auto_is_bfloat16_on_cuda_and_float32_elsewhere():
+    assert select_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert select_dtype("auto", torch.device("cpu")) is torch.float32
+    assert select_dtype("auto", torch.device("mps")) is torch.float32
+    assert select_dtype("float16", torch.device("cpu")) is torch.float16
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "policy", "device", "expected"),
+    [
+        (16, "auto", "cpu", [1, 2, 4, 8, 16]),
+        (12, "auto", "cpu", [1, 2, 4, 8, 12]),  # the maximum is always warmed, even off the powers of two
+        (5, "auto", "cuda", [1, 2, 3, 4, 5]),  # accelerators: every size the batcher can form
+        (3, "all", "cpu", [1, 2, 3]),
+        (16, "none", "cuda", []),
+    ],
+)
+def test_warmup_sizes_follow_the_policy_and_device(max_batch, policy, device, expected):
+    assert warmup_sizes(max_batch, policy, torch.device(device)) == expected
+
+
+def test_a_missing_device_is_refused_with_its_name(monkeypatch, tiny_artifact):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU") as err:
+        Predictor.from_artifact(tiny_artifact, device="cuda")
+    assert not isinstance(err.value, ArtifactError)  # the artifact is fine; the device is what is missing
+
+
+def test_bfloat16_predictor_keeps_float32_normalisation_and_matches_float32(tiny_artifact):
+    fp32 = Predictor.from_artifact(tiny_artifact, device="cpu", dtype="float32")
+    bf16 = Predictor.from_artifact(tiny_artifact, device="cpu", dtype="bfloat16")
+    assert bf16.model.mean.dtype is torch.float32 and bf16.model.patch_embed.weight.dtype is torch.bfloat16
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    [a], [b] = fp32.predict([image]), bf16.predict([image])
+    assert torch.allclose(a.probs, b.probs, atol=0.05)  # bf16 rounding only, no normalisation drift
