@@ -59,6 +59,11 @@ class Predictor:
         return cls(model, meta, dev, select_dtype(dtype, dev), sha256=file_sha256(path))
 
     @property
+    def dtype_name(self) -> str:
+        """'bfloat16', 'float32', ...: how /readyz and /v1/model name the dtype."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def image_size(self) -> int:
         return self.model.config.image_size
 

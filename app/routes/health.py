@@ -32,6 +32,6 @@ async def readyz(service: ServiceDep) -> Readiness:
         status="ready",
         model=str(predictor.metadata.get("name")),
         device=str(predictor.device),
-        dtype=str(predictor.dtype).removeprefix("torch."),
+        dtype=predictor.dtype_name,
         warmup_s=round(service.warmup_s, 3),
     )

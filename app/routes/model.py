@@ -27,6 +27,6 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         evaluation=dict(meta.get("evaluation") or {}),
         sha256=predictor.sha256,
         device=str(predictor.device),
-        dtype=str(predictor.dtype).removeprefix("torch."),
+        dtype=predictor.dtype_name,
         parameters=predictor.model.num_parameters(),
     )
