@@ -2,7 +2,8 @@
 #
 #   docker build -t petvit .                                   # CUDA torch wheels (default; also run on CPU)
 #   docker build -t petvit:cpu --build-arg TORCH_FLAVOR=cpu .  # CPU-only torch: a far smaller image
-#   docker build --build-arg PIP_INDEX_URL=https://mirror.example/simple --build-arg PIP_FIND_LINKS=/wheels ...
+#   docker build --build-arg PIP_INDEX_URL=https://mirror.example/simple --build-arg PIP_FIND_LINKS=http://host/w/ ...
+#   (mirrors are URLs: a path on the host is not visible inside the build)
 #
 # Classic builder only (no BuildKit syntax). Layers are ordered so that editing model/ or app/ rebuilds only
 # the last, small layers: the dependency venv is installed from pyproject.toml + constraints.txt alone.

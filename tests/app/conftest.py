@@ -80,6 +80,24 @@ def _warmup_then(predictor: RecordingPredictor, delay_s: float, fail_when) -> Ca
     return warmup
 
 
+def flushes(service: ServiceState, reason: str) -> float:
+    """petvit_batch_flush_total{reason} as the service counted it so far."""
+    return service.metrics.batch_flush.labels(reason)._value.get()
+
+
+def rejected(service: ServiceState, reason: str) -> float:
+    """petvit_rejected_total{reason} as the service counted it so far."""
+    return service.metrics.rejected.labels(reason)._value.get()
+
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Poll `condition()` on the event loop; fail (rather than hang the suite) if it never holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
 def make_settings(artifact: Path, **overrides) -> Settings:
     base = dict(checkpoint=artifact, device="cpu", max_batch_size=8, max_wait_ms=5, warmup="pow2")
     return Settings(**{**base, **overrides})

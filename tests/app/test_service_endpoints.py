@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import file_sha256
 
-from .conftest import make_settings, png_bytes, recording_loader, running_app
+from .conftest import make_settings, png_bytes, recording_loader, rejected, running_app, until
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -41,8 +41,7 @@ async def test_readyz_is_503_until_loading_has_finished(tiny_artifact):
         early = await client.get("/readyz")
         health = await client.get("/healthz")
         release.set()
-        while service.status != "ready":
-            await asyncio.sleep(0.005)
+        await until(lambda: service.status == "ready")
         late = await client.get("/readyz")
     assert early.status_code == 503 and early.json()["error"]["code"] == "not_ready"
     assert str(tiny_artifact) in early.json()["error"]["message"]
@@ -111,10 +110,6 @@ async def test_cors_origins_from_settings(tiny_artifact):
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://pets.example"
     assert "access-control-allow-origin" not in other.headers
-
-
-def rejected(service, reason: str) -> float:
-    return service.metrics.rejected.labels(reason)._value.get()
 
 
 async def test_rejections_count_refused_classify_requests_once_each_and_not_probes(tmp_path, tiny_artifact):

@@ -187,6 +187,45 @@ def assert_expr_uses_real_series(expr: str, series: dict[str, set[str]], where: 
         assert not unknown, f"{where}: {name} has no label(s) {sorted(unknown)}"
 
 
+@pytest.fixture(scope="session")
+def app_routes() -> dict[str, set[str]]:
+    """path -> HTTP methods, from the app's own OpenAPI schema (no model is loaded: that needs the lifespan)."""
+    from app.config import Settings
+    from app.main import create_app
+
+    paths = create_app(Settings()).openapi()["paths"]
+    return {path: {method.upper() for method in operations} for path, operations in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def setting_names() -> set[str]:
+    """Every environment variable the service reads: PETVIT_ + each Settings field."""
+    from app.config import Settings
+
+    return {f"PETVIT_{name.upper()}" for name in Settings.model_fields}
+
+
+@pytest.fixture(scope="session")
+def petvit_args():
+    """parse(argv) -> argparse.Namespace through the real `petvit` CLI (app.cli), so a renamed flag or a value
+    outside a flag's choices in a deploy file fails here rather than in a container at start-up."""
+    import argparse
+    import importlib
+
+    from app.cli import COMMANDS
+
+    def parse(argv: list[str]) -> argparse.Namespace:
+        assert argv and argv[0] in COMMANDS, f"{argv[:1]} is not a petvit subcommand"
+        parser = argparse.ArgumentParser(prog=f"petvit {argv[0]}", exit_on_error=False)
+        importlib.import_module(COMMANDS[argv[0]][0]).add_arguments(parser)
+        try:
+            return parser.parse_args(argv[1:])
+        except (argparse.ArgumentError, SystemExit) as err:
+            raise AssertionError(f"petvit refuses {' '.join(argv)}: {err}") from err
+
+    return parse
+
+
 # Test modules cannot import this conftest (pytest --import-mode=importlib), so helpers travel as fixtures.
 @pytest.fixture(scope="session")
 def json_patch():

@@ -1,16 +1,17 @@
 """docker-compose.yml, docker-compose.gpu.yml, Dockerfile and .dockerignore: the wiring between them and the app.
 
-When docker-compose (v1.29+) or `docker compose` is installed, its own `config` must accept the files too."""
+When docker-compose (v1.29+) or `docker compose` is installed, its own `config` must accept the files too; every
+petvit command line in them must be one the CLI accepts."""
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
-
-from app.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -70,8 +71,8 @@ def test_api_healthcheck_polls_readiness_on_the_served_port():
     assert compose()["services"]["train"]["healthcheck"] == {"disable": True}
 
 
-def test_compose_passes_every_setting_through_and_no_unknown_ones():
-    fields = {f"PETVIT_{name.upper()}" for name in Settings.model_fields}
+def test_compose_passes_every_setting_through_and_no_unknown_ones(setting_names):
+    fields = setting_names
     for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
         env = compose(name)["services"]["api"]["environment"]
         assert set(env) <= fields, f"{name}: unknown settings {sorted(set(env) - fields)}"
@@ -104,6 +105,35 @@ def test_gpu_override_reserves_nvidia_devices_and_serves_on_cuda():
     assert gpu["api"]["environment"]["PETVIT_DEVICE"] == "cuda"
     # the default file must run where there is no NVIDIA runtime
     assert "deploy" not in compose()["services"]["api"] and "nvidia" not in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_every_petvit_command_line_is_one_the_cli_accepts(petvit_args):
+    """compose's train and api commands, the image's CMD and the smoke test's export, through the real parser: a
+    renamed flag or a recipe outside --recipe's choices fails here, not in a container after a long build."""
+    services = compose()["services"]
+    train = petvit_args([expand_defaults(a) for a in services["train"]["command"]])
+    assert train.if_missing and train.dataset == "pets" and train.recipe == "auto" and train.device == "auto"
+    assert (train.data_dir, train.out) == ("/data", "/artifacts/petvit.safetensors")
+    api = petvit_args(services["api"]["command"])
+    assert (api.host, api.port) == ("0.0.0.0", SERVE_PORT)
+    (cmd,) = [arg for op, arg in dockerfile_instructions() if op == "CMD"]
+    (entrypoint,) = [arg for op, arg in dockerfile_instructions() if op == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["petvit"] and petvit_args(json.loads(cmd)).port == SERVE_PORT
+    # The smoke test places its artifact exactly where train --if-missing looks, so train skips.
+    smoke = (ROOT / "scripts" / "compose-smoke.sh").read_text()
+    (export,) = re.findall(r"compose run --rm --no-deps train (export [^\\\n]*)", smoke)
+    assert str(petvit_args(export.split()).out) == train.out
+
+
+def test_the_cli_check_refuses_bad_command_lines(petvit_args):
+    """Guards the test above: an unknown flag, a value outside the choices, a bad type, a missing subcommand."""
+    for argv in (["train", "--recipe", "cpu"], ["train", "--if-mising"], ["serve", "--port", "http"], ["run"]):
+        with pytest.raises(AssertionError):
+            petvit_args(argv)
+
+
+# `docker-compose config` on both file sets runs in scripts/compose-smoke.sh, where the engine is guaranteed: here
+# it could only skip on a machine without Docker.
 
 
 # ---- Dockerfile -------------------------------------------------------------------------------------------------
@@ -182,9 +212,9 @@ def test_dockerignore_sends_only_what_the_dockerfile_copies():
         assert _ignored(kept_out, patterns), f"{kept_out} would be sent to the Docker daemon"
 
 
-def test_readme_settings_table_lists_every_setting():
+def test_readme_settings_table_lists_every_setting(setting_names):
     docs = (ROOT / "README.md").read_text()
     rows = set(re.findall(r"^\| `(PETVIT_[A-Z0-9_]+)` \|", docs, re.M))
-    fields = {f"PETVIT_{name.upper()}" for name in Settings.model_fields}
+    fields = setting_names
     assert not fields - rows, f"settings missing from the table: {sorted(fields - rows)}"
     assert not rows - fields, f"the table lists settings the service does not read: {sorted(rows - fields)}"

@@ -9,19 +9,11 @@ import kubernetes_validate
 import pytest
 
 from app.config import Settings
-from app.main import create_app
 
 # The oldest Kubernetes we claim (autoscaling/v2 and batch/v1 ttlSecondsAfterFinished are GA there) and the newest
 # whose schemas kubernetes-validate ships.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 SERVE_PORT = 8000
-
-
-@pytest.fixture(scope="module")
-def app_routes() -> dict[str, set[str]]:
-    """path -> HTTP methods, from the app's own OpenAPI schema (no model is loaded: that needs the lifespan)."""
-    paths = create_app(Settings()).openapi()["paths"]
-    return {path: {method.upper() for method in operations} for path, operations in paths.items()}
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -124,8 +116,8 @@ def test_pods_run_as_the_images_non_root_user(rendered, find_resource):
         assert pod["securityContext"]["runAsUser"] == 10001  # the uid the Dockerfile creates
 
 
-def test_api_env_names_are_settings_the_service_reads(rendered, find_resource):
-    fields = {f"PETVIT_{name.upper()}" for name in Settings.model_fields}
+def test_api_env_names_are_settings_the_service_reads(rendered, find_resource, setting_names):
+    fields = setting_names
     for variant in ("cpu", "gpu"):
         pod = find_resource(rendered[variant], "Deployment", "petvit-api")["spec"]["template"]["spec"]
         (api,) = [c for c in pod["containers"] if c["name"] == "api"]
@@ -160,3 +152,20 @@ def test_the_hpa_alone_owns_the_replica_count(rendered, find_resource):
     """A `replicas` field would reset the autoscaled count on every `kubectl apply`."""
     for variant in ("cpu", "gpu"):
         assert "replicas" not in find_resource(rendered[variant], "Deployment", "petvit-api")["spec"]
+
+
+def test_container_args_are_command_lines_petvit_accepts(rendered, find_resource, petvit_args):
+    """The Deployment's and the Job's args go through the real CLI parser: flags exist, values are in their choices."""
+    for variant in ("cpu", "gpu"):
+        docs = rendered[variant]
+        (api,) = [
+            c
+            for c in find_resource(docs, "Deployment", "petvit-api")["spec"]["template"]["spec"]["containers"]
+            if c["name"] == "api"
+        ]
+        serve = petvit_args(api["args"])
+        assert (serve.host, serve.port) == ("0.0.0.0", SERVE_PORT)
+        (train,) = find_resource(docs, "Job", "petvit-train")["spec"]["template"]["spec"]["containers"]
+        job = petvit_args(train["args"])
+        checkpoint = {e["name"]: e.get("value") for e in api["env"]}["PETVIT_CHECKPOINT"]
+        assert job.if_missing and job.out == checkpoint and job.recipe == "auto"

@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "petvit.json"
-APP_SOURCE = "\n".join(p.read_text() for p in (ROOT / "app").rglob("*.py"))
 
 
 def compose() -> dict:
@@ -50,7 +49,8 @@ def test_prometheus_scrapes_the_compose_api_service_on_its_port():
     host, port = target.split(":")
     services = compose()["services"]
     assert host in services and host == "api"
-    assert f":{port}" in services["api"]["ports"][0]  # "${PETVIT_PORT:-8000}:8000" publishes the container port
+    # "${PETVIT_PORT:-8000}:8000": whatever the host port, the container port is the one scraped.
+    assert services["api"]["ports"][0].rsplit(":", 1)[1] == port
     assert services["api"]["command"][services["api"]["command"].index("--port") + 1] == port
 
 
@@ -89,24 +89,37 @@ def test_alert_rules_query_only_series_and_labels_the_app_exports(check_expr):
         check_expr(rule["expr"], f"alert {rule['alert']}")
 
 
-def test_label_values_matched_in_rules_and_dashboard_are_emitted_by_the_app(selectors):
-    """route="/classify" must be a route template the app labels with; reason="queue_full" one it counts."""
-    from app.config import Settings
-    from app.main import create_app
+def test_label_values_matched_in_rules_and_dashboard_are_emitted_by_the_app(selectors, app_routes):
+    """route="/classify" must be a route template the app labels with; reason="queue_full" one the rejection counter
+    counts (not merely a string somewhere in app/: "queue_full" is also an error code); status a 3-digit code."""
+    from app.metrics import Metrics
+    from app.routes import classify
 
-    routes = set(create_app(Settings()).openapi()["paths"])
+    reasons = {
+        "petvit_rejected_total": {
+            *classify._REJECT_REASONS_BY_CODE.values(),
+            *classify._REJECT_REASONS_BY_STATUS.values(),
+            "unauthorized",  # app/deps.py, the API-key check
+        },
+        "petvit_batch_flush_total": {
+            sample.labels["reason"] for family in Metrics().batch_flush.collect() for sample in family.samples
+        },
+    }
+    assert 'labels("unauthorized")' in (ROOT / "app" / "deps.py").read_text()
     exprs = [rule["expr"] for rule in alert_rules()] + [target["expr"] for _, target in dashboard_targets()]
     seen = 0
     for expr in exprs:
-        for _, matchers in selectors(expr):
+        for name, matchers in selectors(expr):
             for label, (op, value) in matchers.items():
                 if op != "=":
                     continue
                 seen += 1
                 if label == "route":
-                    assert value in routes, f"no route {value}"
-                elif label in {"reason"}:
-                    assert f'"{value}"' in APP_SOURCE, f"the app never counts reason={value}"
+                    assert value in app_routes, f"no route {value}"
+                elif label == "reason":
+                    assert value in reasons[name], f"{name} is never counted with reason={value}"
+                elif label == "status":
+                    assert re.fullmatch(r"[1-5]\d\d", value), f"status={value} is not an HTTP status code"
     assert seen >= 3
 
 
