@@ -5,7 +5,7 @@
 #   docker build --build-arg PIP_INDEX_URL=https://mirror.example/simple --build-arg PIP_FIND_LINKS=http://host/w/ ...
 #   (mirrors are URLs: a path on the host is not visible inside the build)
 #
-# Classic builder only (no BuildKit syntax). Layers are ordered so that editing model/ or app/ rebuilds only
+# Classic builder only (no BuildKit syntax). Layers are ordered so that editing model/, training/, app/ or cli/ rebuilds only
 # the last, small layers: the dependency venv is installed from pyproject.toml + constraints.txt alone.
 # Mirrors: PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS are passed to pip when given.
 
@@ -24,7 +24,9 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/build && /opt/build/bin/pip install "setuptools>=68" wheel
 COPY pyproject.toml README.md /src/
 COPY model /src/model
+COPY training /src/training
 COPY app /src/app
+COPY cli /src/cli
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation -w /dist /src
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,12 +58,14 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 # 1. Dependencies only, from pyproject.toml + constraints.txt (cached until either changes). torch/torchvision
 #    versions come from constraints.txt in both flavours ("torch==X" also matches the CPU index's "X+cpu").
+#    The service's dependencies plus the [train] extra: this one image also runs `petvit train` (compose's train
+#    service, the k8s Job).
 COPY pyproject.toml constraints.txt /tmp/deps/
 RUN set -eux; \
     python -m venv /opt/venv; \
     cd /tmp/deps; \
-    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > requirements.txt; \
+    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['train']))" > requirements.txt; \
     case "$TORCH_FLAVOR" in \
       cuda) ;; \
       cpu) pip install -c constraints.txt --index-url "$TORCH_CPU_INDEX_URL" torch torchvision ;; \

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from app.errors import unauthorized
-from app.state import ServiceState
+from app.lifecycle import ServiceState
 
 
 def get_service(request: Request) -> ServiceState:

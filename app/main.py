@@ -17,9 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 from app.errors import install_error_handlers
+from app.lifecycle import PredictorLoader, ServiceState, load_from_settings
 from app.metrics import Metrics
-from app.routes import classify, health, metrics, model, ui
-from app.state import PredictorLoader, ServiceState, load_from_settings
+from app.routes import classify, health, metrics, model_info, ui
 
 log = logging.getLogger("petvit.app")
 
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, loader: PredictorLoader = load_
     )
     app.state.service = service
     install_error_handlers(app)
-    for router in (classify.router, health.router, model.router, metrics.router, ui.router):
+    for router in (classify.router, health.router, model_info.router, metrics.router, ui.router):
         app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(

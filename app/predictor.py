@@ -16,7 +16,7 @@ import torch
 
 from app.metrics import pow2_batch_sizes
 from app.preprocess import Preprocessing
-from model.checkpoint import file_sha256, load_artifact
+from model.artifact import file_sha256, load_artifact
 from model.device import resolve_device
 from model.rollout import attention_rollout
 from model.vit import ViT

@@ -143,7 +143,7 @@ def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
 def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float, float, float]:
     """The centre crop in (width, height) pixels that resize-shorter-side + centre-crop keeps, with torchvision's
     rounding (Resize truncates the longer side, CenterCrop rounds its offsets) so serving sees the pixels the
-    evaluation (model.data.eval_transform) saw. A resize_size below image_size (odd metadata) resizes the shorter
+    evaluation (training.data.eval_transform) saw. A resize_size below image_size (odd metadata) resizes the shorter
     side to image_size instead: the crop never leaves the image."""
     side = pre.image_size
     resized_w, resized_h = _resized_size(width, height, max(pre.resize_size, side))

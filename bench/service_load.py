@@ -73,7 +73,7 @@ class Server:
             "PETVIT_LOG_LEVEL": "warning",
             "PETVIT_REQUEST_TIMEOUT_S": "600",  # measure throughput, not the deadline, on a slow shared CPU
         }
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         self.process = subprocess.Popen(cmd, cwd=ROOT, env=env)
 
     def wait_ready(self, timeout: float = 300) -> None:

@@ -1,7 +1,7 @@
 """Training throughput: `finetune` train-step img/s and `linear-probe` feature-extraction img/s.
 
 Synthetic uint8 batches through our ViT at the variant's real shape (random init: same FLOPs as the ImageNet
-weights, and nothing to download). A train step is model/train.py's own (forward, loss, backward, clipping,
+weights, and nothing to download). A train step is training/loop.py's own (forward, loss, backward, clipping,
 AdamW update; autocast when --dtype bf16); extraction is the no-grad backbone forward the linear probe caches.
 
     .venv/bin/python bench/train_throughput.py                                  # CPU, b16, short
@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from model.config import get_config
-from model.recipes import RECIPE_DEFAULTS, parameter_groups
-from model.train import train_one_epoch
 from model.vit import ViT
+from training.loop import train_one_epoch
+from training.recipes import RECIPE_DEFAULTS, parameter_groups
 
 PETS_TRAINVAL_IMAGES = 3680  # Oxford-IIIT Pet trainval
 PETS_TRAIN_IMAGES = 3312  # trainval minus the 10 % held-out validation slice: what one finetune epoch sees
@@ -71,7 +71,7 @@ def bench_finetune(model: ViT, batch: int, device: torch.device, amp: torch.dtyp
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     targets = torch.randint(0, model.config.num_classes, (batch,), device=device)
 
-    def step() -> None:  # model/train.py's own step, one batch at a time
+    def step() -> None:  # training/loop.py's own step, one batch at a time
         train_one_epoch(model, [(images, targets)], optimizer, cfg, 0, 1, 0, device, amp, show=False)
 
     return _timed(step, device, warmup, steps, "finetune")

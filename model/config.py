@@ -18,7 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def resize_size_for(image_size: int) -> int:
     """Shorter side before the eval centre crop: torchvision's ImageNet 256/224 ratio. The one definition shared
-    by the eval transform (model.data) and the artifact's preprocessing metadata the service follows."""
+    by the eval transform (training.data) and the artifact's preprocessing metadata the service follows."""
     return round(image_size * 256 / 224)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.checkpoint import save_artifact
+from model.artifact import save_artifact
 from model.config import ViTConfig
 from model.vit import ViT
 

@@ -14,10 +14,10 @@ from app.batcher import BatcherClosedError, BatchResult, DeadlineExceededError, 
 from app.deps import ApiKeyDep, ServiceDep
 from app.errors import ServiceError, bad_request, deadline_exceeded, queue_full
 from app.heatmap import overlay_png_base64
+from app.lifecycle import ServiceState
 from app.predictor import Predictor
 from app.preprocess import PreparedImage, Preprocessing, prepare
 from app.schemas import ERROR_RESPONSES, ClassifyResponse, Heatmap, ImageResult, Prediction, Timings
-from app.state import ServiceState
 from app.uploads import FILE_FIELD, read_uploads
 
 router = APIRouter(tags=["classify"])

@@ -12,7 +12,7 @@ from PIL import Image
 from app.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from app.metrics import Metrics
 
-from .conftest import encode, flushes, make_settings, png_bytes, recording_loader, rejected, running_app, until
+from .fixtures import encode, flushes, make_settings, png_bytes, recording_loader, rejected, running_app, until
 from .test_classify import assert_matches_model, direct_probs
 
 

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from app.preprocess import Preprocessing, crop_box, prepare
-from model.checkpoint import load_artifact
+from app.preprocess import Preprocessing, crop_box
+from model.artifact import load_artifact
 from model.labels import PET_LABELS, PET_SPECIES
 
-from .conftest import encode, make_settings, noise_image, png_bytes, running_app
-
-
-def direct_probs(artifact: Path, data: bytes) -> torch.Tensor:
-    """What the model itself says about these bytes, preprocessed the way the artifact asks."""
-    model, meta = load_artifact(artifact, "cpu")
-    tensor = prepare(data, Preprocessing.from_metadata(meta), 10**9).tensor
-    with torch.inference_mode():
-        return model(tensor[None]).float().softmax(-1)[0]  # (1, 3, S, S) -> (classes,)
+from .fixtures import direct_probs, encode, make_settings, noise_image, png_bytes, running_app
 
 
 def assert_matches_model(result: dict, expected: torch.Tensor, k: int) -> None:

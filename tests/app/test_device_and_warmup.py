@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from app.predictor import Predictor, select_dtype, warmup_sizes
-from model.checkpoint import ArtifactError
+from model.artifact import ArtifactError
 
 
 def test_dtype_auto_is_bfloat16_on_cuda_and_float32_elsewhere():

@@ -9,7 +9,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from .conftest import encode, make_settings, noise_image, png_bytes, running_app
+from .fixtures import encode, make_settings, noise_image, png_bytes, running_app
 
 
 def error_of(response) -> dict:

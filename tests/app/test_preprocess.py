@@ -9,9 +9,9 @@ from PIL import Image, ImageFilter
 
 from app.errors import ServiceError
 from app.preprocess import Preprocessing, crop_box, decode, prepare, to_rgb
-from model.data import eval_transform, resize_size_for
+from training.data import eval_transform, resize_size_for
 
-from .conftest import encode
+from .fixtures import encode
 
 PRE = Preprocessing(image_size=32, resize_size=37)
 
@@ -59,7 +59,7 @@ def test_resize_and_centre_crop_follow_the_artifact():
 
 @pytest.mark.parametrize("size", [(451, 300), (300, 451), (64, 48), (37, 37), (121, 80)])
 def test_preprocessing_matches_the_models_evaluation_transform(size):
-    """Serving must feed the model the pixels its evaluation did (model.data.eval_transform), not a crop shifted by
+    """Serving must feed the model the pixels its evaluation did (training.data.eval_transform), not a crop shifted by
     half a pixel: same resized size, same crop offsets; PIL's and torch's resamplers differ by a grey level or two
     here and there."""
     rng = np.random.default_rng(size[0])

@@ -6,9 +6,9 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.checkpoint import file_sha256
+from model.artifact import file_sha256
 
-from .conftest import make_settings, png_bytes, recording_loader, rejected, running_app, until
+from .fixtures import make_settings, png_bytes, recording_loader, rejected, running_app, until
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:

@@ -207,12 +207,12 @@ def setting_names() -> set[str]:
 
 @pytest.fixture(scope="session")
 def petvit_args():
-    """parse(argv) -> argparse.Namespace through the real `petvit` CLI (app.cli), so a renamed flag or a value
+    """parse(argv) -> argparse.Namespace through the real `petvit` CLI (cli.main), so a renamed flag or a value
     outside a flag's choices in a deploy file fails here rather than in a container at start-up."""
     import argparse
     import importlib
 
-    from app.cli import COMMANDS
+    from cli.main import COMMANDS
 
     def parse(argv: list[str]) -> argparse.Namespace:
         assert argv and argv[0] in COMMANDS, f"{argv[:1]} is not a petvit subcommand"

@@ -15,7 +15,7 @@ from torchvision.models import vit_b_16
 from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.transforms import functional as TF
 
-from model.checkpoint import load_artifact
+from model.artifact import load_artifact
 from model.config import IMAGENET_MEAN, IMAGENET_STD, get_config
 from model.pretrained import from_torchvision, weights_enum
 from model.rollout import attention_rollout, upsample_heatmap

@@ -33,7 +33,7 @@ def free_port() -> int:
 def petvit_command() -> list[str]:
     """The installed `petvit` console script next to this interpreter (what README tells people to run)."""
     script = Path(sys.executable).parent / "petvit"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.data import DataConfig, eval_transform, load_splits
-from model.features import cached_features
 from tests.conftest import make_tiny_model
+from training.data import DataConfig, eval_transform, load_splits
+from training.features import cached_features
 
 
 @pytest.fixture

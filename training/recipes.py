@@ -36,7 +36,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0  # linear warmup protects pretrained features from the new head's large gradients
     label_smoothing: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    augment: str = "trivial"  # see model.data.train_transform
+    augment: str = "trivial"  # see training.data.train_transform
     mixup: bool = False  # MixUp/CutMix per batch (soft targets)
     seed: int = 0
     # ViTConfig field overrides on top of the variant (e.g. a tiny model for tests: depth=2, hidden_dim=32).

@@ -18,7 +18,7 @@ from app.config import Settings
 from app.errors import ServiceError, not_ready
 from app.metrics import Metrics
 from app.predictor import ImagePrediction, Predictor, warmup_sizes
-from model.checkpoint import ArtifactError, ArtifactNotFoundError
+from model.artifact import ArtifactError, ArtifactNotFoundError
 
 log = logging.getLogger("petvit.service")
 

@@ -15,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from app.cli import main
-from model.checkpoint import load_artifact, read_metadata
+from cli.main import main
+from cli.train import configs_from_args
+from model.artifact import load_artifact, read_metadata
 from model.pretrained import load_pretrained
-from model.recipes import lr_at
-from model.train import autocast_dtype, configs_from_args
-from model.train_state import load_train_state, save_train_state
-from tests.model.pets_fixture import make_pets_tree
+from tests.training.pets_fixture import make_pets_tree
+from training.loop import autocast_dtype
+from training.recipes import lr_at
+from training.train_state import load_train_state, save_train_state
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_SCRATCH = ["--set", "image_size=32", "--set", "patch_size=8", "--set", "hidden_dim=32", "--set", "depth=1",
@@ -199,7 +200,7 @@ def test_if_missing_skips_when_the_artifact_exists(tmp_path, capsys) -> None:
 def test_missing_dataset_offline_exits_2_with_the_archives_and_no_traceback(tmp_path) -> None:
     data = tmp_path / "data"
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "train", "--recipe", "scratch", "--data-dir", str(data),
+        [sys.executable, "-m", "cli", "train", "--recipe", "scratch", "--data-dir", str(data),
          "--out", str(tmp_path / "a.safetensors"), "--no-download"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
@@ -265,7 +266,7 @@ def test_trains_under_a_torchrun_style_process_group(pets_root, tmp_path, monkey
 def test_recipe_auto_follows_the_device(tmp_path) -> None:
     import argparse
 
-    from model.train import add_arguments
+    from cli.train import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -313,10 +314,10 @@ def test_train_state_round_trips_model_and_optimizer(tmp_path) -> None:
 
 
 def test_cli_lists_train_and_evaluate() -> None:
-    from app.cli import COMMANDS
+    from cli.main import COMMANDS
 
-    assert COMMANDS["train"][0] == "model.train" and COMMANDS["evaluate"][0] == "model.evaluate"
-    assert os.path.exists(REPO / "model" / "train.py")
+    assert COMMANDS["train"][0] == "cli.train" and COMMANDS["evaluate"][0] == "cli.evaluate"
+    assert os.path.exists(REPO / "training" / "loop.py")
 
 
 # ---------------------------------------------------------------------------------------------- review fixes
@@ -351,7 +352,7 @@ def test_empty_validation_split_is_refused_instead_of_picking_epoch_1(pets_root,
 
 
 def test_each_ddp_rank_draws_its_own_random_stream_and_rank_0_the_single_process_one() -> None:
-    from model.train import seed_epoch
+    from training.loop import seed_epoch
 
     draws = {}
     for rank in (0, 1):
@@ -366,7 +367,7 @@ def test_each_ddp_rank_draws_its_own_random_stream_and_rank_0_the_single_process
 
 
 def test_git_commit_marks_uncommitted_changes_and_ignores_folders_that_are_not_the_checkout(tmp_path) -> None:
-    from model.train import git_commit
+    from training.loop import git_commit
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -384,7 +385,7 @@ def test_git_commit_marks_uncommitted_changes_and_ignores_folders_that_are_not_t
 
 
 def test_pretrained_recipe_refuses_model_overrides_before_loading_weights(monkeypatch) -> None:
-    from model import recipes
+    from training import recipes
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("load_pretrained ran before the overrides were refused")
@@ -397,7 +398,7 @@ def test_pretrained_recipe_refuses_model_overrides_before_loading_weights(monkey
 
 @pytest.mark.parametrize(("local_rank", "expected"), [(0, ["body", "barrier"]), (1, ["barrier", "body"])])
 def test_each_node_downloads_once_before_its_other_ranks_read(monkeypatch, local_rank, expected) -> None:
-    from model import distributed
+    from training import distributed
 
     calls: list[str] = []
     monkeypatch.setattr(distributed, "barrier", lambda info: calls.append("barrier"))
@@ -415,7 +416,7 @@ def test_training_loads_data_and_weights_inside_local_main_first(pets_root, tmp_
     """Was: every rank downloading Pets / the ImageNet weights into the same folder at once."""
     from contextlib import contextmanager
 
-    from model import train
+    from training import loop as train
 
     events: list[str] = []
 

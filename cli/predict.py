@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
     from app.heatmap import compose, render_overlay
     from app.predictor import Predictor
     from app.preprocess import prepare
-    from model.checkpoint import ArtifactError
+    from model.artifact import ArtifactError
 
     settings = settings_or_report("petvit predict")
     if settings is None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision.models import ViT_B_16_Weights
 
-from app.cli import main
-from model.checkpoint import load_artifact, read_metadata
+from cli.main import main
+from model.artifact import load_artifact, read_metadata
 from model.config import get_config
 from model.export import export_artifact
 

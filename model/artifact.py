@@ -141,7 +141,7 @@ def _read_header(path: Path) -> dict[str, Any]:
         if not looks_safetensors and (is_zip or is_pickle):
             raise ArtifactError(
                 f"{path} is a pickle (torch.save) checkpoint; petvit never unpickles files it is handed. "
-                "Convert the weights to a petvit artifact (model/checkpoint.save_artifact) where you trust the file."
+                "Convert the weights to a petvit artifact (model.artifact.save_artifact) where you trust the file."
             )
         prefix = prefix[:8]
         f.seek(8)

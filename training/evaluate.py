@@ -7,10 +7,8 @@ model was trained with (read from the artifact), so the test images are ones tra
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,10 +19,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.checkpoint import ArtifactError, file_sha256, load_artifact, save_artifact
-from model.data import DataConfig, DatasetUnavailable, eval_transform, load_splits
-from model.plots import plot_confusion_matrix, plot_training_curves
+from model.artifact import file_sha256, load_artifact, save_artifact
 from model.vit import ViT
+from training.data import DataConfig, eval_transform, load_splits
+from training.plots import plot_confusion_matrix, plot_training_curves
 
 REPORT_FILE = "report.json"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -194,42 +192,3 @@ def _first_difference(ours: Sequence[str], theirs: Sequence[str]) -> str:
         if a != b:
             return f"class {i} is {a!r} in the artifact, {b!r} in the data"
     return f"the artifact has {len(ours)} classes, the data {len(theirs)}"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="artifact to evaluate (.safetensors)")
-    parser.add_argument("--dataset", choices=("pets", "folder"), help="default: the one it was trained on")
-    parser.add_argument("--data-dir", help="default: the one it was trained on")
-    parser.add_argument("--output-dir", type=Path, default=Path("results/evaluate"))
-    parser.add_argument("--split", choices=("test", "val"), default="test")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument(
-        "--write-metadata", action="store_true", help="store the summary in the artifact (shown at /v1/model)"
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        report = evaluate_artifact(
-            args.checkpoint,
-            args.dataset,
-            args.data_dir,
-            args.output_dir,
-            args.split,
-            args.batch_size,
-            args.device,
-            args.workers,
-            args.write_metadata,
-        )
-    except (DatasetUnavailable, ArtifactError, ValueError) as err:  # ValueError: wrong classes, empty split
-        print(f"petvit evaluate: {err}", file=sys.stderr)
-        return 2
-    cvd = report["cat_vs_dog"]
-    print(
-        f"{report['split']} ({report['num_images']} images): top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}"
-        + (f"  cat-vs-dog {cvd:.4f}" if cvd is not None else "")
-    )
-    print(f"wrote {', '.join(report['files'].values())}")
-    return 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoint import (
+from model.artifact import (
     FORMAT_VERSION,
     METADATA_KEY,
     ArtifactError,

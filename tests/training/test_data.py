@@ -1,4 +1,4 @@
-"""model/data.py: Pets through torchvision's own OxfordIIITPet, folder splits, transforms, the offline message."""
+"""training/data.py: Pets through torchvision's own OxfordIIITPet, folder splits, transforms, the offline message."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from torchvision.datasets import OxfordIIITPet
 
-from model.data import (
+from model.labels import BREEDS, PET_LABELS, PET_SPECIES
+from tests.training.pets_fixture import make_pets_tree
+from training.data import (
     DataConfig,
     DatasetUnavailable,
     batch_mixer,
@@ -21,8 +23,6 @@ from model.data import (
     stratified_split,
     train_transform,
 )
-from model.labels import BREEDS, PET_LABELS, PET_SPECIES
-from tests.model.pets_fixture import make_pets_tree
 
 
 @pytest.fixture(scope="module")

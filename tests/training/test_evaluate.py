@@ -1,4 +1,4 @@
-"""model/evaluate.py: the metrics by hand, the report files, the split it evaluates on, the metadata write-back."""
+"""training/evaluate.py: the metrics by hand, the report files, the split it evaluates on, the metadata write-back."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from app.cli import main
-from model.checkpoint import read_metadata, save_artifact
-from model.data import DataConfig, load_splits
-from model.evaluate import compute_metrics, evaluate_artifact, metadata_summary, write_report
-from model.plots import plot_training_curves
+from cli.main import main
+from model.artifact import read_metadata, save_artifact
 from tests.conftest import make_tiny_model
+from training.data import DataConfig, load_splits
+from training.evaluate import compute_metrics, evaluate_artifact, metadata_summary, write_report
+from training.plots import plot_training_curves
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -132,7 +132,7 @@ def test_evaluate_refuses_data_with_the_same_count_of_other_classes(folder_artif
 
 
 def test_report_sha256_names_the_artifact_after_the_metadata_write(folder_artifact, tmp_path: Path) -> None:
-    from model.checkpoint import file_sha256
+    from model.artifact import file_sha256
 
     artifact, _ = folder_artifact
     report = evaluate_artifact(artifact, output_dir=tmp_path / "out", write_metadata=True)

@@ -1,4 +1,4 @@
-"""Fixtures for the model tests."""
+"""Fixtures for the training tests."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from model.checkpoint import save_file_atomically
+from model.artifact import save_file_atomically
 
 STATE_FILE = "last_state.safetensors"
 BEST_FILE = "best_weights.safetensors"

@@ -16,12 +16,10 @@ import torch
 import uvicorn
 from PIL import Image
 
-from app.cli import main as petvit
 from app.client import AsyncPetvitClient, PetvitClient, PetvitError, wait_until_ready
 from app.main import create_app
-
-from .conftest import make_settings
-from .test_classify import direct_probs
+from cli.main import main as petvit
+from tests.app.fixtures import direct_probs, make_settings
 
 
 @pytest.fixture

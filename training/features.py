@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from model.checkpoint import save_file_atomically
-from model.evaluate import predict
+from model.artifact import save_file_atomically
 from model.vit import ViT
+from training.evaluate import predict
 
 
 def backbone_fingerprint(model: ViT) -> str:

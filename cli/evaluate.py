@@ -1,0 +1,51 @@
+"""`petvit evaluate`: score an artifact on a split and write the report, its PNGs and (optionally) the summary
+into the artifact (training/evaluate.py does the work)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from model.artifact import ArtifactError
+from training.data import DatasetUnavailable
+from training.evaluate import evaluate_artifact
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="artifact to evaluate (.safetensors)")
+    parser.add_argument("--dataset", choices=("pets", "folder"), help="default: the one it was trained on")
+    parser.add_argument("--data-dir", help="default: the one it was trained on")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/evaluate"))
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument(
+        "--write-metadata", action="store_true", help="store the summary in the artifact (shown at /v1/model)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        report = evaluate_artifact(
+            args.checkpoint,
+            args.dataset,
+            args.data_dir,
+            args.output_dir,
+            args.split,
+            args.batch_size,
+            args.device,
+            args.workers,
+            args.write_metadata,
+        )
+    except (DatasetUnavailable, ArtifactError, ValueError) as err:  # ValueError: wrong classes, empty split
+        print(f"petvit evaluate: {err}", file=sys.stderr)
+        return 2
+    cvd = report["cat_vs_dog"]
+    print(
+        f"{report['split']} ({report['num_images']} images): top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}"
+        + (f"  cat-vs-dog {cvd:.4f}" if cvd is not None else "")
+    )
+    print(f"wrote {', '.join(report['files'].values())}")
+    return 0

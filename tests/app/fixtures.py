@@ -1,0 +1,136 @@
+"""Service test helpers shared by tests/app and tests/cli: a running app on the tiny artifact (through ASGITransport +
+LifespanManager), a recording predictor, image encoders, metric readers and what the model itself says."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from asgi_lifespan import LifespanManager
+from PIL import Image
+
+from app.config import Settings
+from app.lifecycle import ServiceState
+from app.main import create_app
+from app.predictor import ImagePrediction, Predictor
+from app.preprocess import Preprocessing, prepare
+from model.artifact import load_artifact
+
+Loader = Callable[[Settings], Predictor]
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def noise_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """A distinct random RGB image per seed: the tiny model gives each a different output."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    # PNG is lossless, so the service decodes exactly the pixels the test holds
+    return encode(noise_image(seed, size), "PNG")
+
+
+class RecordingPredictor(Predictor):
+    """The real predictor, plus a record of every batch it ran, an optional delay, and optional failures."""
+
+    delay_s: float = 0.0
+    fail_when: Callable[[list[torch.Tensor]], BaseException | None] | None = None
+
+    def predict(self, images: list[torch.Tensor], heatmaps: list[bool] | None = None) -> list[ImagePrediction]:
+        self.batches = getattr(self, "batches", [])
+        self.batches.append([img.clone() for img in images])
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_when is not None and (error := self.fail_when(images)) is not None:
+            raise error
+        return super().predict(images, heatmaps)
+
+
+def recording_loader(artifact: Path, delay_s: float = 0.0, fail_when=None) -> Loader:
+    def load(settings: Settings) -> Predictor:
+        predictor = RecordingPredictor.from_artifact(artifact, "cpu", "float32")
+        predictor.delay_s = 0.0  # warm-up runs undelayed
+        predictor.fail_when = None
+        predictor.warmup = _warmup_then(predictor, delay_s, fail_when)  # type: ignore[method-assign]
+        return predictor
+
+    return load
+
+
+def _warmup_then(predictor: RecordingPredictor, delay_s: float, fail_when) -> Callable[[list[int]], float]:
+    original = predictor.warmup
+
+    def warmup(sizes: list[int]) -> float:
+        seconds = original(sizes)
+        predictor.batches = []
+        predictor.delay_s, predictor.fail_when = delay_s, fail_when
+        return seconds
+
+    return warmup
+
+
+def metric_value(service: ServiceState, name: str, **labels: str) -> float:
+    """One sample as the service's registry exports it (0 when the series has not been created yet)."""
+    return service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def flushes(service: ServiceState, reason: str) -> float:
+    """petvit_batch_flush_total{reason} as the service counted it so far."""
+    return metric_value(service, "petvit_batch_flush_total", reason=reason)
+
+
+def rejected(service: ServiceState, reason: str) -> float:
+    """petvit_rejected_total{reason} as the service counted it so far."""
+    return metric_value(service, "petvit_rejected_total", reason=reason)
+
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Poll `condition()` on the event loop; fail (rather than hang the suite) if it never holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+def make_settings(artifact: Path, **overrides) -> Settings:
+    base = dict(checkpoint=artifact, device="cpu", max_batch_size=8, max_wait_ms=5, warmup="pow2")
+    return Settings(**{**base, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def running_app(
+    settings: Settings, loader: Loader | None = None, wait_ready: bool = True
+) -> AsyncIterator[tuple[httpx.AsyncClient, ServiceState]]:
+    """The app with its lifespan running, once loading has finished (ready or failed)."""
+    app = create_app(settings, loader) if loader else create_app(settings)
+    service: ServiceState = app.state.service
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://petvit.test", timeout=30) as client:
+            if wait_ready:
+                for _ in range(2000):
+                    if service.status not in ("starting", "loading"):
+                        break
+                    await asyncio.sleep(0.005)
+            yield client, service
+
+
+def direct_probs(artifact: Path, data: bytes) -> torch.Tensor:
+    """What the model itself says about these bytes, preprocessed the way the artifact asks."""
+    model, meta = load_artifact(artifact, "cpu")
+    tensor = prepare(data, Preprocessing.from_metadata(meta), 10**9).tensor
+    with torch.inference_mode():
+        return model(tensor[None]).float().softmax(-1)[0]  # (1, 3, S, S) -> (classes,)
