@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.precision import canonical_dtype
+
 
 class Settings(BaseSettings):
     # env_ignore_empty: compose passes `PETVIT_DTYPE:` through as "" when unset on the host; that means "default".
@@ -19,8 +21,8 @@ class Settings(BaseSettings):
 
     checkpoint: Path = Field(Path("artifacts/petvit.safetensors"), description="model artifact (.safetensors)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto tries cuda, then mps, then cpu")
-    # bf16 halves memory traffic on GPUs with tensor cores at no measurable accuracy cost for classification;
-    # on CPU float32 is the fast path unless the CPU has AMX, so "auto" means bf16 on CUDA and float32 elsewhere.
+    # "auto" is model.precision's rule (bfloat16 on CUDA, float32 elsewhere), the one training and the benches use;
+    # the short forms fp32/bf16/fp16 are accepted and stored as torch's names.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(16, ge=1, le=1024, description="images per forward pass at most")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits for company")
@@ -50,6 +52,16 @@ class Settings(BaseSettings):
                 "a request's images are queued together or not at all"
             )
         return self
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _canonical_dtype(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            return canonical_dtype(value)
+        except ValueError:
+            return value  # the Literal check then names the accepted values
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -102,11 +102,11 @@ class ServiceState:
         )
         self.batcher.start()
         meta = predictor.metadata
-        self.metrics.model_info.labels(meta.get("name", "petvit"), predictor.architecture, predictor.sha256).set(1)
+        self.metrics.model_info.labels(meta.name, predictor.architecture, predictor.sha256).set(1)
         if predictor.device.type == "cuda":
             self.metrics.enable_gpu_gauges()
         self.status = "ready"
-        self.message = f"ready: {meta.get('name')} on {predictor.device} ({predictor.dtype})"
+        self.message = f"ready: {meta.name} on {predictor.device} ({predictor.dtype})"
         log.info("%s; warm-up of %s took %.2f s", self.message, sizes, self.warmup_s)
 
     def _fail(self, message: str) -> None:

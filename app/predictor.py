@@ -15,21 +15,13 @@ from typing import Any
 import torch
 
 from app.metrics import pow2_batch_sizes
-from app.preprocess import Preprocessing
-from model.artifact import file_sha256, load_artifact
+from model.artifact import ArtifactMetadata, file_sha256, load_artifact
 from model.device import resolve_device
+from model.precision import dtype_name, resolve_dtype
 from model.rollout import attention_rollout
 from model.vit import ViT
 
 log = logging.getLogger("petvit.predictor")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def select_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
 
 
 @dataclass
@@ -40,28 +32,28 @@ class ImagePrediction:
 
 class Predictor:
     def __init__(
-        self, model: ViT, metadata: dict[str, Any], device: torch.device, dtype: torch.dtype, sha256: str = ""
+        self, model: ViT, metadata: ArtifactMetadata, device: torch.device, dtype: torch.dtype, sha256: str = ""
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.metadata = metadata
         self.device = device
         self.dtype = dtype
         self.sha256 = sha256
-        self.labels: list[str] = list(metadata["labels"])
-        self.species: list[str] = list(metadata["species"])
-        self.preprocessing = Preprocessing.from_metadata(metadata)  # what every upload is cropped to
+        self.labels: list[str] = list(metadata.labels)
+        self.species: list[str] = list(metadata.species)
+        self.preprocessing = metadata.preprocessing  # what every upload is cropped to
         self._lock = threading.Lock()  # predict may be called from the CLI and warm-up; keep forwards serial
 
     @classmethod
     def from_artifact(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> Predictor:
         dev = resolve_device(device)  # ValueError names a missing device; /readyz shows it
         model, meta = load_artifact(path, device="cpu")
-        return cls(model, meta, dev, select_dtype(dtype, dev), sha256=file_sha256(path))
+        return cls(model, meta, dev, resolve_dtype(dtype, dev), sha256=file_sha256(path))
 
     @property
     def dtype_name(self) -> str:
         """'bfloat16', 'float32', ...: how /readyz and /v1/model name the dtype."""
-        return str(self.dtype).removeprefix("torch.")
+        return dtype_name(self.dtype)
 
     @property
     def image_size(self) -> int:
@@ -70,7 +62,7 @@ class Predictor:
     @property
     def architecture(self) -> str:
         c = self.model.config
-        variant = self.metadata.get("variant") or "custom"
+        variant = self.metadata.variant or "custom"
         return f"vit-{variant} (patch {c.patch_size}, width {c.hidden_dim}, depth {c.depth})"
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[dict[str, Any]]:

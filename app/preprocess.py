@@ -10,35 +10,18 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import ServiceError, bad_image, too_large, unsupported_type
-from model.config import resize_size_for
+from model.artifact import Preprocessing
 
 # Formats we decode. Anything else PIL happens to recognise (PSD, ICO, EPS through Ghostscript, ...) is refused:
 # each extra decoder is extra attack surface, and none is how people send photos of pets.
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How the artifact wants its inputs (metadata["preprocessing"])."""
-
-    image_size: int = 224
-    resize_size: int = 256
-    interpolation: str = "bilinear"
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, Any]) -> Preprocessing:
-        pre = meta.get("preprocessing") or {}
-        size = int(pre.get("image_size") or meta["config"]["image_size"])
-        resize = int(pre.get("resize_size") or resize_size_for(size))  # the evaluation's ratio when not stated
-        return cls(size, resize, str(pre.get("interpolation") or "bilinear"))
 
 
 @dataclass

@@ -31,9 +31,8 @@ from torchvision.models.vision_transformer import VisionTransformer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from model.config import get_config
+from model.precision import DTYPE_CHOICES, canonical_dtype, resolve_dtype
 from model.pretrained import from_torchvision
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_pair(variant: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -135,7 +134,7 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=["ti16", "s16", "b16"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="auto: bfloat16 on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats; the median is reported")
     parser.add_argument("--warmup", type=int, default=2)
@@ -153,7 +152,9 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    args.dtype = canonical_dtype(args.dtype)  # one spelling in the table, the JSON and the plot
     if device.type == "cuda" and args.clock != "wall":
         parser.error("--clock cpu cannot see GPU time; use the wall clock on CUDA")
     if device.type == "cuda":

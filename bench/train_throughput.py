@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from model.config import get_config
+from model.precision import TRAINING_DTYPE_CHOICES, autocast_dtype, canonical_dtype
 from model.vit import ViT
 from training.loop import train_one_epoch
 from training.recipes import RECIPE_DEFAULTS, parameter_groups
@@ -114,7 +115,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="b16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, as training")
+    parser.add_argument(
+        "--dtype", choices=TRAINING_DTYPE_CHOICES, default="float32", help="bfloat16 = autocast, as training"
+    )
     parser.add_argument("--batch-size", type=int, help="default 8 on CPU, 64 on CUDA")
     parser.add_argument("--steps", type=int, help="timed steps (default 3 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -128,7 +131,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batch = args.batch_size or (64 if device.type == "cuda" else 8)
     steps = args.steps or (20 if device.type == "cuda" else 3)
-    amp = torch.bfloat16 if args.dtype == "bf16" else None
+    amp = autocast_dtype(args.dtype, device)
+    args.dtype = canonical_dtype(args.dtype)
     torch.manual_seed(0)
     model = ViT(get_config(args.variant, num_classes=37)).to(device)
 

@@ -71,6 +71,6 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  heatmap -> {answer['heatmap']}")
     if args.json:
         print(json.dumps(answers, indent=2))
-    if not predictor.metadata.get("trained"):
-        print(f"note: {predictor.metadata.get('name')} is marked untrained; its predictions mean nothing yet")
+    if not predictor.metadata.trained:
+        print(f"note: {predictor.metadata.name} is marked untrained; its predictions mean nothing yet")
     return status

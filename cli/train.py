@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from model.precision import TRAINING_DTYPE_CHOICES
 from model.pretrained import PretrainedWeightsUnavailable
 from training.data import AUGMENTATIONS, DataConfig, DatasetUnavailable
 from training.loop import RunConfig, default_recipe, pick_device, train
@@ -37,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="artifacts/petvit.safetensors", help="artifact to write")
     parser.add_argument("--if-missing", action="store_true", help="exit 0 at once when --out already exists")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA")
+    parser.add_argument(
+        "--dtype", choices=TRAINING_DTYPE_CHOICES, default="auto", help="autocast dtype; auto: bfloat16 on CUDA"
+    )
     parser.add_argument("--variant", help="model variant (recipe default: b16, scratch: ti16)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)

@@ -7,6 +7,7 @@ worst be rejected, never execute code. The header is checked by hand first so ea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import platform
 import struct
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import ViTConfig, resize_size_for
+from model.config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, resize_size_for
 from model.labels import PET_LABELS, PET_SPECIES, species_of
 from model.vit import ViT
 
@@ -48,53 +50,159 @@ def default_labels(num_classes: int) -> tuple[list[str], list[str]]:
     return labels, [species_of(label) for label in labels]
 
 
-def preprocessing_for(config: ViTConfig) -> dict[str, Any]:
-    """How to turn a photo into the model's input (the service and evaluation follow this)."""
-    return {
-        "image_size": config.image_size,
-        # Resize the shorter side to 256/224 of the crop, then centre-crop: torchvision's ImageNet eval recipe.
-        "resize_size": resize_size_for(config.image_size),
-        "interpolation": "bilinear",
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "input": "RGB (B, 3, H, W), uint8 0..255 or float 0..1; the model normalises with mean/std itself",
-    }
+_INPUT_NOTE = "RGB (B, 3, H, W), uint8 0..255 or float 0..1; the model normalises with mean/std itself"
+_INTERPOLATIONS = ("bilinear", "bicubic")
 
 
-def build_metadata(config: ViTConfig, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Complete metadata for a model of this config; keys in `metadata` override the defaults."""
-    labels, species = default_labels(config.num_classes)
-    meta: dict[str, Any] = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "name": "petvit",
-        "variant": None,
-        "trained": False,
-        "labels": labels,
-        "species": species,
-        "preprocessing": preprocessing_for(config),
-        "training": {},
-        "evaluation": {},
-        "provenance": {},
-    }
-    meta.update(dict(metadata or {}))
-    if "species" not in (metadata or {}) and "labels" in (metadata or {}):
-        meta["species"] = [species_of(label) for label in meta["labels"]]
-    meta["provenance"] = {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        **dict(meta.get("provenance") or {}),
-    }
-    # These two describe the tensors in the file, so the caller can't override them.
-    meta["format"], meta["format_version"] = FORMAT_NAME, FORMAT_VERSION
-    meta["config"] = config.to_dict()
-    if len(meta["labels"]) != config.num_classes or len(meta["species"]) != config.num_classes:
-        raise ValueError(
-            f"the head has {config.num_classes} classes but metadata lists {len(meta['labels'])} labels "
-            f"and {len(meta['species'])} species"
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a photo becomes the model's input: resize the shorter side to resize_size, centre-crop image_size, and
+    (inside the model) normalise with mean/std. The service and evaluation both follow what the artifact states."""
+
+    image_size: int = 224
+    resize_size: int = 256  # torchvision's ImageNet eval ratio 256/224 unless the artifact says otherwise
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def for_config(cls, config: ViTConfig) -> Preprocessing:
+        return cls(config.image_size, resize_size_for(config.image_size), "bilinear", config.mean, config.std)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], config: ViTConfig) -> Preprocessing:
+        """The stored policy; what an older artifact leaves out follows from its config (the evaluation's ratio)."""
+        size = int(doc.get("image_size") or config.image_size)
+        return cls(
+            image_size=size,
+            resize_size=int(doc.get("resize_size") or resize_size_for(size)),
+            interpolation=str(doc.get("interpolation") or "bilinear"),
+            mean=tuple(doc.get("mean") or config.mean),
+            std=tuple(doc.get("std") or config.std),
         )
-    return meta
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "resize_size": self.resize_size,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input": _INPUT_NOTE,
+        }
+
+
+@dataclass(frozen=True)
+class ArtifactMetadata:
+    """What an artifact says about its model besides the weights, read and checked once (ArtifactMetadata.from_dict)
+    and then used by attribute. `training`, `evaluation` and `provenance` are records for people and reports
+    (free-form JSON objects); everything code acts on has its own typed field."""
+
+    config: ViTConfig
+    labels: list[str]
+    species: list[str]
+    preprocessing: Preprocessing
+    name: str = "petvit"
+    variant: str | None = None
+    trained: bool = False  # False: the head is untrained and its predictions mean nothing yet
+    training: dict[str, Any] = field(default_factory=dict)  # recipe, data, seeds, history, commit, ...
+    evaluation: dict[str, Any] = field(default_factory=dict)  # the test summary shown at /v1/model
+    provenance: dict[str, Any] = field(default_factory=dict)  # where the weights came from, when, with what torch
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not model, kept on re-save
+
+    def __post_init__(self) -> None:
+        n = self.config.num_classes
+        if len(self.labels) != n or len(self.species) != n:
+            raise ValueError(
+                f"the head has {n} classes but metadata lists {len(self.labels)} labels and {len(self.species)} species"
+            )
+
+    @classmethod
+    def create(cls, config: ViTConfig, overrides: Mapping[str, Any] | None = None) -> ArtifactMetadata:
+        """Metadata for a new artifact of this config: defaults (Pet labels for a 37-way head, the config's
+        preprocessing), then `overrides`; species follow the labels unless given; provenance is stamped."""
+        doc = dict(overrides or {})
+        labels, species = default_labels(config.num_classes)
+        if "labels" in doc:
+            labels = list(doc.pop("labels"))
+            species = [species_of(label) for label in labels]
+        species = list(doc.pop("species", species))
+        preprocessing = doc.pop("preprocessing", None)
+        if isinstance(preprocessing, Mapping):
+            preprocessing = Preprocessing.from_dict(preprocessing, config)
+        provenance = {
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            **dict(doc.pop("provenance", None) or {}),
+        }
+        for key in ("format", "format_version", "config"):  # these describe the file itself: never the caller's
+            doc.pop(key, None)
+        known = {k: doc.pop(k) for k in ("name", "variant", "trained", "training", "evaluation") if k in doc}
+        return cls(
+            config=config,
+            labels=labels,
+            species=species,
+            preprocessing=preprocessing or Preprocessing.for_config(config),
+            provenance=provenance,
+            extra=doc,
+            **known,
+        )
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], source: str = "the artifact") -> ArtifactMetadata:
+        """Parse and check a stored metadata document; ArtifactError says what is wrong with it."""
+        if doc.get("format") != FORMAT_NAME or doc.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{source} has artifact format {doc.get('format')!r} version {doc.get('format_version')!r}; "
+                f"this petvit reads {FORMAT_NAME!r} version {FORMAT_VERSION}. Re-export it with this version of petvit."
+            )
+        try:
+            config = ViTConfig.from_dict(doc["config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"{source} holds an invalid model config: {err}") from None
+        for key in ("labels", "species"):
+            names = doc.get(key)
+            if not isinstance(names, list) or len(names) != config.num_classes:
+                count = len(names) if isinstance(names, list) else "no"
+                raise ArtifactError(
+                    f"{source}: the head has {config.num_classes} classes but the metadata lists {count} {key}; "
+                    "every class needs exactly one label and one species"
+                )
+        records = {k: dict(doc.get(k) or {}) for k in ("training", "evaluation", "provenance")}
+        modelled = {"format", "format_version", "config", "labels", "species", "preprocessing", "name", "variant"}
+        return cls(
+            config=config,
+            labels=[str(label) for label in doc["labels"]],
+            species=[str(s) for s in doc["species"]],
+            preprocessing=Preprocessing.from_dict(doc.get("preprocessing") or {}, config),
+            name=str(doc.get("name") or "petvit"),
+            variant=doc.get("variant"),
+            trained=bool(doc.get("trained")),
+            extra={k: v for k, v in doc.items() if k not in modelled | {"trained", *records}},
+            **records,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document stored in the file (the keys petvit has always written, plus `extra`)."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "variant": self.variant,
+            "trained": self.trained,
+            "labels": list(self.labels),
+            "species": list(self.species),
+            "preprocessing": self.preprocessing.to_dict(),
+            "training": dict(self.training),
+            "evaluation": dict(self.evaluation),
+            "provenance": dict(self.provenance),
+            **self.extra,
+            "config": self.config.to_dict(),
+        }
+
+    def replace(self, **changes: Any) -> ArtifactMetadata:
+        return dataclasses.replace(self, **changes)
 
 
 def save_file_atomically(
@@ -115,11 +223,19 @@ def save_file_atomically(
     return path
 
 
-def save_artifact(model: ViT, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write weights + metadata to one .safetensors file, atomically (a crash never leaves half a file)."""
-    meta = build_metadata(model.config, metadata)
+def save_artifact(
+    model: ViT, path: str | os.PathLike, metadata: ArtifactMetadata | Mapping[str, Any] | None = None
+) -> Path:
+    """Write weights + metadata to one .safetensors file, atomically (a crash never leaves half a file).
+
+    `metadata` is a complete ArtifactMetadata (re-saving a loaded artifact) or the fields to set on a new one.
+    """
+    if not isinstance(metadata, ArtifactMetadata):
+        metadata = ArtifactMetadata.create(model.config, metadata)
+    elif metadata.config != model.config:
+        raise ValueError(f"the metadata describes {metadata.config}, not this model's {model.config}")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    return save_file_atomically(tensors, path, metadata={METADATA_KEY: json.dumps(meta)})
+    return save_file_atomically(tensors, path, metadata={METADATA_KEY: json.dumps(metadata.to_dict())})
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -171,7 +287,7 @@ def _read_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+def read_metadata(path: str | os.PathLike) -> ArtifactMetadata:
     """The artifact's metadata alone (cheap: reads only the header)."""
     path = Path(path)
     header = _read_header(path)
@@ -179,35 +295,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if raw is None:
         raise ArtifactError(f"{path} is a safetensors file without petvit metadata; it is not a petvit artifact")
     try:
-        meta = json.loads(raw)
+        doc = json.loads(raw)
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path} has damaged petvit metadata (not JSON: {err})") from None
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"{path} has damaged petvit metadata (a JSON {type(meta).__name__}, not an object)")
-    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path} has artifact format {meta.get('format')!r} version {meta.get('format_version')!r}; "
-            f"this petvit reads {FORMAT_NAME!r} version {FORMAT_VERSION}. Re-export it with this version of petvit."
-        )
-    return meta
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{path} has damaged petvit metadata (a JSON {type(doc).__name__}, not an object)")
+    return ArtifactMetadata.from_dict(doc, source=str(path))
 
 
-def load_artifact(path: str | os.PathLike, device: str | torch.device | None = None) -> tuple[ViT, dict[str, Any]]:
+def load_artifact(path: str | os.PathLike, device: str | torch.device | None = None) -> tuple[ViT, ArtifactMetadata]:
     """Rebuild the model from its stored config and weights; returns (model in eval mode, metadata)."""
     path = Path(path)
     meta = read_metadata(path)
-    try:
-        config = ViTConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"{path} holds an invalid model config: {err}") from None
-    for key in ("labels", "species"):
-        names = meta.get(key)
-        if not isinstance(names, list) or len(names) != config.num_classes:
-            count = len(names) if isinstance(names, list) else "no"
-            raise ArtifactError(
-                f"{path}: the head has {config.num_classes} classes but the metadata lists {count} {key}; "
-                "every class needs exactly one label and one species"
-            )
+    config = meta.config
     try:
         tensors = load_file(path, device="cpu")
     except SafetensorError as err:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.artifact import file_sha256, load_artifact, save_artifact
+from model.artifact import ArtifactMetadata, file_sha256, load_artifact, save_artifact
 from model.vit import ViT
 from training.data import DataConfig, eval_transform, load_splits
 from training.plots import plot_confusion_matrix, plot_training_curves
@@ -127,16 +127,16 @@ def write_report(
     return paths
 
 
-def data_config_from_metadata(meta: dict[str, Any], dataset: str | None, data_dir: str | None) -> DataConfig:
-    """The split the model was trained with (fractions and seed from its metadata), on the data given."""
-    stored = dict((meta.get("training") or {}).get("data") or {})
+def data_config_from_metadata(meta: ArtifactMetadata, dataset: str | None, data_dir: str | None) -> DataConfig:
+    """The split the model was trained with (fractions and seed from its training record), on the data given."""
+    stored = dict(meta.training.get("data") or {})
     known = set(DataConfig.__dataclass_fields__)
     base = DataConfig(**{k: v for k, v in stored.items() if k in known})
     return dataclasses.replace(
         base,
         dataset=dataset or base.dataset,
         data_dir=data_dir or base.data_dir,
-        image_size=(meta.get("preprocessing") or {}).get("image_size", base.image_size),
+        image_size=meta.preprocessing.image_size,
         download=False,  # evaluation reads what is there; a missing dataset is reported, not fetched
     )
 
@@ -156,7 +156,7 @@ def evaluate_artifact(
     model, meta = load_artifact(checkpoint, device=device)
     data = data_config_from_metadata(meta, dataset, data_dir)
     splits = load_splits(data)
-    labels = list(meta["labels"])
+    labels = list(meta.labels)
     if list(splits.labels) != labels:
         # Same count is not enough: class i of the data must be class i of the head, or every metric is wrong.
         raise ValueError(
@@ -167,7 +167,7 @@ def evaluate_artifact(
     view = getattr(splits, split).with_transform(eval_transform(model.config.image_size))
     logits, targets = predict(model, view, batch_size, device, num_workers, desc=f"evaluate {split}")
     report = {
-        "name": meta.get("name"),
+        "name": meta.name,
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": file_sha256(checkpoint),
         "dataset": data.dataset,
@@ -175,14 +175,14 @@ def evaluate_artifact(
         "split": split,
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "labels": labels,
-        **compute_metrics(logits, targets, labels, list(meta["species"])),
+        **compute_metrics(logits, targets, labels, list(meta.species)),
     }
     if write_metadata:
-        meta["evaluation"] = metadata_summary(report)
+        meta = meta.replace(evaluation=metadata_summary(report))
         save_artifact(model.cpu(), checkpoint, meta)
         # The report names the file as it now is (the one the service loads and shows the sha256 of).
         report["checkpoint_sha256"] = file_sha256(checkpoint)
-    history = (meta.get("training") or {}).get("history")
+    history = meta.training.get("history")
     report["files"] = {k: str(v) for k, v in write_report(report, labels, output_dir, history).items()}
     return report
 

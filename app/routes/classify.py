@@ -198,7 +198,7 @@ async def _classify(
         )
     metrics.images.inc(len(answers))
     return ClassifyResponse(
-        model=str(predictor.metadata.get("name")),
+        model=predictor.metadata.name,
         results=answers,
         timings={"total_ms": _ms(time.monotonic() - arrived)},
     )

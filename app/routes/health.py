@@ -30,7 +30,7 @@ async def readyz(service: ServiceDep) -> Readiness:
     predictor, _ = service.require_ready()
     return Readiness(
         status="ready",
-        model=str(predictor.metadata.get("name")),
+        model=predictor.metadata.name,
         device=str(predictor.device),
         dtype=predictor.dtype_name,
         warmup_s=round(service.warmup_s, 3),

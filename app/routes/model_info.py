@@ -15,16 +15,16 @@ async def model_info(service: ServiceDep) -> ModelInfo:
     predictor, _ = service.require_ready()
     meta = predictor.metadata
     return ModelInfo(
-        name=str(meta.get("name")),
-        variant=meta.get("variant"),
+        name=meta.name,
+        variant=meta.variant,
         architecture=predictor.architecture,
-        trained=bool(meta.get("trained")),
+        trained=meta.trained,
         num_labels=len(predictor.labels),
         labels=predictor.labels,
         species=predictor.species,
         image_size=predictor.image_size,
-        preprocessing=dict(meta.get("preprocessing") or {}),
-        evaluation=dict(meta.get("evaluation") or {}),
+        preprocessing=meta.preprocessing.to_dict(),
+        evaluation=dict(meta.evaluation),
         sha256=predictor.sha256,
         device=str(predictor.device),
         dtype=predictor.dtype_name,

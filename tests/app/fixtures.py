@@ -20,7 +20,7 @@ from app.config import Settings
 from app.lifecycle import ServiceState
 from app.main import create_app
 from app.predictor import ImagePrediction, Predictor
-from app.preprocess import Preprocessing, prepare
+from app.preprocess import prepare
 from model.artifact import load_artifact
 
 Loader = Callable[[Settings], Predictor]
@@ -131,6 +131,6 @@ async def running_app(
 def direct_probs(artifact: Path, data: bytes) -> torch.Tensor:
     """What the model itself says about these bytes, preprocessed the way the artifact asks."""
     model, meta = load_artifact(artifact, "cpu")
-    tensor = prepare(data, Preprocessing.from_metadata(meta), 10**9).tensor
+    tensor = prepare(data, meta.preprocessing, 10**9).tensor
     with torch.inference_mode():
         return model(tensor[None]).float().softmax(-1)[0]  # (1, 3, S, S) -> (classes,)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.preprocess import Preprocessing, crop_box
+from app.preprocess import crop_box
 from model.artifact import load_artifact
 from model.labels import PET_LABELS, PET_SPECIES
 
@@ -92,7 +92,7 @@ async def test_heatmap_grid_and_png_at_the_uploads_size(client, chelsea, tiny_ar
     ]
     response = await client.post("/classify", files=files, params={"heatmap": "true", "top_k": 2})
     assert response.status_code == 200, response.text
-    pre = Preprocessing.from_metadata(load_artifact(tiny_artifact, "cpu")[1])
+    pre = load_artifact(tiny_artifact, "cpu")[1].preprocessing
     assert (pre.image_size, pre.resize_size) == (32, 37)
     for result, size in zip(response.json()["results"], [(451, 300), (40, 90)], strict=True):
         heatmap = result["heatmap"]

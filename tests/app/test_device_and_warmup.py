@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.predictor import Predictor, select_dtype, warmup_sizes
+from app.predictor import Predictor, warmup_sizes
 from model.artifact import ArtifactError
-
-
-def test_dtype_auto_is_bfloat16_on_cuda_and_float32_elsewhere():
-    assert select_dtype("auto", torch.device("cuda")) is torch.bfloat16
-    assert select_dtype("auto", torch.device("cpu")) is torch.float32
-    assert select_dtype("auto", torch.device("mps")) is torch.float32
-    assert select_dtype("float16", torch.device("cpu")) is torch.float16
 
 
 @pytest.mark.parametrize(

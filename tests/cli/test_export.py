@@ -20,10 +20,10 @@ def test_export_random_writes_an_untrained_artifact(tmp_path: Path, capsys: pyte
     assert main(["export", "--variant", "ti16", "--init", "random", "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     meta = read_metadata(out)
-    assert meta["trained"] is False
-    assert meta["variant"] == "ti16" and meta["name"] == "petvit-ti16-random"
-    assert meta["provenance"]["source"] == "random init (seed 0)"
-    assert len(meta["labels"]) == 37 and meta["labels"][0] == "Abyssinian"
+    assert meta.trained is False
+    assert meta.variant == "ti16" and meta.name == "petvit-ti16-random"
+    assert meta.provenance["source"] == "random init (seed 0)"
+    assert len(meta.labels) == 37 and meta.labels[0] == "Abyssinian"
     model, _ = load_artifact(out)
     assert model.config == get_config("ti16", num_classes=37)
     with torch.no_grad():

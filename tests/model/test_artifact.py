@@ -15,6 +15,7 @@ from model.artifact import (
     METADATA_KEY,
     ArtifactError,
     ArtifactNotFoundError,
+    Preprocessing,
     file_sha256,
     load_artifact,
     read_metadata,
@@ -33,7 +34,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict |
 def saved_tensors_and_meta(tmp_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = save_artifact(make_tiny_model(), tmp_path / "good.safetensors")
     model, meta = load_artifact(path)
-    return {k: v.contiguous() for k, v in model.state_dict().items()}, meta
+    return {k: v.contiguous() for k, v in model.state_dict().items()}, meta.to_dict()  # the stored JSON document
 
 
 def test_round_trip_is_bit_exact(tmp_path: Path) -> None:
@@ -49,11 +50,12 @@ def test_round_trip_is_bit_exact(tmp_path: Path) -> None:
         assert torch.equal(restored[name], tensor), name
     assert loaded.config == model.config
     assert meta == read_metadata(path)
-    assert {k: meta[k] for k in extra} == extra
-    assert meta["format_version"] == FORMAT_VERSION
-    assert meta["labels"] == list(PET_LABELS) and meta["species"] == list(PET_SPECIES)
-    assert meta["preprocessing"]["mean"] == list(model.config.mean)
-    assert meta["config"] == model.config.to_dict()
+    doc = meta.to_dict()
+    assert {k: doc[k] for k in extra} == extra
+    assert doc["format_version"] == FORMAT_VERSION
+    assert meta.labels == list(PET_LABELS) and meta.species == list(PET_SPECIES)
+    assert doc["preprocessing"]["mean"] == list(model.config.mean)
+    assert doc["config"] == model.config.to_dict()
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
@@ -64,7 +66,7 @@ def test_custom_labels_get_species_and_must_match_the_head(tmp_path: Path) -> No
     model = make_tiny_model(num_classes=3)
     labels = ["Bengal", "pug", "Pug"]
     _, meta = load_artifact(save_artifact(model, tmp_path / "three.safetensors", {"labels": labels}))
-    assert meta["species"] == ["cat", "unknown", "dog"]
+    assert meta.species == ["cat", "unknown", "dog"]
     with pytest.raises(ValueError, match="the head has 3 classes but metadata lists 2 labels and 2 species"):
         save_artifact(model, tmp_path / "bad.safetensors", {"labels": labels[:2]})
 
@@ -144,7 +146,7 @@ def test_garbage_and_missing_files_are_refused(tmp_path: Path) -> None:
 
 def test_read_metadata_and_sha256(tiny_artifact: Path) -> None:
     meta = read_metadata(tiny_artifact)
-    assert meta["name"] == "petvit-tiny-test" and meta["trained"] is False and meta["evaluation"] == {"top1": 0.5}
+    assert meta.name == "petvit-tiny-test" and meta.trained is False and meta.evaluation == {"top1": 0.5}
     assert file_sha256(tiny_artifact) == hashlib.sha256(tiny_artifact.read_bytes()).hexdigest()
 
 
@@ -166,7 +168,7 @@ def test_artifact_whose_header_length_starts_like_a_pickle_still_loads(tmp_path:
         pad += target - length
     assert path.read_bytes()[:2] == b"\x80\x02"
     _, meta = load_artifact(path)
-    assert meta["notes"] == "x" * pad
+    assert meta.extra["notes"] == "x" * pad
 
 
 def test_loaded_model_can_be_fine_tuned(tiny_artifact: Path) -> None:
@@ -175,3 +177,21 @@ def test_loaded_model_can_be_fine_tuned(tiny_artifact: Path) -> None:
     model.train()
     model(torch.rand(2, 3, 32, 32)).logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_metadata_is_read_once_into_a_typed_object(tmp_path: Path) -> None:
+    """Older artifacts without resize/mean/std get them from their config; keys this version does not model
+    survive a re-save; a loaded artifact re-saves to the same document."""
+    tensors, doc = saved_tensors_and_meta(tmp_path)
+    doc["preprocessing"] = {"image_size": 32}  # as an early artifact might have it
+    doc["future_key"] = {"kept": True}
+    path = write_safetensors(tmp_path / "old.safetensors", tensors, doc)
+    model, meta = load_artifact(path)
+    assert meta.preprocessing == Preprocessing(32, 37, "bilinear", model.config.mean, model.config.std)
+    assert meta.extra == {"future_key": {"kept": True}}
+    again = save_artifact(model, tmp_path / "again.safetensors", meta.replace(trained=True))
+    reread = read_metadata(again)
+    assert reread.trained is True and reread.extra == meta.extra and reread.preprocessing == meta.preprocessing
+    assert reread.replace(trained=False) == meta
+    with pytest.raises(ValueError, match="the metadata describes"):
+        save_artifact(make_tiny_model(hidden_dim=64), tmp_path / "other.safetensors", meta)

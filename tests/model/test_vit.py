@@ -239,7 +239,7 @@ def test_flops_per_image_matches_torchvision_published_figure(variant: str) -> N
 def test_real_photo_end_to_end(chelsea: Image.Image, tiny_artifact: Path) -> None:
     """A real photo, prepared as the artifact's metadata says, through the model and attention rollout."""
     model, meta = load_artifact(tiny_artifact)
-    prep = meta["preprocessing"]
+    prep = meta.preprocessing.to_dict()
     image = TF.center_crop(TF.resize(chelsea, prep["resize_size"]), prep["image_size"])
     batch = TF.pil_to_tensor(image)[None]  # (1, 3, 32, 32) uint8, as the service ships it
     assert batch.dtype == torch.uint8 and batch.shape == (1, 3, 32, 32)

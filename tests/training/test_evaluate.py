@@ -97,7 +97,7 @@ def test_evaluate_uses_the_split_recorded_in_the_artifact(folder_artifact, tmp_p
     assert report["dataset"] == "folder" and report["data_dir"] == str(root)
     assert sum(report["per_class_support"].values()) == 9 and set(report["per_class_support"].values()) == {3}
     assert report["cat_vs_dog"] is not None  # Bengal is a cat, beagle and pug dogs
-    assert read_metadata(artifact)["evaluation"] == {}  # not written back unless asked
+    assert read_metadata(artifact).evaluation == {}  # not written back unless asked
 
 
 def test_evaluate_cli_writes_the_summary_into_the_artifact(folder_artifact, tmp_path: Path, capsys) -> None:
@@ -107,9 +107,9 @@ def test_evaluate_cli_writes_the_summary_into_the_artifact(folder_artifact, tmp_
     assert "top-1" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     meta = read_metadata(artifact)
-    assert meta["evaluation"]["top1"] == pytest.approx(report["top1"])
-    assert set(meta["evaluation"]["per_class"]) == {"Bengal", "Beagle", "Pug"}
-    assert meta["trained"] is True and meta["labels"] == ["Bengal", "Beagle", "Pug"]  # rest of metadata kept
+    assert meta.evaluation["top1"] == pytest.approx(report["top1"])
+    assert set(meta.evaluation["per_class"]) == {"Bengal", "Beagle", "Pug"}
+    assert meta.trained is True and meta.labels == ["Bengal", "Beagle", "Pug"]  # rest of metadata kept
     assert not (out / "training_curves.png").exists()  # no training history in this artifact, so no curves
 
 

@@ -87,13 +87,13 @@ def test_pets_linear_probe_then_evaluate_end_to_end(pets_root, torch_home, tmp_p
     assert "train features (74, 64) (extracted)" in capsys.readouterr().out
 
     model, meta = load_artifact(artifact)
-    assert meta["trained"] is True and meta["labels"] == list(__import__("model.labels").labels.PET_LABELS)
-    training = meta["training"]
+    assert meta.trained is True and meta.labels == list(__import__("model.labels").labels.PET_LABELS)
+    training = meta.training
     assert training["recipe"] == "linear-probe" and training["dataset"] == "pets" and training["epochs"] == 1
     assert training["seed"] == 3 and training["best_epoch"] == 1 and training["data_dir"] == str(pets_root)
     assert training["commit"] and len(training["history"]) == 1
-    assert set(meta["evaluation"]) >= {"top1", "top5", "per_class", "cat_vs_dog", "num_images"}
-    assert meta["evaluation"]["num_images"] == 37 * 2
+    assert set(meta.evaluation) >= {"top1", "top5", "per_class", "cat_vs_dog", "num_images"}
+    assert meta.evaluation["num_images"] == 37 * 2
     # Frozen backbone: only the head moved away from the ImageNet weights.
     pretrained = load_pretrained("b16", num_classes=37).state_dict()
     for name, tensor in backbone(model.state_dict()).items():
@@ -113,12 +113,12 @@ def test_pets_linear_probe_then_evaluate_end_to_end(pets_root, torch_home, tmp_p
         assert key in report, key
     assert len(report["per_class"]) == 37 and report["num_images"] == 74
     # evaluate (images through the whole model) agrees with train's probe-on-cached-features evaluation
-    assert report["top1"] == pytest.approx(meta["evaluation"]["top1"], abs=1e-6)
+    assert report["top1"] == pytest.approx(meta.evaluation["top1"], abs=1e-6)
     for png in ("confusion_matrix.png", "training_curves.png"):
         with Image.open(report_dir / png) as image:
             image.verify()
             assert image.format == "PNG"
-    assert read_metadata(artifact)["evaluation"]["top1"] == pytest.approx(report["top1"])
+    assert read_metadata(artifact).evaluation["top1"] == pytest.approx(report["top1"])
 
     # A second run reuses the cached features instead of running the backbone again.
     again = tmp_path / "again.safetensors"
@@ -136,8 +136,8 @@ def test_finetune_through_load_pretrained_trains_the_backbone(pets_root, torch_h
             "--augment", "light", "--no-evaluate", *QUIET]  # fmt: skip
     assert main(argv) == 0
     model, meta = load_artifact(artifact)
-    assert meta["training"]["recipe"] == "finetune" and meta["evaluation"] == {}
-    assert meta["training"]["config"]["label_smoothing"] == 0.1 and meta["training"]["config"]["grad_clip"] == 1.0
+    assert meta.training["recipe"] == "finetune" and meta.evaluation == {}
+    assert meta.training["config"]["label_smoothing"] == 0.1 and meta.training["config"]["grad_clip"] == 1.0
     pretrained = load_pretrained("b16", num_classes=37).state_dict()
     moved = [n for n, t in backbone(model.state_dict()).items() if not torch.equal(t, pretrained[n])]
     assert "blocks.0.attn.qkv.weight" in moved and "patch_embed.weight" in moved
@@ -154,13 +154,13 @@ def test_scratch_recipe_learns_real_handwritten_digits(digits_root, tmp_path) ->
             "--set", "num_heads=4", "--set", "mlp_dim=128", *QUIET]  # fmt: skip
     assert main(argv) == 0
     meta = read_metadata(artifact)
-    assert meta["training"]["sizes"] == {"train": 1259, "val": 179, "test": 359}
-    assert meta["evaluation"]["num_images"] == 359
-    assert meta["evaluation"]["top1"] >= 0.90, meta["evaluation"]
-    history = meta["training"]["history"]
+    assert meta.training["sizes"] == {"train": 1259, "val": 179, "test": 359}
+    assert meta.evaluation["num_images"] == 359
+    assert meta.evaluation["top1"] >= 0.90, meta.evaluation
+    history = meta.training["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     best = max(history, key=lambda h: h["val_top1"])
-    assert meta["training"]["best_epoch"] == best["epoch"]
+    assert meta.training["best_epoch"] == best["epoch"]
 
 
 # ---------------------------------------------------------------------------------------------- resume, skip, errors
@@ -181,8 +181,8 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(pets_roo
     b, meta_b = load_artifact(resumed)
     for name, tensor in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
-    losses_a = [h["val_loss"] for h in meta_a["training"]["history"]]
-    losses_b = [h["val_loss"] for h in meta_b["training"]["history"]]
+    losses_a = [h["val_loss"] for h in meta_a.training["history"]]
+    losses_b = [h["val_loss"] for h in meta_b.training["history"]]
     assert losses_b == pytest.approx(losses_a, rel=1e-4) and len(losses_b) == 3
 
 
@@ -258,7 +258,7 @@ def test_trains_under_a_torchrun_style_process_group(pets_root, tmp_path, monkey
     assert main(argv) == 0
     log = json.loads((run / "log.json").read_text())
     assert log["distributed"] is True and log["world_size"] == 1
-    assert read_metadata(artifact)["training"]["world_size"] == 1
+    assert read_metadata(artifact).training["world_size"] == 1
     assert not dist.is_initialized()  # the group is torn down, so the process can train again
 
 
