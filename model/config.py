@@ -7,7 +7,7 @@ accepted everywhere a variant is asked for.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # ImageNet statistics: torchvision's pretrained ViTs were trained on images normalised with these, so a model
@@ -96,8 +96,6 @@ class Variant:
     config: ViTConfig
     torchvision_builder: str | None = None  # e.g. "vit_b_16"; None for the small variants torchvision lacks
     default_weights: str | None = None  # member of torchvision's weights enum loaded by default
-    notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _vit(patch: int, width: int, depth: int, heads: int, image_size: int = 224) -> ViTConfig:
@@ -113,14 +111,14 @@ def _vit(patch: int, width: int, depth: int, heads: int, image_size: int = 224) 
 
 # Widths, depths and heads as in Dosovitskiy et al. (2021) and DeiT (Touvron et al. 2021) for ti/s.
 VARIANTS: dict[str, Variant] = {
-    "ti16": Variant(_vit(16, 192, 12, 3), notes="DeiT-Tiny shape: the CPU-friendly from-scratch model"),
-    "s16": Variant(_vit(16, 384, 12, 6), notes="DeiT-Small shape"),
-    "b16": Variant(_vit(16, 768, 12, 12), "vit_b_16", "IMAGENET1K_V1", "ViT-B/16, 86M parameters"),
-    "b32": Variant(_vit(32, 768, 12, 12), "vit_b_32", "IMAGENET1K_V1", "ViT-B/32, 4x fewer tokens than B/16"),
-    "l16": Variant(_vit(16, 1024, 24, 16), "vit_l_16", "IMAGENET1K_V1", "ViT-L/16, 304M parameters"),
-    "l32": Variant(_vit(32, 1024, 24, 16), "vit_l_32", "IMAGENET1K_V1", "ViT-L/32"),
-    # torchvision only ships SWAG weights for H/14, trained end to end at 518 px.
-    "h14": Variant(_vit(14, 1280, 32, 16), "vit_h_14", "IMAGENET1K_SWAG_E2E_V1", "ViT-H/14, 632M parameters"),
+    "ti16": Variant(_vit(16, 192, 12, 3)),  # DeiT-Tiny shape: the CPU-friendly from-scratch model
+    "s16": Variant(_vit(16, 384, 12, 6)),  # DeiT-Small shape
+    "b16": Variant(_vit(16, 768, 12, 12), "vit_b_16", "IMAGENET1K_V1"),  # 86M parameters
+    "b32": Variant(_vit(32, 768, 12, 12), "vit_b_32", "IMAGENET1K_V1"),  # 4x fewer tokens than B/16
+    "l16": Variant(_vit(16, 1024, 24, 16), "vit_l_16", "IMAGENET1K_V1"),  # 304M parameters
+    "l32": Variant(_vit(32, 1024, 24, 16), "vit_l_32", "IMAGENET1K_V1"),
+    # torchvision only ships SWAG weights for H/14, trained end to end at 518 px; 632M parameters.
+    "h14": Variant(_vit(14, 1280, 32, 16), "vit_h_14", "IMAGENET1K_SWAG_E2E_V1"),
 }
 
 
