@@ -5,21 +5,13 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
+from app.batch_sizes import pow2_batch_sizes
+
 # The *_created series double the exposition for no dashboard we draw; Prometheus itself ignores them.
 disable_created_metrics()
 
 # Latency buckets from 1 ms to 30 s: a tiny model answers in milliseconds, a big one on a busy CPU in seconds.
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-def pow2_batch_sizes(max_batch_size: int) -> list[int]:
-    """Powers of two below the largest batch the batcher can form, then that largest batch itself: the batch-size
-    histogram's buckets, and the sizes a CPU warm-up runs."""
-    sizes, b = [], 1
-    while b < max_batch_size:
-        sizes.append(b)
-        b *= 2
-    return [*sizes, max_batch_size]
 
 
 class Metrics:

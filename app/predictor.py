@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from app.metrics import pow2_batch_sizes
+from app.batch_sizes import pow2_batch_sizes
 from app.preprocess import Preprocessing
 from model.artifact import file_sha256, load_artifact
 from model.device import resolve_device
