@@ -1,4 +1,5 @@
-"""What one running service holds: settings, metrics, and (once loaded) the predictor and its batcher.
+"""The service's lifecycle: starting -> loading -> ready | failed, then shutting_down; and what it holds on the way
+(settings, metrics, the preprocessing thread pool and, once loaded, the predictor and its batcher).
 
 Loading happens in the background so /healthz and /readyz answer from the first second: a big model's load and
 warm-up can take minutes on a GPU node, and a liveness probe must not kill the pod meanwhile.
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from app.batcher import DynamicBatcher
 from app.config import Settings
-from app.errors import ServiceError, not_ready
+from app.errors import not_ready
 from app.metrics import Metrics
 from app.predictor import ImagePrediction, Predictor, warmup_sizes
 from model.artifact import ArtifactError, ArtifactNotFoundError
@@ -29,7 +30,9 @@ def load_from_settings(settings: Settings) -> Predictor:
     return Predictor.from_artifact(settings.checkpoint, settings.device, settings.dtype)
 
 
-class ServiceState:
+class ServiceLifecycle:
+    """Loads the model in the background, says whether it is ready, and drains in-flight work at shutdown."""
+
     def __init__(self, settings: Settings, loader: PredictorLoader = load_from_settings) -> None:
         self.settings = settings
         self.loader = loader
@@ -140,4 +143,4 @@ class ServiceState:
             await asyncio.to_thread(self.preprocess_pool.shutdown, wait=True)  # joins its threads off the loop
 
 
-__all__ = ["PredictorLoader", "ServiceError", "ServiceState", "load_from_settings"]
+__all__ = ["PredictorLoader", "ServiceLifecycle", "load_from_settings"]

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 from app.errors import install_error_handlers
-from app.lifecycle import PredictorLoader, ServiceState, load_from_settings
+from app.lifecycle import PredictorLoader, ServiceLifecycle, load_from_settings
 from app.metrics import Metrics
 from app.routes import classify, health, metrics, model_info, ui
 
@@ -54,7 +54,7 @@ class RequestMetricsMiddleware:
 
 def create_app(settings: Settings | None = None, loader: PredictorLoader = load_from_settings) -> FastAPI:
     settings = settings or Settings()
-    service = ServiceState(settings, loader)
+    service = ServiceLifecycle(settings, loader)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

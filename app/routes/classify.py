@@ -14,7 +14,7 @@ from app.batcher import BatcherClosedError, BatchResult, DeadlineExceededError, 
 from app.deps import ApiKeyDep, ServiceDep
 from app.errors import ServiceError, bad_request, deadline_exceeded, queue_full
 from app.heatmap import overlay_png_base64
-from app.lifecycle import ServiceState
+from app.lifecycle import ServiceLifecycle
 from app.predictor import Predictor
 from app.preprocess import PreparedImage, Preprocessing, prepare
 from app.schemas import ERROR_RESPONSES, ClassifyResponse, Heatmap, ImageResult, Prediction, Timings
@@ -111,7 +111,7 @@ async def classify(
 
 async def _classify(
     request: Request,
-    service: ServiceState,
+    service: ServiceLifecycle,
     predictor: Predictor,
     batcher: DynamicBatcher,
     top_k: int | None,
