@@ -1,6 +1,6 @@
-"""create_app(settings) -> FastAPI, and the module-level `app` that `petvit serve` runs.
+"""create_app(settings) -> FastAPI: the app `petvit serve` runs (cli/serve.py builds it from the checked settings).
 
-Importing this module is cheap: the model is loaded in the lifespan, in the background, never at import.
+Building an app is cheap: the model is loaded in the lifespan, in the background, never at import or construction.
 """
 
 from __future__ import annotations
@@ -88,6 +88,3 @@ def create_app(settings: Settings | None = None, loader: PredictorLoader = load_
         )
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
     return app
-
-
-app = create_app()
