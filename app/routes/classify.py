@@ -12,7 +12,15 @@ from fastapi import APIRouter, Query, Request
 
 from app.batcher import BatcherClosedError, BatchResult, DeadlineExceededError, DynamicBatcher, QueueFullError
 from app.deps import ApiKeyDep, ServiceDep
-from app.errors import ServiceError, bad_request, deadline_exceeded, queue_full
+from app.errors import (
+    ServiceError,
+    deadline_exceeded,
+    in_image,
+    inference_failed,
+    invalid_parameters,
+    queue_full,
+    shutting_down,
+)
 from app.heatmap import overlay_png_base64
 from app.lifecycle import ServiceLifecycle
 from app.predictor import Predictor
@@ -21,21 +29,6 @@ from app.schemas import ERROR_RESPONSES, ClassifyResponse, Heatmap, ImageResult,
 from app.uploads import FILE_FIELD, read_uploads
 
 router = APIRouter(tags=["classify"])
-
-# petvit_rejected_total{reason}: one count per refused request, by its error code, else by its status.
-_REJECT_REASONS_BY_CODE = {
-    "not_ready": "not_ready",
-    "shutting_down": "shutting_down",
-    "queue_full": "queue_full",
-    "deadline_exceeded": "deadline",
-}
-_REJECT_REASONS_BY_STATUS = {400: "bad_image", 413: "too_large", 415: "unsupported_type", 422: "bad_request"}
-
-
-def rejection_reason(error: ServiceError) -> str | None:
-    """The rejected_total reason for a refused request; None for the service's own failures (500)."""
-    return _REJECT_REASONS_BY_CODE.get(error.code) or _REJECT_REASONS_BY_STATUS.get(error.status)
-
 
 _BODY_DOC = {
     "requestBody": {
@@ -104,8 +97,7 @@ async def classify(
         with service.serving() as (predictor, batcher):
             return await _classify(request, service, predictor, batcher, top_k, heatmap, heatmap_png, arrived)
     except ServiceError as err:
-        if (reason := rejection_reason(err)) is not None:
-            service.metrics.rejected.labels(reason).inc()
+        service.metrics.count_rejection(err)
         raise
 
 
@@ -123,7 +115,7 @@ async def _classify(
     # PETVIT_DEFAULT_TOP_K is a preference, not the client's request: a model with fewer labels caps it, not a 422.
     k = min(settings.default_top_k, len(predictor.labels)) if top_k is None else top_k
     if k > len(predictor.labels):
-        raise bad_request(f"top_k must be between 1 and {len(predictor.labels)}, got {k}", "invalid_parameters")
+        raise invalid_parameters(f"top_k must be between 1 and {len(predictor.labels)}, got {k}")
     deadline = arrived + settings.request_timeout_s
 
     uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
@@ -136,8 +128,7 @@ async def _classify(
     outcomes = await asyncio.gather(*jobs, return_exceptions=True)
     for number, (upload, outcome) in enumerate(zip(uploads, outcomes, strict=True), start=1):
         if isinstance(outcome, ServiceError):
-            name = f"image {number}" + (f" ({upload.filename})" if upload.filename else "")
-            raise ServiceError(outcome.status, outcome.code, f"{name}: {outcome.message}", outcome.headers)
+            raise in_image(outcome, number, upload.filename)
         if isinstance(outcome, BaseException):
             raise outcome
     prepared = [outcome[0] for outcome in outcomes]
@@ -149,7 +140,7 @@ async def _classify(
     except QueueFullError as err:
         raise queue_full(err.retry_after_s) from None
     except BatcherClosedError:
-        raise ServiceError(503, "shutting_down", "the service is shutting down; retry on another replica") from None
+        raise shutting_down() from None
     try:
         results: list[BatchResult] = await asyncio.wait_for(
             asyncio.gather(*futures), max(0.0, deadline - time.monotonic())
@@ -161,7 +152,7 @@ async def _classify(
     except Exception as err:
         for f in futures:
             f.cancel()  # the request fails as a whole; its other images need not run
-        raise ServiceError(500, "inference_failed", f"the model failed on this batch: {err}") from None
+        raise inference_failed(err) from None
 
     overlays: list[tuple[str | None, float] | None] = [None] * len(prepared)
     if heatmap and not heatmap_png:
