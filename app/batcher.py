@@ -1,9 +1,11 @@
 """DynamicBatcher: many concurrent requests -> few forward passes (after Ray Serve's @serve.batch and LitServe).
 
-One bounded queue of (item, future); one worker task waits for the first item, then collects until the batch is
-full or max_wait_ms has passed since that first item, and runs the batch on one dedicated thread so the event loop
-keeps accepting requests. While a batch runs, the next one accumulates, so under load batches fill up by themselves
-and max_wait_ms only matters when the service is quiet.
+A caller makes one call, `results = await batcher.run(items, deadline)`, and gets its results in order or a typed
+error (BatcherError); the batcher owns the waiting, the deadline and the cancelling of what the caller no longer
+needs. Inside: one bounded queue of (item, future); one worker task waits for the first item, then collects until
+the batch is full or max_wait_ms has passed since that first item, and runs the batch on one dedicated thread so
+the event loop keeps accepting requests. While a batch runs, the next one accumulates, so under load batches fill up
+by themselves and max_wait_ms only matters when the service is quiet.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from app.metrics import Metrics
@@ -26,22 +28,38 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class QueueFullError(Exception):
+class BatcherError(Exception):
+    """Why run() has no results for the caller; each subclass is one answer the caller gives its own client."""
+
+
+class QueueFullError(BatcherError):
+    """Admitting the items would take the queue past queue_limit; none of them was queued."""
+
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(f"queue full; retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
 
 
-class BatcherClosedError(Exception):
+class BatcherClosedError(BatcherError):
     """Submitted after shutdown began."""
 
 
-class DeadlineExceededError(Exception):
-    """The item's deadline passed before its batch was formed; it never reached the model."""
+class DeadlineExceededError(BatcherError):
+    """The caller's deadline passed before all its results came; items still queued never reach the model."""
+
+
+class InferenceFailedError(BatcherError):
+    """The model failed on a batch holding one of the caller's items (`cause` is its exception)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass
 class BatchResult(Generic[R]):
+    """One item's result, with what the caller reports about how it was computed."""
+
     value: R
     queue_wait_s: float
     inference_s: float
@@ -54,7 +72,7 @@ class _Pending:
     future: asyncio.Future
     enqueued: float
     deadline: float
-    started: float = field(default=0.0)
+    started: float = 0.0  # when its batch was formed: queue wait = started - enqueued
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -114,10 +132,30 @@ class DynamicBatcher(Generic[T, R]):
         batches = math.ceil(len(self._queue) / self.max_batch_size) + 1
         return max(1, math.ceil(batches * self._seconds_per_batch))
 
+    async def run(self, items: Sequence[T], deadline: float) -> list[BatchResult[R]]:
+        """Each item's result, in order, once its batch has run: what a caller awaits (Ray Serve's `await f(x)`).
+
+        deadline is a time.monotonic() value. Raises QueueFullError or BatcherClosedError before anything is
+        queued, DeadlineExceededError once the deadline passes, InferenceFailedError when a batch holding one of
+        the items failed. Whenever the call ends early (one of those, or the caller itself cancelled: a client
+        that disconnected) its items still queued are cancelled, so the worker skips them.
+        """
+        futures = self.submit(items, deadline)
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.monotonic()))
+        except (asyncio.TimeoutError, DeadlineExceededError):
+            raise DeadlineExceededError() from None
+        except Exception as error:  # the model's own exception, from _run_batch
+            raise InferenceFailedError(error) from error
+        finally:
+            for future in futures:
+                future.cancel()  # no-op once settled; a queued item is dropped when the worker reaches it
+
     def submit(self, items: Sequence[T], deadline: float) -> list[asyncio.Future]:
         """Queue all of a request's items or none (a half-queued request would waste model time on a 429).
 
-        deadline is a time.monotonic() value; returns one future per item, resolving to a BatchResult.
+        run()'s first step, public for callers that want one future per item (each resolves to a BatchResult);
+        such a caller owns the waiting and must cancel the futures it stops waiting for.
         """
         if self._closing:
             raise BatcherClosedError("the service is shutting down")
@@ -153,26 +191,9 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+        while await self._has_work():
             reason = await self._wait_for_batch()
-            batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
-            self._set_depth()
-            now = time.monotonic()
-            live = []
-            for p in batch:
-                if p.future.done():  # the caller gave up (deadline or disconnect) while it waited
-                    continue
-                if now >= p.deadline:
-                    p.future.set_exception(DeadlineExceededError())  # the caller counts its refusal, once
-                    continue
-                p.started = now
-                live.append(p)
+            live = self._take_batch()
             if not live:
                 continue  # nothing left for the model: not a released batch
             if self.metrics:
@@ -184,6 +205,32 @@ class DynamicBatcher(Generic[T, R]):
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(RuntimeError("inference failed"))
+
+    async def _has_work(self) -> bool:
+        """Wait until something is queued; False once shutdown has begun and the queue is empty."""
+        while not self._queue:
+            if self._closing:
+                return False
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return True
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pop the next batch and keep the items still worth running: an expired one is failed, an abandoned one
+        dropped, so neither reaches the model."""
+        batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+        self._set_depth()
+        now = time.monotonic()
+        live = []
+        for p in batch:
+            if p.future.done():  # the caller gave up (deadline, disconnect, a failed sibling) while it waited
+                continue
+            if now >= p.deadline:
+                p.future.set_exception(DeadlineExceededError())  # the caller counts its refusal, once
+                continue
+            p.started = now
+            live.append(p)
+        return live
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         """Runs on the inference thread: process, then settle each future on the event loop."""

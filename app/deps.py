@@ -8,15 +8,15 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from app.errors import unauthorized
-from app.lifecycle import ServiceState
+from app.lifecycle import ServiceLifecycle
 
 
-def get_service(request: Request) -> ServiceState:
+def get_service(request: Request) -> ServiceLifecycle:
     return request.app.state.service
 
 
 def require_api_key(
-    service: Annotated[ServiceState, Depends(get_service)],
+    service: Annotated[ServiceLifecycle, Depends(get_service)],
     x_api_key: Annotated[str | None, Header(description="needed when the service has PETVIT_API_KEY set")] = None,
 ) -> None:
     expected = service.settings.api_key
@@ -28,5 +28,5 @@ def require_api_key(
         raise unauthorized()
 
 
-ServiceDep = Annotated[ServiceState, Depends(get_service)]
+ServiceDep = Annotated[ServiceLifecycle, Depends(get_service)]
 ApiKeyDep = Depends(require_api_key)

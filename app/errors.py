@@ -1,7 +1,9 @@
-"""Every failure answers `{"error": {"code", "message"}}` with the status GUIDE §3 gives it.
+"""Every failure answers `{"error": {"code", "message"}}` with the HTTP status of its kind (the table in
+docs/service.md: 400 bad input, 413 too big, 429 queue full, 503 not ready, 504 past the deadline, ...).
 
-ServiceError carries the three parts; the handlers below also translate FastAPI's own 404/405/422 and any
-unexpected exception, so no client ever has to parse an HTML page or a bare `{"detail": ...}`.
+ServiceError carries the three parts, and the constructors below build every one the service raises, so each code
+is spelt here and nowhere else; the handlers at the end also translate FastAPI's own 404/405/422 and any unexpected
+exception, so no client ever has to parse an HTML page or a bare `{"detail": ...}`.
 """
 
 from __future__ import annotations
@@ -35,11 +37,23 @@ def malformed_multipart(message: str) -> ServiceError:
     return ServiceError(400, "malformed_multipart", message)
 
 
+def client_disconnected() -> ServiceError:
+    # Nobody reads this answer; it still ends the request as a refusal, counted like a bad upload.
+    return ServiceError(400, "client_disconnected", "the client closed the connection mid-upload")
+
+
+def in_image(error: ServiceError, number: int, filename: str | None) -> ServiceError:
+    """The same error, its message led by which image of the request it is about: "image 2 (cat.png): ..."."""
+    name = f"image {number}" + (f" ({filename})" if filename else "")
+    return ServiceError(error.status, error.code, f"{name}: {error.message}", error.headers)
+
+
 def unauthorized() -> ServiceError:
     return ServiceError(401, "unauthorized", "missing or wrong API key: send it in the X-API-Key header")
 
 
 def too_large(code: str, message: str) -> ServiceError:
+    """413 in one of its three kinds: upload_too_large (bytes), image_too_large (pixels), too_many_files."""
     return ServiceError(413, code, message)
 
 
@@ -47,8 +61,12 @@ def unsupported_type(message: str) -> ServiceError:
     return ServiceError(415, "unsupported_media_type", message)
 
 
-def bad_request(message: str, code: str = "invalid_request") -> ServiceError:
-    return ServiceError(422, code, message)
+def invalid_parameters(message: str) -> ServiceError:
+    return ServiceError(422, "invalid_parameters", message)
+
+
+def no_images(field: str) -> ServiceError:
+    return ServiceError(422, "no_images", f"no images: send them as multipart fields named `{field}`")
 
 
 def queue_full(retry_after_s: int) -> ServiceError:
@@ -60,8 +78,16 @@ def queue_full(retry_after_s: int) -> ServiceError:
     )
 
 
+def inference_failed(cause: BaseException) -> ServiceError:
+    return ServiceError(500, "inference_failed", f"the model failed on this batch: {cause}")
+
+
 def not_ready(message: str) -> ServiceError:
     return ServiceError(503, "not_ready", message, {"Retry-After": "5"})
+
+
+def shutting_down() -> ServiceError:
+    return ServiceError(503, "shutting_down", "the service is shutting down; retry on another replica")
 
 
 def deadline_exceeded(timeout_s: float) -> ServiceError:
@@ -102,7 +128,7 @@ def install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path", "header"))
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return error_response(422, "invalid_parameters", "; ".join(parts) or "invalid request parameters")
+        return await _service_error(request, invalid_parameters("; ".join(parts) or "invalid request parameters"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,4 +1,5 @@
-"""What one running service holds: settings, metrics, and (once loaded) the predictor and its batcher.
+"""The service's lifecycle: starting -> loading -> ready | failed, then shutting_down; and what it holds on the way
+(settings, metrics, the preprocessing thread pool and, once loaded, the predictor and its batcher).
 
 Loading happens in the background so /healthz and /readyz answer from the first second: a big model's load and
 warm-up can take minutes on a GPU node, and a liveness probe must not kill the pod meanwhile.
@@ -12,10 +13,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
 
 from app.batcher import DynamicBatcher
 from app.config import Settings
-from app.errors import ServiceError, not_ready
+from app.errors import not_ready
 from app.metrics import Metrics
 from app.predictor import ImagePrediction, Predictor, warmup_sizes
 from model.artifact import ArtifactError, ArtifactNotFoundError
@@ -29,13 +33,26 @@ def load_from_settings(settings: Settings) -> Predictor:
     return Predictor.from_artifact(settings.checkpoint, settings.device, settings.dtype)
 
 
-class ServiceState:
+@dataclass(frozen=True)
+class ImageJob:
+    """One image for the model: what the service's batcher queues and its inference thread hands the predictor."""
+
+    tensor: torch.Tensor  # (3, S, S) uint8, as app.preprocess.prepare makes it
+    heatmap: bool  # run it on the explicit-attention path and return its rollout grid
+
+
+ImageBatcher = DynamicBatcher[ImageJob, ImagePrediction]
+
+
+class ServiceLifecycle:
+    """Loads the model in the background, says whether it is ready, and drains in-flight work at shutdown."""
+
     def __init__(self, settings: Settings, loader: PredictorLoader = load_from_settings) -> None:
         self.settings = settings
         self.loader = loader
         self.metrics = Metrics(settings.max_batch_size)
         self.predictor: Predictor | None = None
-        self.batcher: DynamicBatcher | None = None
+        self.batcher: ImageBatcher | None = None
         self.preprocess_pool: ThreadPoolExecutor | None = None
         self.status = "starting"  # starting -> loading -> ready | failed; -> shutting_down
         self.message = "the service is starting"
@@ -48,13 +65,13 @@ class ServiceState:
     def ready(self) -> bool:
         return self.status == "ready"
 
-    def require_ready(self) -> tuple[Predictor, DynamicBatcher]:
+    def require_ready(self) -> tuple[Predictor, ImageBatcher]:
         if self.status != "ready" or self.predictor is None or self.batcher is None:
             raise not_ready(self.message)  # /readyz asks too: refusals are counted by the route that refuses
         return self.predictor, self.batcher
 
     @contextlib.contextmanager
-    def serving(self) -> Iterator[tuple[Predictor, DynamicBatcher]]:
+    def serving(self) -> Iterator[tuple[Predictor, ImageBatcher]]:
         """require_ready(), then count the request as in flight until it has its answer: stop() waits for those
         before it closes the thread pool they still need (heatmap PNGs are rendered after the batch)."""
         predictor, batcher = self.require_ready()
@@ -68,14 +85,19 @@ class ServiceState:
                 self._idle.set()
 
     async def start(self) -> None:
+        """Load and warm up the model off the event loop, then open the batcher. A model that cannot be loaded
+        leaves the service up but not ready, with /readyz saying why."""
         self.preprocess_pool = ThreadPoolExecutor(self.settings.preprocess_threads, thread_name_prefix="petvit-pre")
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        if (loaded := await self._load_and_warm_up()) is not None:
+            self._open(*loaded)
+
+    async def _load_and_warm_up(self) -> tuple[Predictor, list[int]] | None:
+        """The predictor and the batch sizes it was warmed with; None (and status "failed") when it won't load."""
         path = self.settings.checkpoint
         self.status, self.message = "loading", f"loading the model from {path}"
         log.info("loading model artifact %s", path)
-        if self.settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.settings.torch_threads)
         try:
             predictor = await asyncio.to_thread(self.loader, self.settings)
             sizes = warmup_sizes(self.settings.max_batch_size, self.settings.warmup, predictor.device)
@@ -83,17 +105,21 @@ class ServiceState:
             self.warmup_s = await asyncio.to_thread(predictor.warmup, sizes)
         except ArtifactNotFoundError as err:
             self._fail(f"{err}. The service stays up and turns ready after a restart with the artifact in place.")
-            return
+            return None
         except (ArtifactError, ValueError, RuntimeError, OSError) as err:  # ValueError: e.g. a missing device
             self._fail(f"could not load the model from {path}: {err}")
-            return
+            return None
         except Exception as err:  # anything else must not leave /readyz saying "loading" for ever
             log.exception("unexpected error while loading %s", path)
             self._fail(f"could not load the model from {path}: {type(err).__name__}: {err}")
-            return
+            return None
+        return predictor, sizes
+
+    def _open(self, predictor: Predictor, warmed_sizes: list[int]) -> None:
+        """Serve with this predictor: its batcher, its metrics, then ready."""
         self.predictor = predictor
         self.batcher = DynamicBatcher(
-            self._run_batch,
+            self._predict,
             self.settings.max_batch_size,
             self.settings.max_wait_ms,
             self.settings.queue_limit,
@@ -107,19 +133,18 @@ class ServiceState:
             self.metrics.enable_gpu_gauges()
         self.status = "ready"
         self.message = f"ready: {meta.name} on {predictor.device} ({predictor.dtype})"
-        log.info("%s; warm-up of %s took %.2f s", self.message, sizes, self.warmup_s)
+        log.info("%s; warm-up of %s took %.2f s", self.message, warmed_sizes, self.warmup_s)
 
     def _fail(self, message: str) -> None:
         self.status, self.message = "failed", message
         log.error("model not loaded: %s", message)
 
-    def _run_batch(self, items: list[tuple]) -> list[ImagePrediction]:
+    def _predict(self, jobs: list[ImageJob]) -> list[ImagePrediction]:
+        """One batch, on the batcher's inference thread."""
         assert self.predictor is not None
-        return self.predictor.predict([tensor for tensor, _ in items], [want for _, want in items])
+        return self.predictor.predict([job.tensor for job in jobs], [job.heatmap for job in jobs])
 
     def _free_cache(self) -> None:
-        import torch
-
         if self.predictor is not None and self.predictor.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -140,4 +165,4 @@ class ServiceState:
             await asyncio.to_thread(self.preprocess_pool.shutdown, wait=True)  # joins its threads off the loop
 
 
-__all__ = ["PredictorLoader", "ServiceError", "ServiceState", "load_from_settings"]
+__all__ = ["ImageBatcher", "ImageJob", "PredictorLoader", "ServiceLifecycle", "load_from_settings"]

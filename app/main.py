@@ -1,6 +1,6 @@
-"""create_app(settings) -> FastAPI, and the module-level `app` that `petvit serve` runs.
+"""create_app(settings) -> FastAPI: the app `petvit serve` runs (cli/serve.py builds it from the checked settings).
 
-Importing this module is cheap: the model is loaded in the lifespan, in the background, never at import.
+Building an app is cheap: the model is loaded in the lifespan, in the background, never at import or construction.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 from app.errors import install_error_handlers
-from app.lifecycle import PredictorLoader, ServiceState, load_from_settings
+from app.lifecycle import PredictorLoader, ServiceLifecycle, load_from_settings
 from app.metrics import Metrics
 from app.routes import classify, health, metrics, model_info, ui
 
@@ -54,7 +54,7 @@ class RequestMetricsMiddleware:
 
 def create_app(settings: Settings | None = None, loader: PredictorLoader = load_from_settings) -> FastAPI:
     settings = settings or Settings()
-    service = ServiceState(settings, loader)
+    service = ServiceLifecycle(settings, loader)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,6 +88,3 @@ def create_app(settings: Settings | None = None, loader: PredictorLoader = load_
         )
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
     return app
-
-
-app = create_app()

@@ -1,9 +1,13 @@
-"""The Prometheus metrics of GUIDE §3, in one registry per app (tests build many apps in one process)."""
+"""The service's Prometheus metrics (petvit_*), in one registry per app (tests build many apps in one process), and
+the reasons petvit_rejected_total counts refused requests by."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.process_collector import ProcessCollector
+
+from app.batch_sizes import pow2_batch_sizes
+from app.errors import ServiceError
 
 # The *_created series double the exposition for no dashboard we draw; Prometheus itself ignores them.
 disable_created_metrics()
@@ -12,14 +16,21 @@ disable_created_metrics()
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def pow2_batch_sizes(max_batch_size: int) -> list[int]:
-    """Powers of two below the largest batch the batcher can form, then that largest batch itself: the batch-size
-    histogram's buckets, and the sizes a CPU warm-up runs."""
-    sizes, b = [], 1
-    while b < max_batch_size:
-        sizes.append(b)
-        b *= 2
-    return [*sizes, max_batch_size]
+# petvit_rejected_total{reason}: one count per refused request, by its error code, else by its status. Dashboards and
+# alerts match these values (tests/deploy checks them). The API-key check in app/deps.py counts "unauthorized" itself:
+# it refuses before the route runs.
+REJECTION_REASONS_BY_CODE = {
+    "not_ready": "not_ready",
+    "shutting_down": "shutting_down",
+    "queue_full": "queue_full",
+    "deadline_exceeded": "deadline",
+}
+REJECTION_REASONS_BY_STATUS = {400: "bad_image", 413: "too_large", 415: "unsupported_type", 422: "bad_request"}
+
+
+def rejection_reason(error: ServiceError) -> str | None:
+    """The rejected_total reason for a refused request; None for the service's own failures (500)."""
+    return REJECTION_REASONS_BY_CODE.get(error.code) or REJECTION_REASONS_BY_STATUS.get(error.status)
 
 
 class Metrics:
@@ -56,6 +67,11 @@ class Metrics:
             "petvit_model_info", "the loaded model (value 1)", ["name", "arch", "sha256"], registry=r
         )
         self.gpu_allocated: Gauge | None = None  # created by enable_gpu_gauges, only when serving on CUDA
+
+    def count_rejection(self, error: ServiceError) -> None:
+        """Count a refused request once, by its reason; the service's own failures are not refusals."""
+        if (reason := rejection_reason(error)) is not None:
+            self.rejected.labels(reason).inc()
 
     def enable_gpu_gauges(self) -> None:
         r = self.registry

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from app.metrics import pow2_batch_sizes
+from app.batch_sizes import pow2_batch_sizes
 from model.artifact import ArtifactMetadata, file_sha256, load_artifact
 from model.device import resolve_device
 from model.precision import dtype_name, resolve_dtype

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import ServiceError, bad_request, malformed_multipart, too_large, unsupported_type
+from app.errors import ServiceError, client_disconnected, malformed_multipart, no_images, too_large, unsupported_type
 
 FILE_FIELD = "file"
 _MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers per file, generously
@@ -21,8 +21,7 @@ _MAX_FIELD_BYTES = 64 * 1024  # non-file form fields are ignored, but not read w
 @dataclass
 class Upload:
     data: bytes
-    filename: str | None = None
-    content_type: str | None = None
+    filename: str | None = None  # multipart only: a raw body has no name
 
 
 def _is_image_type(content_type: str) -> bool:
@@ -101,7 +100,7 @@ class _MultipartCollector:
     def on_part_end(self) -> None:
         part = self._part
         if part is not None and part.name == FILE_FIELD:
-            self.files.append(Upload(bytes(part.data), part.filename, part.content_type))
+            self.files.append(Upload(bytes(part.data), part.filename))
         self._part = None
 
 
@@ -115,15 +114,15 @@ async def read_uploads(request: Request, max_bytes: int, max_files: int) -> list
         if content_type == "multipart/form-data":
             return await _read_multipart(request, params, declared_bytes, max_bytes, max_files)
         if _is_image_type(content_type):
-            return [await _read_raw(request, content_type, declared_bytes, max_bytes)]
+            return [await _read_raw(request, declared_bytes, max_bytes)]
     except ClientDisconnect:
-        raise ServiceError(400, "client_disconnected", "the client closed the connection mid-upload") from None
+        raise client_disconnected() from None
     if not content_type:
         raise unsupported_type("no Content-Type; send multipart/form-data with `file` fields, or an image/* body")
     raise unsupported_type(f"{content_type} is not accepted; send multipart/form-data with `file` fields, or image/*")
 
 
-async def _read_raw(request: Request, content_type: str, declared: int | None, max_bytes: int) -> Upload:
+async def _read_raw(request: Request, declared: int | None, max_bytes: int) -> Upload:
     if declared is not None and declared > max_bytes:
         raise too_large("upload_too_large", f"the body is {declared} bytes; the limit is {max_bytes} per image")
     body = bytearray()
@@ -131,7 +130,7 @@ async def _read_raw(request: Request, content_type: str, declared: int | None, m
         body += chunk
         if len(body) > max_bytes:
             raise too_large("upload_too_large", f"the body is over the {max_bytes} byte limit per image")
-    return Upload(bytes(body), None, content_type)
+    return Upload(bytes(body))
 
 
 async def _read_multipart(
@@ -160,5 +159,5 @@ async def _read_multipart(
     except Exception as err:  # python-multipart raises on malformed framing
         raise malformed_multipart(f"the multipart body is malformed: {err}") from None
     if not collector.files:
-        raise bad_request(f"no images: send them as multipart fields named `{FILE_FIELD}`", "no_images")
+        raise no_images(FILE_FIELD)
     return collector.files

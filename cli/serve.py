@@ -24,7 +24,7 @@ def main(args: argparse.Namespace) -> int:
     settings = settings_or_report("petvit serve")
     if settings is None:
         return 2
-    from app.main import create_app  # only now: importing it builds the module-level app from the same settings
+    from app.main import create_app  # only after the settings check: importing it loads torch
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(

@@ -1,41 +1,37 @@
-"""POST /classify: uploads -> preprocessing (thread pool) -> DynamicBatcher -> top-k (+ heatmaps)."""
+"""POST /classify: read the uploads, prepare them (thread pool), run them through the DynamicBatcher, answer.
+
+Each step raises the ServiceError that answers its own failure; the route counts a refused request once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from functools import partial
+from dataclasses import dataclass
 from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Query, Request
 
-from app.batcher import BatcherClosedError, BatchResult, DeadlineExceededError, DynamicBatcher, QueueFullError
+from app.batcher import BatcherClosedError, BatchResult, DeadlineExceededError, InferenceFailedError, QueueFullError
 from app.deps import ApiKeyDep, ServiceDep
-from app.errors import ServiceError, bad_request, deadline_exceeded, queue_full
+from app.errors import (
+    ServiceError,
+    deadline_exceeded,
+    in_image,
+    inference_failed,
+    invalid_parameters,
+    queue_full,
+    shutting_down,
+)
 from app.heatmap import overlay_png_base64
-from app.lifecycle import ServiceState
-from app.predictor import Predictor
+from app.lifecycle import ImageBatcher, ImageJob, ServiceLifecycle
+from app.predictor import ImagePrediction, Predictor
 from app.preprocess import PreparedImage, Preprocessing, prepare
 from app.schemas import ERROR_RESPONSES, ClassifyResponse, Heatmap, ImageResult, Prediction, Timings
-from app.uploads import FILE_FIELD, read_uploads
+from app.uploads import FILE_FIELD, Upload, read_uploads
 
 router = APIRouter(tags=["classify"])
-
-# petvit_rejected_total{reason}: one count per refused request, by its error code, else by its status.
-_REJECT_REASONS_BY_CODE = {
-    "not_ready": "not_ready",
-    "shutting_down": "shutting_down",
-    "queue_full": "queue_full",
-    "deadline_exceeded": "deadline",
-}
-_REJECT_REASONS_BY_STATUS = {400: "bad_image", 413: "too_large", 415: "unsupported_type", 422: "bad_request"}
-
-
-def rejection_reason(error: ServiceError) -> str | None:
-    """The rejected_total reason for a refused request; None for the service's own failures (500)."""
-    return _REJECT_REASONS_BY_CODE.get(error.code) or _REJECT_REASONS_BY_STATUS.get(error.status)
-
 
 _BODY_DOC = {
     "requestBody": {
@@ -57,19 +53,19 @@ _BODY_DOC = {
 }
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
+@dataclass(frozen=True)
+class _Image:
+    """One upload, prepared: what the answer reports about it besides the model's output."""
+
+    upload: Upload
+    prepared: PreparedImage
+    preprocess_s: float
 
 
-def _timed_prepare(data: bytes, pre: Preprocessing, max_pixels: int) -> tuple[PreparedImage, float]:
-    start = time.perf_counter()
-    return prepare(data, pre, max_pixels), time.perf_counter() - start
-
-
-def _timed_overlay(prepared: PreparedImage, grid: torch.Tensor) -> tuple[str, float]:
-    # The overlay needs only the upload's size and the crop box, not its pixels: the client composes it.
-    start = time.perf_counter()
-    return overlay_png_base64(grid, prepared.size, prepared.crop_box), time.perf_counter() - start
+@dataclass(frozen=True)
+class _Overlay:
+    png: str | None  # None with heatmap_png=false: the client draws the grid itself
+    seconds: float
 
 
 @router.post(
@@ -100,105 +96,135 @@ async def classify(
     ] = True,
 ) -> ClassifyResponse:
     arrived = time.monotonic()
+    settings = service.settings
     try:
         with service.serving() as (predictor, batcher):
-            return await _classify(request, service, predictor, batcher, top_k, heatmap, heatmap_png, arrived)
+            k = _top_k(top_k, settings.default_top_k, len(predictor.labels))
+            uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
+            images = await _prepare(service, predictor.preprocessing, uploads)
+            jobs = [ImageJob(image.prepared.tensor, heatmap) for image in images]
+            results = await _run(batcher, jobs, arrived, settings.request_timeout_s)
+            overlays = await _overlays(service, images, results, heatmap, heatmap_png)
+            answers = [
+                _answer(predictor, k, image, result, overlay)
+                for image, result, overlay in zip(images, results, overlays, strict=True)
+            ]
+            service.metrics.images.inc(len(answers))
+            return ClassifyResponse(
+                model=predictor.metadata.name,
+                results=answers,
+                timings={"total_ms": _ms(time.monotonic() - arrived)},
+            )
     except ServiceError as err:
-        if (reason := rejection_reason(err)) is not None:
-            service.metrics.rejected.labels(reason).inc()
+        service.metrics.count_rejection(err)
         raise
 
 
-async def _classify(
-    request: Request,
-    service: ServiceState,
-    predictor: Predictor,
-    batcher: DynamicBatcher,
-    top_k: int | None,
-    heatmap: bool,
-    heatmap_png: bool,
-    arrived: float,
-) -> ClassifyResponse:
-    settings, metrics = service.settings, service.metrics
-    # PETVIT_DEFAULT_TOP_K is a preference, not the client's request: a model with fewer labels caps it, not a 422.
-    k = min(settings.default_top_k, len(predictor.labels)) if top_k is None else top_k
-    if k > len(predictor.labels):
-        raise bad_request(f"top_k must be between 1 and {len(predictor.labels)}, got {k}", "invalid_parameters")
-    deadline = arrived + settings.request_timeout_s
+def _top_k(requested: int | None, default: int, labels: int) -> int:
+    """How many breeds per image. PETVIT_DEFAULT_TOP_K is a preference, not the client's request: a model with
+    fewer labels caps it instead of answering 422."""
+    if requested is None:
+        return min(default, labels)
+    if requested > labels:
+        raise invalid_parameters(f"top_k must be between 1 and {labels}, got {requested}")
+    return requested
 
-    uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
+
+async def _prepare(service: ServiceLifecycle, pre: Preprocessing, uploads: list[Upload]) -> list[_Image]:
+    """Decode, check and crop every upload in the preprocess pool. The first bad one in upload order fails the
+    request, its message saying which image it was."""
     loop = asyncio.get_running_loop()
-    pre = predictor.preprocessing
-    jobs = [
-        loop.run_in_executor(service.preprocess_pool, partial(_timed_prepare, u.data, pre, settings.max_pixels))
-        for u in uploads
-    ]
-    outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+    max_pixels = service.settings.max_pixels
+    outcomes = await asyncio.gather(
+        *(loop.run_in_executor(service.preprocess_pool, _timed_prepare, u.data, pre, max_pixels) for u in uploads),
+        return_exceptions=True,
+    )
     for number, (upload, outcome) in enumerate(zip(uploads, outcomes, strict=True), start=1):
         if isinstance(outcome, ServiceError):
-            name = f"image {number}" + (f" ({upload.filename})" if upload.filename else "")
-            raise ServiceError(outcome.status, outcome.code, f"{name}: {outcome.message}", outcome.headers)
+            raise in_image(outcome, number, upload.filename)
         if isinstance(outcome, BaseException):
             raise outcome
-    prepared = [outcome[0] for outcome in outcomes]
-    for _, seconds in outcomes:
-        metrics.preprocess_duration.observe(seconds)
+    images = [_Image(upload, *outcome) for upload, outcome in zip(uploads, outcomes, strict=True)]
+    for image in images:
+        service.metrics.preprocess_duration.observe(image.preprocess_s)
+    return images
 
+
+def _timed_prepare(data: bytes, pre: Preprocessing, max_pixels: int) -> tuple[PreparedImage, float]:
+    start = time.perf_counter()
+    return prepare(data, pre, max_pixels), time.perf_counter() - start
+
+
+async def _run(
+    batcher: ImageBatcher, jobs: list[ImageJob], arrived: float, timeout_s: float
+) -> list[BatchResult[ImagePrediction]]:
+    """The model's output for every job, in order, within timeout_s of the request's arrival (a time.monotonic()
+    value), or the ServiceError that answers why there is none."""
     try:
-        futures = batcher.submit([(p.tensor, heatmap) for p in prepared], deadline)
+        return await batcher.run(jobs, deadline=arrived + timeout_s)
     except QueueFullError as err:
         raise queue_full(err.retry_after_s) from None
     except BatcherClosedError:
-        raise ServiceError(503, "shutting_down", "the service is shutting down; retry on another replica") from None
-    try:
-        results: list[BatchResult] = await asyncio.wait_for(
-            asyncio.gather(*futures), max(0.0, deadline - time.monotonic())
-        )
-    except (asyncio.TimeoutError, DeadlineExceededError):
-        for f in futures:
-            f.cancel()  # queued items the worker has not reached yet will be skipped
-        raise deadline_exceeded(settings.request_timeout_s) from None
-    except Exception as err:
-        for f in futures:
-            f.cancel()  # the request fails as a whole; its other images need not run
-        raise ServiceError(500, "inference_failed", f"the model failed on this batch: {err}") from None
+        raise shutting_down() from None
+    except DeadlineExceededError:
+        raise deadline_exceeded(timeout_s) from None
+    except InferenceFailedError as err:
+        raise inference_failed(err.cause) from None
 
-    overlays: list[tuple[str | None, float] | None] = [None] * len(prepared)
-    if heatmap and not heatmap_png:
-        overlays = [(None, 0.0)] * len(prepared)
-    elif heatmap:
-        overlays = await asyncio.gather(
-            *(
-                loop.run_in_executor(service.preprocess_pool, _timed_overlay, p, r.value.grid)
-                for p, r in zip(prepared, results, strict=True)
-            )
+
+async def _overlays(
+    service: ServiceLifecycle,
+    images: list[_Image],
+    results: list[BatchResult[ImagePrediction]],
+    heatmap: bool,
+    heatmap_png: bool,
+) -> list[_Overlay | None]:
+    """Per image: None without a heatmap, else its PNG overlay (rendered in the preprocess pool, off the event loop
+    and the inference thread) and the time that took."""
+    if not heatmap:
+        return [None] * len(images)
+    if not heatmap_png:
+        return [_Overlay(None, 0.0)] * len(images)
+    loop = asyncio.get_running_loop()
+    return await asyncio.gather(
+        *(
+            loop.run_in_executor(service.preprocess_pool, _timed_overlay, image.prepared, result.value.grid)
+            for image, result in zip(images, results, strict=True)
         )
-    answers = []
-    for upload, p, (_, pre_s), r, overlay in zip(uploads, prepared, outcomes, results, overlays, strict=True):
-        grid = r.value.grid
-        answers.append(
-            ImageResult(
-                filename=upload.filename,
-                width=p.size[0],
-                height=p.size[1],
-                predictions=[Prediction(**p) for p in predictor.top_k(r.value.probs, k)],
-                heatmap=(
-                    Heatmap(grid=grid.tolist(), png=overlay[0], rows=grid.shape[0], cols=grid.shape[1])
-                    if overlay is not None and grid is not None
-                    else None
-                ),
-                timings=Timings(
-                    preprocess_ms=_ms(pre_s),
-                    queue_ms=_ms(r.queue_wait_s),
-                    inference_ms=_ms(r.inference_s),
-                    batch_size=r.batch_size,
-                    heatmap_ms=_ms(overlay[1]) if overlay is not None else None,
-                ),
-            )
-        )
-    metrics.images.inc(len(answers))
-    return ClassifyResponse(
-        model=predictor.metadata.name,
-        results=answers,
-        timings={"total_ms": _ms(time.monotonic() - arrived)},
     )
+
+
+def _timed_overlay(prepared: PreparedImage, grid: torch.Tensor) -> _Overlay:
+    # The overlay needs only the upload's size and the crop box, not its pixels: the client composes it.
+    start = time.perf_counter()
+    png = overlay_png_base64(grid, prepared.size, prepared.crop_box)
+    return _Overlay(png, time.perf_counter() - start)
+
+
+def _answer(
+    predictor: Predictor, k: int, image: _Image, result: BatchResult[ImagePrediction], overlay: _Overlay | None
+) -> ImageResult:
+    grid = result.value.grid
+    width, height = image.prepared.size
+    return ImageResult(
+        filename=image.upload.filename,
+        width=width,
+        height=height,
+        predictions=[Prediction(**p) for p in predictor.top_k(result.value.probs, k)],
+        heatmap=(
+            Heatmap(grid=grid.tolist(), png=overlay.png, rows=grid.shape[0], cols=grid.shape[1])
+            if overlay is not None and grid is not None
+            else None
+        ),
+        timings=Timings(
+            preprocess_ms=_ms(image.preprocess_s),
+            queue_ms=_ms(result.queue_wait_s),
+            inference_ms=_ms(result.inference_s),
+            batch_size=result.batch_size,
+            heatmap_ms=_ms(overlay.seconds) if overlay is not None else None,
+        ),
+    )
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from app.lifecycle import ServiceState
+from app.lifecycle import ServiceLifecycle
 
 from .fixtures import make_settings, recording_loader, running_app
 
@@ -27,7 +27,7 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def served(tiny_artifact: Path) -> AsyncIterator[tuple[httpx.AsyncClient, ServiceState]]:
+async def served(tiny_artifact: Path) -> AsyncIterator[tuple[httpx.AsyncClient, ServiceLifecycle]]:
     """Client plus service state, with a recording predictor (tests read predictor.batches)."""
     async with running_app(make_settings(tiny_artifact), recording_loader(tiny_artifact)) as pair:
         assert pair[1].ready, pair[1].message

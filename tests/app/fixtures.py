@@ -17,7 +17,7 @@ from asgi_lifespan import LifespanManager
 from PIL import Image
 
 from app.config import Settings
-from app.lifecycle import ServiceState
+from app.lifecycle import ServiceLifecycle
 from app.main import create_app
 from app.predictor import ImagePrediction, Predictor
 from app.preprocess import prepare
@@ -82,17 +82,17 @@ def _warmup_then(predictor: RecordingPredictor, delay_s: float, fail_when) -> Ca
     return warmup
 
 
-def metric_value(service: ServiceState, name: str, **labels: str) -> float:
+def metric_value(service: ServiceLifecycle, name: str, **labels: str) -> float:
     """One sample as the service's registry exports it (0 when the series has not been created yet)."""
     return service.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def flushes(service: ServiceState, reason: str) -> float:
+def flushes(service: ServiceLifecycle, reason: str) -> float:
     """petvit_batch_flush_total{reason} as the service counted it so far."""
     return metric_value(service, "petvit_batch_flush_total", reason=reason)
 
 
-def rejected(service: ServiceState, reason: str) -> float:
+def rejected(service: ServiceLifecycle, reason: str) -> float:
     """petvit_rejected_total{reason} as the service counted it so far."""
     return metric_value(service, "petvit_rejected_total", reason=reason)
 
@@ -113,10 +113,10 @@ def make_settings(artifact: Path, **overrides) -> Settings:
 @contextlib.asynccontextmanager
 async def running_app(
     settings: Settings, loader: Loader | None = None, wait_ready: bool = True
-) -> AsyncIterator[tuple[httpx.AsyncClient, ServiceState]]:
+) -> AsyncIterator[tuple[httpx.AsyncClient, ServiceLifecycle]]:
     """The app with its lifespan running, once loading has finished (ready or failed)."""
     app = create_app(settings, loader) if loader else create_app(settings)
-    service: ServiceState = app.state.service
+    service: ServiceLifecycle = app.state.service
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://petvit.test", timeout=30) as client:

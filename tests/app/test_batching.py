@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 import torch
 from PIL import Image
 
-from app.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from app.batcher import (
+    BatcherClosedError,
+    DeadlineExceededError,
+    DynamicBatcher,
+    InferenceFailedError,
+    QueueFullError,
+)
 from app.metrics import Metrics
 
 from .fixtures import encode, flushes, make_settings, png_bytes, recording_loader, rejected, running_app, until
@@ -195,3 +202,112 @@ async def test_batcher_counts_a_wrong_number_of_results_as_failure():
     results = await asyncio.gather(*batcher.submit([1, 2], time.monotonic() + 5), return_exceptions=True)
     await batcher.close()
     assert all(isinstance(r, RuntimeError) and "1 results for a batch of 2" in str(r) for r in results)
+
+
+# ---------------------------------------------------------------------- run(): the one call a caller makes
+
+
+class GatedModel:
+    """A process function that records every batch and holds the inference thread in its first one until the test
+    opens the gate, so work can be queued behind a busy model without timing guesses."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.busy = threading.Event()
+        self.gate = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.busy.set()
+        assert self.gate.wait(5), "the test never opened the gate"
+        return [item * 10 for item in items]
+
+
+async def test_run_gives_each_concurrent_caller_its_own_results_in_order():
+    batches = []
+
+    def process(items):
+        batches.append(list(items))
+        return [f"r{item}" for item in items]
+
+    batcher = DynamicBatcher(process, max_batch_size=4, max_wait_ms=10_000)
+    batcher.start()
+    requests = [[caller * 10 + j for j in range(caller % 3 + 1)] for caller in range(6)]  # 1, 2 or 3 items; 12 in all
+    deadline = time.monotonic() + 5
+    answers = await asyncio.wait_for(asyncio.gather(*(batcher.run(items, deadline) for items in requests)), 5)
+    await batcher.close()
+    assert [[r.value for r in answer] for answer in answers] == [[f"r{i}" for i in items] for items in requests]
+    assert [len(b) for b in batches] == [4, 4, 4]  # six callers, three full forward passes, no max_wait
+    assert all(r.batch_size == 4 for answer in answers for r in answer)
+
+
+async def test_run_raises_deadline_exceeded_and_the_model_never_sees_the_expired_items():
+    model, metrics = GatedModel(), Metrics(1)
+    batcher = DynamicBatcher(model, max_batch_size=1, max_wait_ms=0, metrics=metrics)
+    batcher.start()
+    first = asyncio.create_task(batcher.run([1], time.monotonic() + 5))
+    await until(model.busy.is_set)
+    with pytest.raises(DeadlineExceededError):
+        await asyncio.wait_for(batcher.run([2, 3], time.monotonic() + 0.05), 5)
+    assert batcher.depth == 2  # still queued behind the busy model, but given up
+    model.gate.set()
+    assert [r.value for r in await asyncio.wait_for(first, 5)] == [10]
+    await batcher.close()
+    assert model.batches == [[1]] and batcher.depth == 0
+    reasons = ("full", "timeout", "shutdown")
+    released = {r: metrics.registry.get_sample_value("petvit_batch_flush_total", {"reason": r}) for r in reasons}
+    assert released == {"full": 1, "timeout": 0, "shutdown": 0}  # the skipped items formed no batch
+    assert metrics.registry.get_sample_value("petvit_batch_size_count") == 1
+
+
+async def test_a_cancelled_callers_queued_items_are_skipped():
+    model = GatedModel()
+    batcher = DynamicBatcher(model, max_batch_size=1, max_wait_ms=0)
+    batcher.start()
+    first = asyncio.create_task(batcher.run([1], time.monotonic() + 5))
+    await until(model.busy.is_set)
+    gone = asyncio.create_task(batcher.run([2, 3], time.monotonic() + 5))
+    await until(lambda: batcher.depth == 2)
+    gone.cancel()  # what a client disconnect does to the request's task
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    later = asyncio.create_task(batcher.run([4], time.monotonic() + 5))
+    model.gate.set()
+    assert [r.value for r in await asyncio.wait_for(first, 5)] == [10]
+    assert [r.value for r in await asyncio.wait_for(later, 5)] == [40]
+    await batcher.close()
+    assert model.batches == [[1], [4]]
+
+
+async def test_a_failed_batch_fails_the_call_and_cancels_its_items_still_queued():
+    batches = []
+
+    def process(items):
+        batches.append(list(items))
+        if "bad" in items:
+            raise ValueError("bad item in batch")
+        return [item.upper() for item in items]
+
+    batcher = DynamicBatcher(process, max_batch_size=2, max_wait_ms=10_000)
+    batcher.start()
+    with pytest.raises(InferenceFailedError) as info:
+        await asyncio.wait_for(batcher.run(["a", "bad", "c"], time.monotonic() + 5), 5)
+    await batcher.close()  # releases what is still queued at once
+    assert isinstance(info.value.cause, ValueError) and str(info.value.cause) == "bad item in batch"
+    assert batches == [["a", "bad"]]  # "c" was waiting for company; the failure of its sibling cancelled it
+
+
+async def test_run_admits_a_request_whole_or_not_at_all():
+    batches = []
+    batcher = DynamicBatcher(lambda items: batches.append(list(items)) or items, max_wait_ms=10_000, queue_limit=3)
+    admitted = asyncio.create_task(batcher.run([1, 2], time.monotonic() + 5))  # not started: stays queued
+    await until(lambda: batcher.depth == 2)
+    with pytest.raises(QueueFullError) as info:
+        await batcher.run([3, 4], time.monotonic() + 5)
+    assert info.value.retry_after_s >= 1 and batcher.depth == 2  # nothing of the refused request was queued
+    batcher.start()
+    await batcher.close()  # drains the admitted request
+    assert [r.value for r in await asyncio.wait_for(admitted, 5)] == [1, 2]
+    assert batches == [[1, 2]]
+    with pytest.raises(BatcherClosedError):
+        await batcher.run([5], time.monotonic() + 5)

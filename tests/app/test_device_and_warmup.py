@@ -1,4 +1,4 @@
-"""The service's device, dtype and warm-up choices (GUIDE §3: bf16 on CUDA by default; warm what batches form)."""
+"""The service's device, dtype and warm-up choices: bf16 on CUDA by default, and warm the batch sizes that can form."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every failure in GUIDE §3 answers JSON {"error": {"code", "message"}} with its status."""
+"""Every failure answers JSON {"error": {"code", "message"}} with the HTTP status of its kind."""
 
 from __future__ import annotations
 

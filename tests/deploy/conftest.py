@@ -6,6 +6,7 @@ refuses any other key, so a new kustomize feature cannot slip past the schema ch
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import re
 from pathlib import Path
@@ -135,33 +136,29 @@ def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
 
 # ---- the app's metrics ------------------------------------------------------------------------------------------
 
-_SERIES_SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "gauge": ("",),
-    "summary": ("", "_sum", "_count", "_created"),
-}
+
+async def _exported_after_traffic(artifact: Path) -> list:
+    """The metric families a running app exports once it has answered one image and refused one upload: labelled
+    series only appear once something was counted with labels."""
+    from tests.app.fixtures import make_settings, png_bytes, running_app
+
+    async with running_app(make_settings(artifact, warmup="none")) as (client, service):
+        assert service.ready, service.message
+        answered = await client.post("/classify", content=png_bytes(1), headers={"Content-Type": "image/png"})
+        refused = await client.post("/classify", content=b"not an image", headers={"Content-Type": "image/png"})
+        assert (answered.status_code, refused.status_code) == (200, 400)
+        service.metrics.enable_gpu_gauges()  # what the app does when it serves on CUDA
+        return list(service.metrics.registry.collect())
 
 
 @pytest.fixture(scope="session")
-def app_series() -> dict[str, set[str]]:
-    """Every series name the app can export -> its label names, read from app.metrics.Metrics itself
-    (GPU gauges included: the app creates them when it serves on CUDA)."""
-    from prometheus_client.metrics import MetricWrapperBase
-
-    from app.metrics import Metrics
-
-    metrics = Metrics()
-    metrics.enable_gpu_gauges()
+def app_series(tiny_artifact: Path) -> dict[str, set[str]]:
+    """Every series name the app exports -> its label names, read through the registry's public API from a running
+    app (GPU gauges included), process collector's petvit_process_* too."""
     series: dict[str, set[str]] = {}
-    for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            for suffix in _SERIES_SUFFIXES[value._type]:
-                labels = set(value._labelnames) | ({"le"} if suffix == "_bucket" else set())
-                series[value._name + suffix] = labels
-    for family in metrics.registry.collect():  # the process collector's petvit_process_* and anything else
+    for family in asyncio.run(_exported_after_traffic(tiny_artifact)):
         for sample in family.samples:
-            series.setdefault(sample.name, set(sample.labels))
+            series.setdefault(sample.name, set()).update(sample.labels)
     return series
 
 
