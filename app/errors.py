@@ -52,9 +52,18 @@ def unauthorized() -> ServiceError:
     return ServiceError(401, "unauthorized", "missing or wrong API key: send it in the X-API-Key header")
 
 
-def too_large(code: str, message: str) -> ServiceError:
-    """413 in one of its three kinds: upload_too_large (bytes), image_too_large (pixels), too_many_files."""
-    return ServiceError(413, code, message)
+# 413 in its three kinds: too many bytes (checked while reading), too many pixels (from the header, before
+# decoding), too many images in one request.
+def upload_too_large(message: str) -> ServiceError:
+    return ServiceError(413, "upload_too_large", message)
+
+
+def image_too_large(message: str) -> ServiceError:
+    return ServiceError(413, "image_too_large", message)
+
+
+def too_many_files(max_files: int) -> ServiceError:
+    return ServiceError(413, "too_many_files", f"at most {max_files} images per request")
 
 
 def unsupported_type(message: str) -> ServiceError:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import ServiceError, bad_image, too_large, unsupported_type
+from app.errors import ServiceError, bad_image, image_too_large, unsupported_type
 from model.artifact import Preprocessing
 
 # Formats we decode. Anything else PIL happens to recognise (PSD, ICO, EPS through Ghostscript, ...) is refused:
@@ -52,7 +52,7 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise too_large("image_too_large", f"the image has too many pixels; the limit is {max_pixels}") from None
+        raise image_too_large(f"the image has too many pixels; the limit is {max_pixels}") from None
     except UnidentifiedImageError:
         if (kind := _known_unsupported_format(data)) is not None:
             raise unsupported_type(f"{kind} files are not accepted; send JPEG, PNG, WebP, GIF, BMP or TIFF") from None
@@ -63,9 +63,7 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise unsupported_type(f"{image.format} images are not accepted; send JPEG, PNG, WebP, GIF, BMP or TIFF")
     width, height = image.size
     if width * height > max_pixels:
-        raise too_large(
-            "image_too_large", f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-        )
+        raise image_too_large(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     return image
 
 
@@ -111,7 +109,7 @@ def decode(data: bytes, max_pixels: int, draft_size: int | None = None) -> tuple
     except ServiceError:
         raise
     except Image.DecompressionBombError:
-        raise too_large("image_too_large", f"the image has too many pixels; the limit is {max_pixels}") from None
+        raise image_too_large(f"the image has too many pixels; the limit is {max_pixels}") from None
     except Exception as err:  # truncated or corrupt data fails while loading, with assorted error types
         raise bad_image(f"the image data is corrupt or truncated: {err}") from None
 

@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import ServiceError, client_disconnected, malformed_multipart, no_images, too_large, unsupported_type
+from app.errors import (
+    ServiceError,
+    client_disconnected,
+    malformed_multipart,
+    no_images,
+    too_many_files,
+    unsupported_type,
+    upload_too_large,
+)
 
 FILE_FIELD = "file"
 _MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers per file, generously
@@ -85,7 +93,7 @@ class _MultipartCollector:
         part.content_type = ctype.decode("latin-1").lower() or None
         if part.name == FILE_FIELD:
             if len(self.files) >= self.max_files:
-                raise too_large("too_many_files", f"at most {self.max_files} images per request")
+                raise too_many_files(self.max_files)
             _check_part_type(part.content_type, part.filename)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -95,7 +103,7 @@ class _MultipartCollector:
         limit = self.max_bytes if part.name == FILE_FIELD else _MAX_FIELD_BYTES
         if len(part.data) > limit:
             what = f"image {part.filename or len(self.files) + 1}" if part.name == FILE_FIELD else "a form field"
-            raise too_large("upload_too_large", f"{what} is over the {limit} byte limit; send a smaller image")
+            raise upload_too_large(f"{what} is over the {limit} byte limit; send a smaller image")
 
     def on_part_end(self) -> None:
         part = self._part
@@ -124,12 +132,12 @@ async def read_uploads(request: Request, max_bytes: int, max_files: int) -> list
 
 async def _read_raw(request: Request, declared: int | None, max_bytes: int) -> Upload:
     if declared is not None and declared > max_bytes:
-        raise too_large("upload_too_large", f"the body is {declared} bytes; the limit is {max_bytes} per image")
+        raise upload_too_large(f"the body is {declared} bytes; the limit is {max_bytes} per image")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_bytes:
-            raise too_large("upload_too_large", f"the body is over the {max_bytes} byte limit per image")
+            raise upload_too_large(f"the body is over the {max_bytes} byte limit per image")
     return Upload(bytes(body))
 
 
@@ -141,9 +149,7 @@ async def _read_multipart(
         raise malformed_multipart("multipart/form-data without a boundary parameter")
     budget = max_files * (max_bytes + _MULTIPART_OVERHEAD)
     if declared is not None and declared > budget:
-        raise too_large(
-            "upload_too_large", f"the body is {declared} bytes; at most {max_files} images of {max_bytes} bytes each"
-        )
+        raise upload_too_large(f"the body is {declared} bytes; at most {max_files} images of {max_bytes} bytes each")
     collector = _MultipartCollector(max_bytes, max_files)
     parser = MultipartParser(boundary, collector.callbacks())
     received = 0
@@ -151,7 +157,7 @@ async def _read_multipart(
         async for chunk in request.stream():
             received += len(chunk)
             if received > budget:
-                raise too_large("upload_too_large", f"the body is over {budget} bytes")
+                raise upload_too_large(f"the body is over {budget} bytes")
             parser.write(chunk)
         parser.finalize()
     except ServiceError:
