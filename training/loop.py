@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
@@ -46,9 +45,10 @@ from training.distributed import (
     local_main_first,
     shutdown_distributed,
 )
+from training.epoch import Optimization, Runtime, held_out_accuracy, train_one_epoch
 from training.evaluate import compute_metrics, metadata_summary, predict, write_report
 from training.features import cached_features
-from training.recipes import TrainConfig, build_model, lr_at, parameter_groups
+from training.recipes import TrainConfig, build_model, parameter_groups
 from training.train_state import (
     BEST_FILE,
     STATE_FILE,
@@ -178,74 +178,7 @@ def require_examples(splits: DataSplits, data: DataConfig) -> None:
             )
 
 
-# ---------------------------------------------------------------------------------------------- one epoch
-def train_one_epoch(
-    module: nn.Module,
-    batches: Any,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    step: int,
-    total_steps: int,
-    warmup_steps: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-    mixer: Any = None,
-    show: bool = True,
-    desc: str = "train",
-) -> tuple[int, dict[str, float]]:
-    """One pass over `batches` of (inputs, targets). Returns the new global step and epoch statistics."""
-    module.train()
-    loss_sum, correct, seen = 0.0, torch.zeros((), dtype=torch.long, device=device), 0
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not show)
-    lr = cfg.lr
-    for inputs, targets in bar:
-        lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        hard = targets
-        if mixer is not None:
-            inputs, targets = mixer(inputs, targets)  # targets become soft (B, C)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = module(inputs)
-        # Loss in fp32 even under bf16 autocast: log-softmax over 37 classes is cheap and precision-sensitive.
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-        loss_value = loss.item()  # the one host sync per step: the NaN guard, the bar and the epoch mean share it
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        batch = hard.shape[0]
-        loss_sum += loss_value * batch
-        correct += (logits.argmax(dim=1) == hard).sum()  # stays on the device until the epoch ends
-        seen += batch
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
-    return step, {"loss_sum": loss_sum, "correct": float(correct), "seen": seen, "lr": lr}
-
-
-@torch.no_grad()
-def held_out_accuracy(
-    module: nn.Module, batches: Any, device: torch.device, amp: torch.dtype | None, info: DistInfo
-) -> tuple[float, float]:
-    """(loss, top-1) over this rank's shard, summed over all ranks."""
-    module.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = module(inputs)
-        totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        totals[1] += (logits.argmax(dim=1) == targets).sum().item()
-        totals[2] += targets.shape[0]
-    totals = all_reduce_sum(totals, info)
-    n = max(totals[2].item(), 1.0)
-    return totals[0].item() / n, totals[1].item() / n
-
-
+# ---------------------------------------------------------------------------------------------- cached features
 class FeatureBatches:
     """Shuffled mini-batches over cached (features, targets) tensors, reshuffled from the per-epoch generator."""
 
@@ -378,11 +311,10 @@ def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, s
     mixer = batch_mixer(num_classes) if cfg.mixup and not probe else None
     unwrapped = model.head if probe else model  # what the state and best-weights files hold
     # The probe's head is tiny: rank 0 trains it alone (no collectives), other ranks just wait for the artifact.
-    epoch_info = DistInfo() if probe else info
+    epoch_env = Runtime(device, amp, workers, DistInfo() if probe else info)
 
     steps_per_epoch = len(train_batches) if probe and info.is_main else (0 if probe else len(train_loader))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    opt = Optimization.for_recipe(optimizer, cfg, steps_per_epoch, mixer)
     step = start_epoch * steps_per_epoch
     stop_at = cfg.epochs if run.stop_after is None else min(cfg.epochs, start_epoch + run.stop_after)
 
@@ -400,24 +332,12 @@ def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, s
             else:
                 sampler.generator = generator
             batches = train_loader
-        step, stats = train_one_epoch(
-            trained,
-            batches,
-            optimizer,
-            cfg,
-            step,
-            total_steps,
-            warmup_steps,
-            device,
-            amp,
-            mixer,
-            show,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        )
+        desc = f"epoch {epoch + 1}/{cfg.epochs}" if show else None
+        step, stats = train_one_epoch(trained, batches, opt, step, epoch_env, desc)
         # Train statistics over every rank's shard (DDP), like the held-out ones.
         sums = torch.tensor([stats["loss_sum"], stats["correct"], stats["seen"]], dtype=torch.float64)
-        sums = all_reduce_sum(sums, epoch_info).tolist()
-        val_loss, val_top1 = held_out_accuracy(unwrapped, val_batches, device, amp, epoch_info)
+        sums = all_reduce_sum(sums, epoch_env.info).tolist()
+        val_loss, val_top1 = held_out_accuracy(unwrapped, val_batches, epoch_env)
         seconds = time.time() - tick
         record = {
             "epoch": epoch + 1,
