@@ -1,7 +1,7 @@
 """Training throughput: `finetune` train-step img/s and `linear-probe` feature-extraction img/s.
 
 Synthetic uint8 batches through our ViT at the variant's real shape (random init: same FLOPs as the ImageNet
-weights, and nothing to download). A train step is training/loop.py's own (forward, loss, backward, clipping,
+weights, and nothing to download). A train step is training/epoch.py's own (forward, loss, backward, clipping,
 AdamW update; autocast when --dtype bf16); extraction is the no-grad backbone forward the linear probe caches.
 
     .venv/bin/python bench/train_throughput.py                                  # CPU, b16, short
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from model.config import get_config
 from model.precision import TRAINING_DTYPE_CHOICES, autocast_dtype, canonical_dtype
 from model.vit import ViT
-from training.loop import train_one_epoch
+from training.epoch import LRSchedule, Optimization, Runtime, train_one_epoch
 from training.recipes import RECIPE_DEFAULTS, parameter_groups
 
 PETS_TRAINVAL_IMAGES = 3680  # Oxford-IIIT Pet trainval
@@ -68,12 +68,15 @@ def _timed(step, device: torch.device, warmup: int, steps: int, desc: str) -> fl
 def bench_finetune(model: ViT, batch: int, device: torch.device, amp: torch.dtype | None, warmup: int, steps: int):
     cfg = RECIPE_DEFAULTS["finetune"]  # label smoothing, clipping, weight decay as the recipe trains
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    # One step per call at the peak LR (no warmup over a 1-step schedule), no bar: only the step is timed.
+    opt = Optimization(optimizer, LRSchedule(cfg.lr, cfg.min_lr, 1, 0), cfg.label_smoothing, cfg.grad_clip)
+    env = Runtime(device, amp)
     size = model.config.image_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     targets = torch.randint(0, model.config.num_classes, (batch,), device=device)
 
-    def step() -> None:  # training/loop.py's own step, one batch at a time
-        train_one_epoch(model, [(images, targets)], optimizer, cfg, 0, 1, 0, device, amp, show=False)
+    def step() -> None:  # the training loop's own step, one batch at a time
+        train_one_epoch(model, [(images, targets)], opt, 0, env, desc=None)
 
     return _timed(step, device, warmup, steps, "finetune")
 

@@ -1,6 +1,9 @@
 """The training loop for the three recipes (training/recipes.py), with resume, best-epoch
 selection on held-out data, per-epoch JSON log, tqdm bars, DDP under torchrun and an exported artifact.
 
+train() reads as prepare -> epochs -> finish. What differs between recipes (a head over cached features, or the
+whole network under DDP) is the recipe's plan (training/plans.py); one epoch's steps are in training/epoch.py.
+
     petvit train --recipe linear-probe --dataset pets --data-dir data --out artifacts/petvit.safetensors
     torchrun --nproc-per-node 8 -m cli train --recipe finetune --device cuda ...
 
@@ -12,32 +15,21 @@ and the test report + PNGs written at the end.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
 from model.artifact import save_artifact
 from model.device import resolve_device
-from training.data import (
-    DataConfig,
-    DatasetUnavailable,
-    DataSplits,
-    batch_mixer,
-    eval_transform,
-    load_splits,
-    train_transform,
-)
+from model.vit import ViT
+from training.data import DataConfig, DatasetUnavailable, DataSplits, load_splits
 from training.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -46,9 +38,10 @@ from training.distributed import (
     local_main_first,
     shutdown_distributed,
 )
-from training.evaluate import compute_metrics, metadata_summary, predict, write_report
-from training.features import cached_features
-from training.recipes import TrainConfig, build_model, lr_at, parameter_groups
+from training.epoch import Optimization, Runtime, held_out_accuracy, train_one_epoch
+from training.evaluate import compute_metrics, metadata_summary, write_report
+from training.plans import Plan, plan_for
+from training.recipes import TrainConfig, build_model, parameter_groups
 from training.train_state import (
     BEST_FILE,
     STATE_FILE,
@@ -178,93 +171,28 @@ def require_examples(splits: DataSplits, data: DataConfig) -> None:
             )
 
 
-# ---------------------------------------------------------------------------------------------- one epoch
-def train_one_epoch(
-    module: nn.Module,
-    batches: Any,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    step: int,
-    total_steps: int,
-    warmup_steps: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-    mixer: Any = None,
-    show: bool = True,
-    desc: str = "train",
-) -> tuple[int, dict[str, float]]:
-    """One pass over `batches` of (inputs, targets). Returns the new global step and epoch statistics."""
-    module.train()
-    loss_sum, correct, seen = 0.0, torch.zeros((), dtype=torch.long, device=device), 0
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not show)
-    lr = cfg.lr
-    for inputs, targets in bar:
-        lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        hard = targets
-        if mixer is not None:
-            inputs, targets = mixer(inputs, targets)  # targets become soft (B, C)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = module(inputs)
-        # Loss in fp32 even under bf16 autocast: log-softmax over 37 classes is cheap and precision-sensitive.
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-        loss_value = loss.item()  # the one host sync per step: the NaN guard, the bar and the epoch mean share it
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        batch = hard.shape[0]
-        loss_sum += loss_value * batch
-        correct += (logits.argmax(dim=1) == hard).sum()  # stays on the device until the epoch ends
-        seen += batch
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
-    return step, {"loss_sum": loss_sum, "correct": float(correct), "seen": seen, "lr": lr}
-
-
-@torch.no_grad()
-def held_out_accuracy(
-    module: nn.Module, batches: Any, device: torch.device, amp: torch.dtype | None, info: DistInfo
-) -> tuple[float, float]:
-    """(loss, top-1) over this rank's shard, summed over all ranks."""
-    module.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = module(inputs)
-        totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        totals[1] += (logits.argmax(dim=1) == targets).sum().item()
-        totals[2] += targets.shape[0]
-    totals = all_reduce_sum(totals, info)
-    n = max(totals[2].item(), 1.0)
-    return totals[0].item() / n, totals[1].item() / n
-
-
-class FeatureBatches:
-    """Shuffled mini-batches over cached (features, targets) tensors, reshuffled from the per-epoch generator."""
-
-    def __init__(self, feats: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool) -> None:
-        self.feats, self.targets, self.batch_size, self.shuffle = feats, targets, batch_size, shuffle
-        self.generator: torch.Generator | None = None
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.targets) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.targets)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield self.feats[idx], self.targets[idx]
-
-
 # ---------------------------------------------------------------------------------------------- the run
+@dataclass
+class TrainJob:
+    """One run as prepare() leaves it: the epochs advance `best` and the log, finish() exports from both."""
+
+    cfg: TrainConfig
+    data: DataConfig  # with the model's image size
+    run: RunConfig
+    env: Runtime
+    splits: DataSplits
+    model: ViT
+    plan: Plan  # what the recipe trains of `model`, on which batches
+    opt: Optimization
+    log: RunLog  # every epoch so far, those of earlier invocations of a resumed run included
+    start_epoch: int  # the first epoch this invocation trains, 0-based
+    best: dict[str, Any]  # {"epoch": 1-based or None, "val_top1"}: what best_weights.safetensors holds
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+
 def train(cfg: TrainConfig, data: DataConfig, run: RunConfig) -> dict[str, Any]:
     """Train per the recipe; write the run dir and the artifact; return a summary (rank 0's view)."""
     started = time.time()
@@ -278,184 +206,147 @@ def train(cfg: TrainConfig, data: DataConfig, run: RunConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, started: float) -> dict[str, Any]:
-    device = pick_device(run.device, info)
-    amp = autocast_dtype(run.dtype, device)
-    workers = default_workers(device) if run.workers is None else run.workers
-    run_dir = Path(run.output_dir)
-    show = info.is_main
+    """prepare -> epochs -> finish, on every rank."""
+    job = prepare(cfg, data, run, info)
+    run_epochs(job)
+    barrier(info)  # the ranks leave the epochs together; a probe's other ranks wait here for rank 0
+    return finish(job, started)
 
+
+# ---------------------------------------------------------------------------------------------- prepare
+def prepare(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo) -> TrainJob:
+    """Everything before the first epoch: data, model, the recipe's plan, optimizer, resume point, log, batches."""
+    device = pick_device(run.device, info)
+    workers = default_workers(device) if run.workers is None else run.workers
+    env = Runtime(device, autocast_dtype(run.dtype, device), workers, info)
     with local_main_first(info):  # one download per node (data, ImageNet weights), the other ranks read it
         splits = load_splits(data)
         require_examples(splits, data)
-        num_classes = len(splits.labels)
-        model = build_model(cfg, num_classes).to(device)
-    image_size = model.config.image_size
-    data = replace(data, image_size=image_size)
-    eval_tf = eval_transform(image_size)
+        model = build_model(cfg, len(splits.labels)).to(device)
+    data = replace(data, image_size=model.config.image_size)
+    plan = plan_for(model, cfg, env)  # what trains: the whole ViT, or (linear probe) only its head
+    optimizer = torch.optim.AdamW(parameter_groups(plan.trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    start_epoch, best, history = resume_point(cfg, run, plan.trained, optimizer, env)
+    log = RunLog(Path(run.output_dir) / LOG_FILE, run_header(cfg, data, run, env, splits), history, info.is_main)
+    # Batches last: a --resume that does not fit is refused before a probe spends minutes extracting features.
+    plan.prepare(splits, data, Path(run.output_dir), with_test=run.evaluate)
+    opt = Optimization.for_recipe(optimizer, cfg, plan.steps_per_epoch, plan.mixer)
+    return TrainJob(cfg, data, run, env, splits, model, plan, opt, log, start_epoch, best)
 
-    # What trains: the whole ViT, or (linear probe) only its head on cached features.
-    probe = cfg.recipe == "linear-probe"
-    if probe:
-        model.requires_grad_(False)
-        model.head.requires_grad_(True)
-        trained: nn.Module = model.head
-    else:
-        trained = model
-    optimizer = torch.optim.AdamW(parameter_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
 
-    header = {
+def resume_point(
+    cfg: TrainConfig, run: RunConfig, trained: nn.Module, optimizer: torch.optim.Optimizer, env: Runtime
+) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    """(first epoch to train, best epoch so far, history so far). With --resume and a state in the run directory,
+    `trained` and the optimizer are restored from it; otherwise the run starts fresh."""
+    state_path = Path(run.output_dir) / STATE_FILE
+    if not (run.resume and state_path.exists()):
+        if run.resume and env.show:
+            print(f"--resume: no state in {run.output_dir}, starting from scratch")
+        return 0, {"epoch": None, "val_top1": -1.0}, []
+    # Check before loading: a state of another recipe or model would otherwise die in load_state_dict.
+    check_resumable(state_path, read_train_state_info(state_path)["train"], cfg)
+    try:
+        saved = load_train_state(state_path, trained, optimizer, env.device)
+    except ValueError as err:  # e.g. another dataset: the head has another number of classes
+        raise ValueError(f"{err}; resume with the same settings or choose another --output-dir") from None
+    if env.show:
+        print(f"resuming {state_path} at epoch {saved['next_epoch'] + 1}/{cfg.epochs}")
+    return saved["next_epoch"], saved["best"], saved["history"]
+
+
+def run_header(cfg: TrainConfig, data: DataConfig, run: RunConfig, env: Runtime, splits: DataSplits) -> dict[str, Any]:
+    """log.json's fields besides the epochs: the settings and where the run ran."""
+    return {
         "train": cfg.to_dict(),
         "data": data.to_dict(),
         "run": asdict(run),
-        "world_size": info.world_size,
-        "distributed": info.enabled,
-        "device": str(device),
+        "world_size": env.info.world_size,
+        "distributed": env.info.enabled,
+        "device": str(env.device),
         "sizes": splits.extra.get("sizes"),
     }
-    start_epoch, best, history = 0, {"epoch": None, "val_top1": -1.0}, []
-    state_path = run_dir / STATE_FILE
-    if run.resume and state_path.exists():
-        # Check before loading: a state of another recipe or model would otherwise die in load_state_dict.
-        check_resumable(state_path, read_train_state_info(state_path)["train"], cfg)
-        try:
-            saved = load_train_state(state_path, trained, optimizer, device)
-        except ValueError as err:  # e.g. another dataset: the head has another number of classes
-            raise ValueError(f"{err}; resume with the same settings or choose another --output-dir") from None
-        start_epoch, best, history = saved["next_epoch"], saved["best"], saved["history"]
-        if show:
-            print(f"resuming {state_path} at epoch {start_epoch + 1}/{cfg.epochs}")
-    elif run.resume and show:
-        print(f"--resume: no state in {run_dir}, starting from scratch")
-    log = RunLog(run_dir / LOG_FILE, header, history, info.is_main)
 
-    test_feats = None
-    if probe:
-        # Features once, on the deterministic eval view; every epoch after this is a few matrix multiplies.
-        if info.is_main:
-            cache = {}
-            for name in ("train", "val", "test") if run.evaluate else ("train", "val"):
-                view = getattr(splits, name).with_transform(eval_tf)
-                feats, targets, hit = cached_features(
-                    run_dir / "features",
-                    name,
-                    model,
-                    view,
-                    {"image_size": image_size, "transform": "eval"},
-                    batch_size=max(16, cfg.batch_size // 4),
-                    device=device,
-                    num_workers=workers,
-                    autocast_dtype=amp,
-                )
-                cache[name] = (feats.to(device), targets.to(device))
-                print(f"{name} features {tuple(feats.shape)} ({'cache' if hit else 'extracted'})")
-            test_feats = cache.get("test")
-            train_batches = FeatureBatches(*cache["train"], cfg.batch_size, shuffle=True)
-            val_batches = FeatureBatches(*cache["val"], 1024, shuffle=False)
-    else:
-        train_view = splits.train.with_transform(
-            train_transform(image_size, cfg.augment, data.hflip, data.min_crop_scale)
-        )
-        if info.enabled:
-            sampler: Any = DistributedSampler(train_view, info.world_size, info.rank, shuffle=True, seed=cfg.seed)
-            trained = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        else:
-            sampler = RandomSampler(train_view)
-        train_loader = DataLoader(
-            train_view,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            drop_last=len(train_view) > cfg.batch_size * info.world_size,  # steady batch statistics
-            persistent_workers=False,
-        )
-        # Every world_size-th held-out item from rank on: the ranks split evaluation without padding.
-        val_view = splits.val.with_transform(eval_tf)
-        val_shard = Subset(val_view, range(info.rank, len(val_view), info.world_size))
-        val_batches = DataLoader(val_shard, batch_size=cfg.batch_size)
-    mixer = batch_mixer(num_classes) if cfg.mixup and not probe else None
-    unwrapped = model.head if probe else model  # what the state and best-weights files hold
-    # The probe's head is tiny: rank 0 trains it alone (no collectives), other ranks just wait for the artifact.
-    epoch_info = DistInfo() if probe else info
 
-    steps_per_epoch = len(train_batches) if probe and info.is_main else (0 if probe else len(train_loader))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    step = start_epoch * steps_per_epoch
-    stop_at = cfg.epochs if run.stop_after is None else min(cfg.epochs, start_epoch + run.stop_after)
-
-    for epoch in range(start_epoch, stop_at):
-        if probe and not info.is_main:
-            break
+# ---------------------------------------------------------------------------------------------- epochs
+def run_epochs(job: TrainJob) -> None:
+    """Train from the resume point to cfg.epochs, or --stop-after epochs of it now; log and save every epoch."""
+    env = job.plan.epoch_runtime()
+    if env is None:  # this rank trains nothing (a linear probe's ranks other than 0)
+        return
+    cfg, plan = job.cfg, job.plan
+    step = job.start_epoch * plan.steps_per_epoch
+    stop_at = cfg.epochs if job.run.stop_after is None else min(cfg.epochs, job.start_epoch + job.run.stop_after)
+    for epoch in range(job.start_epoch, stop_at):
         tick = time.time()
-        generator = seed_epoch(cfg.seed, epoch, info.rank)
-        if probe:
-            train_batches.generator = generator
-            batches = train_batches
-        else:
-            if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(epoch)
-            else:
-                sampler.generator = generator
-            batches = train_loader
-        step, stats = train_one_epoch(
-            trained,
-            batches,
-            optimizer,
-            cfg,
-            step,
-            total_steps,
-            warmup_steps,
-            device,
-            amp,
-            mixer,
-            show,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        )
+        # Reseeded from (seed, epoch, rank): a resumed run draws exactly what an uninterrupted one would have.
+        batches = plan.epoch_batches(epoch, seed_epoch(cfg.seed, epoch, job.env.info.rank))
+        desc = f"epoch {epoch + 1}/{cfg.epochs}" if env.show else None
+        step, stats = train_one_epoch(plan.step_module, batches, job.opt, step, env, desc)
         # Train statistics over every rank's shard (DDP), like the held-out ones.
         sums = torch.tensor([stats["loss_sum"], stats["correct"], stats["seen"]], dtype=torch.float64)
-        sums = all_reduce_sum(sums, epoch_info).tolist()
-        val_loss, val_top1 = held_out_accuracy(unwrapped, val_batches, device, amp, epoch_info)
+        loss_sum, correct, seen = all_reduce_sum(sums, env.info).tolist()
+        val_loss, val_top1 = held_out_accuracy(plan.trained, plan.val_batches, env)
         seconds = time.time() - tick
         record = {
             "epoch": epoch + 1,
-            "train_loss": sums[0] / max(sums[2], 1),
-            "train_top1": sums[1] / max(sums[2], 1),
+            "train_loss": loss_sum / max(seen, 1),
+            "train_top1": correct / max(seen, 1),
             "lr": stats["lr"],
             "val_loss": val_loss,
             "val_top1": val_top1,
             "seconds": seconds,
-            "images_per_s": sums[2] / max(seconds, 1e-9),
-            "is_best": val_top1 > best["val_top1"],
+            "images_per_s": seen / max(seconds, 1e-9),
+            "is_best": val_top1 > job.best["val_top1"],
         }
-        if record["is_best"]:
-            best = {"epoch": epoch + 1, "val_top1": val_top1}
-            if info.is_main:
-                save_weights(run_dir / BEST_FILE, unwrapped)  # the head alone for a probe: no 350 MB rewrites
-        log.append(record)
-        if info.is_main:
-            tqdm.write(epoch_line(record, cfg.epochs))
-            save_train_state(
-                state_path,
-                unwrapped,
-                optimizer,
-                {"next_epoch": epoch + 1, "best": best, "history": log.history, "train": cfg.to_dict()},
-            )
-    barrier(info)
+        record_epoch(job, record)
 
-    finished = len(log.history) > 0 and log.history[-1]["epoch"] >= cfg.epochs
-    summary: dict[str, Any] = {"finished": finished, "best": best, "run_dir": str(run_dir), "history": log.history}
-    if not info.is_main or not finished:
-        if show and not finished:
-            print(f"stopped after epoch {log.history[-1]['epoch'] if log.history else 0}; continue with --resume")
+
+def record_epoch(job: TrainJob, record: dict[str, Any]) -> None:
+    """Log the epoch; rank 0 prints it and saves the resumable state, and the weights when it is the best yet."""
+    is_main = job.env.info.is_main
+    if record["is_best"]:
+        job.best = {"epoch": record["epoch"], "val_top1": record["val_top1"]}
+        if is_main:
+            save_weights(job.run_dir / BEST_FILE, job.plan.trained)  # a probe's head alone: no 350 MB rewrites
+    job.log.append(record)
+    if is_main:
+        tqdm.write(epoch_line(record, job.cfg.epochs))
+        progress = {"next_epoch": record["epoch"], "best": job.best, "history": job.log.history}
+        save_train_state(
+            job.run_dir / STATE_FILE, job.plan.trained, job.opt.optimizer, {**progress, "train": job.cfg.to_dict()}
+        )
+
+
+# ---------------------------------------------------------------------------------------------- finish
+def finish(job: TrainJob, started: float) -> dict[str, Any]:
+    """Rank 0 of a run that reached its last epoch exports the best epoch's model (scored on the test split
+    unless --no-evaluate); every rank returns the summary."""
+    history = job.log.history
+    finished = len(history) > 0 and history[-1]["epoch"] >= job.cfg.epochs
+    summary: dict[str, Any] = {"finished": finished, "best": job.best, "run_dir": str(job.run_dir), "history": history}
+    if not finished and job.env.show:
+        print(f"stopped after epoch {history[-1]['epoch'] if history else 0}; continue with --resume")
+    if not finished or not job.env.info.is_main:
         return summary
 
     # The exported model is the best epoch's weights, not the last epoch's.
-    load_weights(run_dir / BEST_FILE, unwrapped)
-    best_model = model.eval()
-    metadata: dict[str, Any] = {
+    load_weights(job.run_dir / BEST_FILE, job.plan.trained)
+    job.model.eval()
+    metadata = artifact_metadata(job, started)
+    if job.run.evaluate:
+        metadata["evaluation"] = evaluate_test(job, metadata["name"], metadata["training"]["history"])
+        summary["test"] = metadata["evaluation"]
+    path = save_artifact(job.model.cpu(), job.run.out, metadata)
+    print(f"wrote {path} (best epoch {job.best['epoch']}, held-out top-1 {job.best['val_top1']:.4f})")
+    summary["artifact"] = str(path)
+    return summary
+
+
+def artifact_metadata(job: TrainJob, started: float) -> dict[str, Any]:
+    """The artifact's metadata: the labels the service shows and how the weights were trained."""
+    cfg, data, splits = job.cfg, job.data, job.splits
+    return {
         "name": f"petvit-{cfg.variant}-{cfg.recipe}-{data.dataset}",
         "variant": cfg.variant,
         "trained": True,
@@ -468,44 +359,38 @@ def _train(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo, s
             "epochs": cfg.epochs,
             "seed": cfg.seed,
             "commit": git_commit(),
-            "best_epoch": best["epoch"],
-            "best_val_top1": best["val_top1"],
+            "best_epoch": job.best["epoch"],
+            "best_val_top1": job.best["val_top1"],
             "config": cfg.to_dict(),
             "data": data.to_dict(),
             "sizes": splits.extra.get("sizes"),
-            "world_size": info.world_size,
-            "device": str(device),
+            "world_size": job.env.info.world_size,
+            "device": str(job.env.device),
             "duration_s": round(time.time() - started, 1),
-            "history": [{k: v for k, v in r.items() if k != "is_best"} for r in log.history],
+            "history": [{k: v for k, v in r.items() if k != "is_best"} for r in job.log.history],
         },
-        "provenance": {"source": f"petvit train --recipe {cfg.recipe}", "run_dir": str(run_dir)},
+        "provenance": {"source": f"petvit train --recipe {cfg.recipe}", "run_dir": str(job.run_dir)},
     }
-    if run.evaluate:
-        if probe and test_feats is not None:
-            with torch.no_grad():
-                logits = best_model.head(test_feats[0]).float().cpu()
-            targets = test_feats[1].cpu()
-        else:
-            test_view = splits.test.with_transform(eval_tf)
-            logits, targets = predict(best_model, test_view, cfg.batch_size, device, workers, amp, desc="test")
-        report = {
-            "name": metadata["name"],
-            "dataset": data.dataset,
-            "data_dir": str(data.data_dir),
-            "split": "test",
-            "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-            "labels": splits.labels,
-            **compute_metrics(logits, targets, splits.labels, splits.species),
-        }
-        write_report(report, splits.labels, run_dir, metadata["training"]["history"])
-        metadata["evaluation"] = metadata_summary(report)
-        summary["test"] = metadata["evaluation"]
-        cvd = report["cat_vs_dog"]
-        print(
-            f"test ({report['num_images']} images): top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}"
-            + (f"  cat-vs-dog {cvd:.4f}" if cvd is not None else "")
-        )
-    path = save_artifact(best_model.cpu(), run.out, metadata)
-    print(f"wrote {path} (best epoch {best['epoch']}, held-out top-1 {best['val_top1']:.4f})")
-    summary["artifact"] = str(path)
-    return summary
+
+
+def evaluate_test(job: TrainJob, name: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score the model on the test split: report.json and the PNGs in the run dir, a printed line, and the
+    summary the artifact stores."""
+    data, labels = job.data, job.splits.labels
+    logits, targets = job.plan.test_logits(job.splits)
+    report = {
+        "name": name,
+        "dataset": data.dataset,
+        "data_dir": str(data.data_dir),
+        "split": "test",
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "labels": labels,
+        **compute_metrics(logits, targets, labels, job.splits.species),
+    }
+    write_report(report, labels, job.run_dir, history)
+    cvd = report["cat_vs_dog"]
+    print(
+        f"test ({report['num_images']} images): top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}"
+        + (f"  cat-vs-dog {cvd:.4f}" if cvd is not None else "")
+    )
+    return metadata_summary(report)

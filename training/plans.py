@@ -1,0 +1,186 @@
+"""How each recipe trains: what the loop in training/loop.py asks of a recipe, in one object per kind.
+
+HeadOnFeatures  linear-probe: the backbone is frozen, so its CLS features are extracted once (rank 0, cached on
+                disk) and only model.head trains, on those features; an epoch is a few matrix multiplies.
+WholeNetwork    finetune and scratch: every weight trains on augmented images (optionally MixUp/CutMix-ed),
+                each DDP rank on its own shard of the train split, DDP averaging the gradients.
+
+The loop only talks to a plan: `trained` (the part of the model that learns: its parameters go to AdamW, its
+weights to the run directory's state and best-weights files), `step_module` (what a training step calls),
+prepare(), epoch_runtime(), epoch_batches(), `val_batches`, test_logits().
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+
+from model.vit import ViT
+from training.data import DataConfig, DataSplits, batch_mixer, eval_transform, train_transform
+from training.distributed import DistInfo
+from training.epoch import Batches, Mixer, Runtime
+from training.evaluate import predict
+from training.features import cached_features
+from training.recipes import TrainConfig
+
+
+class FeatureBatches:
+    """Shuffled mini-batches over cached features (N, D) and targets (N,), reshuffled from the per-epoch generator."""
+
+    def __init__(self, feats: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool) -> None:
+        self.feats, self.targets, self.batch_size, self.shuffle = feats, targets, batch_size, shuffle
+        self.generator: torch.Generator | None = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.targets) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.targets)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.feats[idx], self.targets[idx]  # (B, D), (B,)
+
+
+class Plan(ABC):
+    """How a recipe trains `model`: the part that learns, the batches it sees, which ranks train it, and how the
+    test split is scored at the end."""
+
+    def __init__(self, model: ViT, trained: nn.Module, cfg: TrainConfig, env: Runtime) -> None:
+        self.model, self.cfg, self.env = model, cfg, env
+        self.trained = trained  # the part that learns: AdamW's parameters, the state and best-weights files
+        self.step_module: nn.Module = trained  # what a training step calls (WholeNetwork: DDP-wrapped under torchrun)
+        self.mixer: Mixer | None = None  # MixUp/CutMix with --mixup (whole-network recipes only)
+        self.steps_per_epoch = 0  # on this rank
+        self.val_batches: Batches = ()
+
+    @abstractmethod
+    def prepare(self, splits: DataSplits, data: DataConfig, run_dir: Path, with_test: bool) -> None:
+        """Build the train and held-out batches (a probe also extracts the test features when with_test)."""
+
+    @abstractmethod
+    def epoch_runtime(self) -> Runtime | None:
+        """The runtime the epochs run under on this rank; None when this rank trains nothing."""
+
+    @abstractmethod
+    def epoch_batches(self, epoch: int, generator: torch.Generator) -> Batches:
+        """The train batches of `epoch`, shuffled from its generator (training.loop.seed_epoch)."""
+
+    @abstractmethod
+    def test_logits(self, splits: DataSplits) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, C) float32 on the CPU, targets (N,)) of the test split, by the model as it now is."""
+
+
+class HeadOnFeatures(Plan):
+    """linear-probe: the frozen backbone's CLS features once, then only model.head trains, on rank 0 alone."""
+
+    def __init__(self, model: ViT, cfg: TrainConfig, env: Runtime) -> None:
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+        super().__init__(model, model.head, cfg, env)
+        self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> (feats (N, D), targets (N,))
+
+    def prepare(self, splits: DataSplits, data: DataConfig, run_dir: Path, with_test: bool) -> None:
+        if not self.env.info.is_main:
+            return  # the other ranks train nothing: they wait for rank 0's artifact
+        # Features once, on the deterministic eval view; every epoch after this is a few matrix multiplies.
+        image_size = self.model.config.image_size
+        eval_tf = eval_transform(image_size)
+        for name in ("train", "val", "test") if with_test else ("train", "val"):
+            feats, targets, hit = cached_features(
+                run_dir / "features",
+                name,
+                self.model,
+                getattr(splits, name).with_transform(eval_tf),
+                {"image_size": image_size, "transform": "eval"},
+                batch_size=max(16, self.cfg.batch_size // 4),
+                device=self.env.device,
+                num_workers=self.env.workers,
+                autocast_dtype=self.env.amp,
+            )
+            self.features[name] = (feats.to(self.env.device), targets.to(self.env.device))
+            print(f"{name} features {tuple(feats.shape)} ({'cache' if hit else 'extracted'})")
+        self.train_batches = FeatureBatches(*self.features["train"], self.cfg.batch_size, shuffle=True)
+        self.val_batches = FeatureBatches(*self.features["val"], 1024, shuffle=False)
+        self.steps_per_epoch = len(self.train_batches)
+
+    def epoch_runtime(self) -> Runtime | None:
+        # The head is tiny: rank 0 trains it alone, with no collectives (a single-process runtime); the other
+        # ranks skip the epochs and wait at the loop's barrier.
+        return replace(self.env, info=DistInfo()) if self.env.info.is_main else None
+
+    def epoch_batches(self, epoch: int, generator: torch.Generator) -> Batches:
+        self.train_batches.generator = generator
+        return self.train_batches
+
+    @torch.no_grad()
+    def test_logits(self, splits: DataSplits) -> tuple[torch.Tensor, torch.Tensor]:
+        # The head over the cached test features: the same numbers as the whole model over the test images.
+        feats, targets = self.features["test"]
+        return self.model.head(feats).float().cpu(), targets.cpu()
+
+
+class WholeNetwork(Plan):
+    """finetune and scratch: every weight trains on augmented images; DDP under torchrun."""
+
+    def __init__(self, model: ViT, cfg: TrainConfig, env: Runtime) -> None:
+        super().__init__(model, model, cfg, env)
+        self.sampler: DistributedSampler | RandomSampler | None = None
+
+    def prepare(self, splits: DataSplits, data: DataConfig, run_dir: Path, with_test: bool) -> None:
+        cfg, env, info = self.cfg, self.env, self.env.info
+        image_size = self.model.config.image_size
+        train_view = splits.train.with_transform(
+            train_transform(image_size, cfg.augment, data.hflip, data.min_crop_scale)
+        )
+        if info.enabled:
+            self.sampler = DistributedSampler(train_view, info.world_size, info.rank, shuffle=True, seed=cfg.seed)
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            self.step_module = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        else:
+            self.sampler = RandomSampler(train_view)
+        self.train_loader = DataLoader(
+            train_view,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=env.workers,
+            pin_memory=env.device.type == "cuda",
+            drop_last=len(train_view) > cfg.batch_size * info.world_size,  # steady batch statistics
+            persistent_workers=False,
+        )
+        # Every world_size-th held-out item from rank on: the ranks split evaluation without padding.
+        val_view = splits.val.with_transform(eval_transform(image_size))
+        val_shard = Subset(val_view, range(info.rank, len(val_view), info.world_size))
+        self.val_batches = DataLoader(val_shard, batch_size=cfg.batch_size)
+        self.mixer = batch_mixer(len(splits.labels)) if cfg.mixup else None
+        self.steps_per_epoch = len(self.train_loader)
+
+    def epoch_runtime(self) -> Runtime | None:
+        return self.env
+
+    def epoch_batches(self, epoch: int, generator: torch.Generator) -> Batches:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)  # shuffles from (seed, epoch), the same permutation on every rank
+        else:
+            self.sampler.generator = generator  # RandomSampler: the epoch's own stream, so resuming reshuffles alike
+        return self.train_loader
+
+    def test_logits(self, splits: DataSplits) -> tuple[torch.Tensor, torch.Tensor]:
+        test_view = splits.test.with_transform(eval_transform(self.model.config.image_size))
+        env = self.env
+        return predict(self.model, test_view, self.cfg.batch_size, env.device, env.workers, env.amp, desc="test")
+
+
+PLANS: dict[str, type[Plan]] = {"linear-probe": HeadOnFeatures, "finetune": WholeNetwork, "scratch": WholeNetwork}
+
+
+def plan_for(model: ViT, cfg: TrainConfig, env: Runtime) -> Plan:
+    """The plan of cfg.recipe over `model` (a linear probe freezes the backbone here, before the optimizer sees it)."""
+    return PLANS[cfg.recipe](model, cfg, env)
