@@ -60,7 +60,7 @@ class DataSplits:
     test: Dataset
     labels: list[str]
     species: list[str]
-    extra: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # images per split, for logs and the artifact's record
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -237,7 +237,7 @@ def load_pets(config: DataConfig) -> DataSplits:
         test=TransformedSubset(test, range(len(test))),
         labels=list(PET_LABELS),
         species=list(PET_SPECIES),
-        extra={"sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(test)}},
+        sizes={"train": len(train_idx), "val": len(val_idx), "test": len(test)},
     )
 
 
@@ -274,7 +274,7 @@ def load_folder(config: DataConfig) -> DataSplits:
         test=TransformedSubset(tree, test_idx),
         labels=labels,
         species=[species_of(label) for label in labels],
-        extra={"sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)}},
+        sizes={"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
     )
 
 

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.artifact import save_artifact
+from model.artifact import ArtifactMetadata, save_artifact
 from model.device import resolve_device
+from model.precision import autocast_dtype
 from model.vit import ViT
 from training.data import DataConfig, DatasetUnavailable, DataSplits, load_splits
 from training.distributed import (
@@ -62,7 +63,7 @@ class RunConfig:
     out: str = "artifacts/petvit.safetensors"
     output_dir: str = "artifacts/runs/petvit"
     device: str = "auto"
-    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
+    dtype: str = "auto"  # autocast dtype by model.precision's rule: auto = bfloat16 on CUDA, float32 elsewhere
     workers: int | None = None  # DataLoader processes; None = a sensible number for this machine
     resume: bool = False
     stop_after: int | None = None  # epochs to run in this invocation (pre-emptible jobs continue with --resume)
@@ -79,12 +80,6 @@ def pick_device(name: str, dist_info: DistInfo | None = None) -> torch.device:
 def default_recipe(device: torch.device) -> str:
     """--recipe auto: fine-tune the whole ViT on a GPU; on a CPU only a linear probe finishes in useful time."""
     return "finetune" if device.type == "cuda" else "linear-probe"
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16}[dtype]
 
 
 def default_workers(device: torch.device) -> int:
@@ -166,7 +161,7 @@ def require_examples(splits: DataSplits, data: DataConfig) -> None:
     for name, hint in (("train", "add images"), ("val", "raise --val-fraction or add images per class")):
         if len(getattr(splits, name)) == 0:
             raise DatasetUnavailable(
-                f"the {name} split of {data.data_dir} is empty ({splits.extra.get('sizes')}); {hint} "
+                f"the {name} split of {data.data_dir} is empty ({splits.sizes}); {hint} "
                 "(each class needs at least two images to have one held out for validation)"
             )
 
@@ -264,7 +259,7 @@ def run_header(cfg: TrainConfig, data: DataConfig, run: RunConfig, env: Runtime,
         "world_size": env.info.world_size,
         "distributed": env.info.enabled,
         "device": str(env.device),
-        "sizes": splits.extra.get("sizes"),
+        "sizes": splits.sizes,
     }
 
 
@@ -335,18 +330,18 @@ def finish(job: TrainJob, started: float) -> dict[str, Any]:
     job.model.eval()
     metadata = artifact_metadata(job, started)
     if job.run.evaluate:
-        metadata["evaluation"] = evaluate_test(job, metadata["name"], metadata["training"]["history"])
-        summary["test"] = metadata["evaluation"]
+        metadata = metadata.replace(evaluation=evaluate_test(job, metadata.name, metadata.training["history"]))
+        summary["test"] = metadata.evaluation
     path = save_artifact(job.model.cpu(), job.run.out, metadata)
     print(f"wrote {path} (best epoch {job.best['epoch']}, held-out top-1 {job.best['val_top1']:.4f})")
     summary["artifact"] = str(path)
     return summary
 
 
-def artifact_metadata(job: TrainJob, started: float) -> dict[str, Any]:
+def artifact_metadata(job: TrainJob, started: float) -> ArtifactMetadata:
     """The artifact's metadata: the labels the service shows and how the weights were trained."""
     cfg, data, splits = job.cfg, job.data, job.splits
-    return {
+    fields = {
         "name": f"petvit-{cfg.variant}-{cfg.recipe}-{data.dataset}",
         "variant": cfg.variant,
         "trained": True,
@@ -363,7 +358,7 @@ def artifact_metadata(job: TrainJob, started: float) -> dict[str, Any]:
             "best_val_top1": job.best["val_top1"],
             "config": cfg.to_dict(),
             "data": data.to_dict(),
-            "sizes": splits.extra.get("sizes"),
+            "sizes": splits.sizes,
             "world_size": job.env.info.world_size,
             "device": str(job.env.device),
             "duration_s": round(time.time() - started, 1),
@@ -371,6 +366,7 @@ def artifact_metadata(job: TrainJob, started: float) -> dict[str, Any]:
         },
         "provenance": {"source": f"petvit train --recipe {cfg.recipe}", "run_dir": str(job.run_dir)},
     }
+    return ArtifactMetadata.create(job.model.config, fields)
 
 
 def evaluate_test(job: TrainJob, name: str, history: list[dict[str, Any]]) -> dict[str, Any]:

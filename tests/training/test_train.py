@@ -18,9 +18,9 @@ from PIL import Image
 from cli.main import main
 from cli.train import configs_from_args
 from model.artifact import load_artifact, read_metadata
+from model.precision import autocast_dtype
 from model.pretrained import load_pretrained
 from tests.training.pets_fixture import make_pets_tree
-from training.loop import autocast_dtype
 from training.recipes import lr_at
 from training.train_state import load_train_state, save_train_state
 

@@ -1,0 +1,147 @@
+"""The rooms keep their shape: dependencies point one way (cli -> app, training -> model), the model library needs
+only its five packages, the service runs without matplotlib, and every function reads on one screen."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("model", "training", "app", "cli")
+# What each package may import from the others. cli wires everything; nothing imports cli.
+MAY_IMPORT = {"model": set(), "training": {"model"}, "app": {"model"}, "cli": {"model", "training", "app"}}
+# The model library is for anyone who wants the network: torch, torchvision, numpy, pillow and safetensors only.
+MODEL_THIRD_PARTY = {"torch", "torchvision", "numpy", "PIL", "safetensors"}
+MAX_FUNCTION_LINES = 80
+
+
+def imported_top_levels(path: Path) -> set[str]:
+    """Every top-level module a file imports, at module level or inside a function (lazy imports count too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def package_files(package: str) -> list[Path]:
+    files = sorted((REPO / package).rglob("*.py"))
+    assert files, f"no Python files under {package}/"
+    return files
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_dependencies_point_one_way(package: str) -> None:
+    forbidden = set(PACKAGES) - MAY_IMPORT[package] - {package}
+    offenders = {
+        f"{path.relative_to(REPO)} imports {sorted(found)}"
+        for path in package_files(package)
+        if (found := imported_top_levels(path) & forbidden)
+    }
+    assert not offenders, f"{package}/ may import only {sorted(MAY_IMPORT[package])}: {sorted(offenders)}"
+
+
+def test_model_library_needs_only_torch_torchvision_numpy_pillow_safetensors() -> None:
+    allowed = MODEL_THIRD_PARTY | set(sys.stdlib_module_names) | {"model", "__future__"}
+    extra = {
+        f"{path.relative_to(REPO)}: {sorted(found)}"
+        for path in package_files("model")
+        if (found := imported_top_levels(path) - allowed)
+    }
+    assert not extra, f"model/ imports more than {sorted(MODEL_THIRD_PARTY)}: {sorted(extra)}"
+
+
+def test_the_guard_sees_a_forbidden_import(tmp_path: Path) -> None:
+    """The scan must catch a lazy import inside a function, not only module-level ones."""
+    sample = tmp_path / "sample.py"
+    sample.write_text("import torch\n\ndef f():\n    from training.loop import train\n    import app.main\n")
+    assert imported_top_levels(sample) == {"torch", "training", "app"}
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True, timeout=240
+    )
+
+
+def test_importing_the_model_library_loads_no_service_or_training_code() -> None:
+    result = run_python(
+        """
+        import sys
+        import model
+        from model import ViT, load_artifact, attention_rollout
+        # (tqdm is not checked: torch.hub imports it when it happens to be installed)
+        heavy = sorted(m for m in ("fastapi", "pydantic", "matplotlib", "training", "app", "cli") if m in sys.modules)
+        print("loaded:", heavy)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "loaded: []" in result.stdout
+
+
+def test_service_and_serve_help_work_without_matplotlib(tiny_artifact: Path, chelsea) -> None:
+    """`pip install .` has no matplotlib: the service must start, classify and answer without it."""
+    photo = tiny_artifact.parent / "layout-chelsea.png"
+    chelsea.save(photo)
+    result = run_python(
+        f"""
+        import sys
+        sys.modules["matplotlib"] = None  # `import matplotlib` now raises ImportError, as on a service-only install
+        try:
+            import matplotlib
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("matplotlib is still importable")
+
+        from fastapi.testclient import TestClient
+        from app.config import Settings
+        from app.main import create_app
+
+        settings = Settings(checkpoint={str(tiny_artifact)!r}, device="cpu", warmup="none")
+        with TestClient(create_app(settings)) as client:
+            for _ in range(500):
+                if client.get("/readyz").status_code == 200:
+                    break
+                __import__("time").sleep(0.01)
+            with open({str(photo)!r}, "rb") as f:
+                response = client.post("/classify?top_k=3", files={{"file": ("cat.png", f, "image/png")}})
+            print("classify", response.status_code, len(response.json()["results"][0]["predictions"]))
+        print("training loaded:", "training" in sys.modules)
+
+        from cli.main import main
+        try:
+            main(["serve", "--help"])
+        except SystemExit as exit:
+            print("serve --help exit", exit.code)
+        """
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "classify 200 3" in result.stdout
+    assert "training loaded: False" in result.stdout
+    assert "serve --help exit 0" in result.stdout
+    assert "--port" in result.stdout  # the help text itself was printed
+
+
+def long_functions(root: Path) -> list[str]:
+    """Functions over MAX_FUNCTION_LINES lines; argparse builders (add_arguments) are exempt: plain option lists."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name != "add_arguments":
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_function_reads_on_one_screen(package: str) -> None:
+    assert not long_functions(REPO / package), f"split these into named steps: {long_functions(REPO / package)}"
