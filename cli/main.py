@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Top-level modules that `pip install '.[train]'` adds to the service's dependencies (pyproject.toml's [train]).
+TRAIN_EXTRA = ("matplotlib", "tqdm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="petvit", description="Oxford-IIIT Pet breeds with a Vision Transformer")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -37,7 +41,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args(argv)  # prints usage / help and exits
         return 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as err:
+        if err.name not in TRAIN_EXTRA:
+            raise
+        # `pip install .` is the service alone; training's progress bars and report plots come with the extra.
+        print(
+            f"petvit {name}: needs {err.name}, part of the training extra: pip install 'petvit[train]'", file=sys.stderr
+        )
+        return 2
     sub = argparse.ArgumentParser(prog=f"petvit {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
     return int(module.main(sub.parse_args(argv[1:])) or 0)

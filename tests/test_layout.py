@@ -4,6 +4,7 @@ only its five packages, the service runs without matplotlib, and every function 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -121,6 +122,7 @@ def test_service_and_serve_help_work_without_matplotlib(tiny_artifact: Path, che
             main(["serve", "--help"])
         except SystemExit as exit:
             print("serve --help exit", exit.code)
+        print("train without the extra:", main(["train", "--help"]))
         """
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -128,6 +130,28 @@ def test_service_and_serve_help_work_without_matplotlib(tiny_artifact: Path, che
     assert "training loaded: False" in result.stdout
     assert "serve --help exit 0" in result.stdout
     assert "--port" in result.stdout  # the help text itself was printed
+    # A training command on a service-only install says which extra it needs instead of a traceback.
+    assert "train without the extra: 2" in result.stdout
+    assert "petvit train: needs matplotlib, part of the training extra: pip install 'petvit[train]'" in result.stderr
+
+
+def test_packaging_keeps_training_packages_in_the_train_extra() -> None:
+    """`pip install .` is the service; `.[train]` adds what training needs; `.[dev]` includes `.[train]`."""
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    base = {re.split(r"[<>=\[ ]", dep)[0] for dep in project["dependencies"]}
+    extras = project["optional-dependencies"]
+    assert {"matplotlib", "tqdm"}.isdisjoint(base)
+    assert {"torch", "torchvision", "numpy", "pillow", "safetensors", "fastapi", "uvicorn"} <= base
+    assert {re.split(r"[<>=]", dep)[0] for dep in extras["train"]} == {"matplotlib", "tqdm"}
+    assert "petvit[train]" in extras["dev"]
+    packages = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    )
+    assert {f"{p}*" for p in PACKAGES} == packages
+    assert project["scripts"]["petvit"] == "cli.main:main"
 
 
 def long_functions(root: Path) -> list[str]:
