@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from app.config import settings_or_report
+from model.precision import DTYPE_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--checkpoint", type=Path, help="artifact (default PETVIT_CHECKPOINT)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default PETVIT_DEVICE)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default PETVIT_DTYPE)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -39,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     checkpoint = args.checkpoint or settings.checkpoint
     try:
-        predictor = Predictor.from_artifact(checkpoint, args.device or settings.device, settings.dtype)
+        predictor = Predictor.from_artifact(checkpoint, args.device or settings.device, args.dtype or settings.dtype)
     except ArtifactError as err:
         print(f"petvit predict: {err}")
         return 2

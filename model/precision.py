@@ -1,8 +1,13 @@
 """One dtype vocabulary and one rule for choosing it: serving, training, evaluation and the benches all use this.
 
 Names are torch's own (`float32`, `bfloat16`, `float16`); the short forms people type (`fp32`, `bf16`, `fp16`)
-mean the same. `auto` is the rule: bfloat16 on CUDA, where tensor cores run it at several times float32's rate and
-classification accuracy does not notice; float32 elsewhere.
+mean the same. `auto` is the rule: bfloat16 wherever the hardware executes it natively, float32 elsewhere.
+- CUDA: tensor cores run bfloat16 at several times float32's rate.
+- CPUs with AVX512-BF16 or AMX: bfloat16 matrix multiplies run natively (on the 2-core development machine, 395
+  GFLOP/s against 164 in float32; ViT-B/16 8.6 against 4.6 img/s). Without them PyTorch emulates bfloat16 through
+  float32 and it is slower, so float32 stays.
+- Anything else (MPS): float32.
+Classification accuracy does not notice: the tests require >= 99 % top-1 agreement with float32 on held-out data.
 
 Serving casts the weights to the chosen dtype (`resolve_dtype`). Training and evaluation keep float32 weights and
 run the forward under autocast (`autocast_dtype`, None when that is float32), so the optimiser still updates
@@ -10,6 +15,9 @@ float32 master weights.
 """
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 
@@ -31,12 +39,43 @@ def canonical_dtype(name: str) -> str:
     return key
 
 
+# CPU flags (as Linux names them in /proc/cpuinfo) that mean bfloat16 matrix multiplies run in hardware.
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags; empty where the file is missing (macOS, Windows) or unreadable.
+
+    torch has no public query for bfloat16 support: torch.backends.cpu.get_cpu_capability() says "AVX512" on CPUs
+    with and without AVX512-BF16, and oneDNN's own check accepts plain AVX512, which only emulates bfloat16."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 says flags, ARM says Features
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU executes bfloat16 matrix multiplies natively (AVX512-BF16 or AMX)."""
+    return bool(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """The rule behind "auto": bfloat16 where the device runs it natively, float32 elsewhere."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype to compute in on `device`: the rule for "auto", else the named dtype."""
     key = canonical_dtype(name)
-    if key == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[key]
+    return auto_dtype(device) if key == "auto" else DTYPES[key]
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:

@@ -5,14 +5,43 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.precision import DTYPE_CHOICES, autocast_dtype, canonical_dtype, dtype_name, resolve_dtype
+from model import precision
+from model.precision import DTYPE_CHOICES, autocast_dtype, canonical_dtype, cpu_flags, dtype_name, resolve_dtype
 
 
-def test_dtype_auto_is_bfloat16_on_cuda_and_float32_elsewhere():
-    assert resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
-    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Pretend the CPU does or does not execute bfloat16 natively: set(True) / set(False)."""
+
+    def set_capability(native: bool) -> None:
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+
+    return set_capability
+
+
+@pytest.mark.parametrize(("native", "cpu_dtype"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_dtype_auto_is_bfloat16_where_the_hardware_runs_it(native_bf16, native, cpu_dtype):
+    native_bf16(native)
+    assert resolve_dtype("auto", torch.device("cpu")) is cpu_dtype
+    assert resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16  # whatever the CPU
     assert resolve_dtype("auto", torch.device("mps")) is torch.float32
-    assert resolve_dtype("float16", torch.device("cpu")) is torch.float16
+    assert resolve_dtype("float16", torch.device("cpu")) is torch.float16  # an explicit choice is kept
+    assert resolve_dtype("float32", torch.device("cuda")) is torch.float32
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse avx2 avx512f avx512bw avx512_vnni", False),  # AVX512 without BF16: bfloat16 only emulated
+        ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),  # Cooper Lake, Zen 4 and later
+        ("fpu avx2 avx512f amx_bf16 amx_tile amx_int8", True),  # Sapphire Rapids AMX
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert bool(cpu_flags(cpuinfo) & precision.NATIVE_BF16_CPU_FLAGS) is native
+    assert cpu_flags(tmp_path / "absent") == frozenset()  # not Linux: no flags, so float32
 
 
 @pytest.mark.parametrize(
@@ -27,11 +56,14 @@ def test_short_forms_mean_the_same_dtype(short, name, dtype):
     assert short in DTYPE_CHOICES and name in DTYPE_CHOICES
 
 
-def test_autocast_is_off_exactly_when_the_rule_says_float32():
+def test_autocast_is_off_exactly_when_the_rule_says_float32(native_bf16):
+    native_bf16(False)
     assert autocast_dtype("auto", torch.device("cpu")) is None
     assert autocast_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     assert autocast_dtype("float32", torch.device("cuda")) is None
+    native_bf16(True)
+    assert autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16  # training follows the serving rule
 
 
 def test_unknown_dtype_names_the_choices():

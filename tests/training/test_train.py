@@ -277,7 +277,10 @@ def test_recipe_auto_follows_the_device(tmp_path) -> None:
     assert cfg.recipe == "scratch" and cfg.variant == "ti16" and cfg.epochs == 4 and cfg.mixup is True
 
 
-def test_bf16_autocast_only_on_cuda_by_default() -> None:
+def test_bf16_autocast_only_on_cuda_by_default(monkeypatch) -> None:
+    from model import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # a CPU without native bfloat16
     assert autocast_dtype("auto", torch.device("cpu")) is None
     assert autocast_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
