@@ -128,7 +128,7 @@ class ServiceLifecycle:
         )
         self.batcher.start()
         meta = predictor.metadata
-        self.metrics.model_info.labels(meta.name, predictor.architecture, predictor.sha256).set(1)
+        self.metrics.model_info.labels(meta.name, predictor.architecture, predictor.sha256, predictor.dtype_name).set(1)
         if predictor.device.type == "cuda":
             self.metrics.enable_gpu_gauges()
         self.status = "ready"

@@ -64,7 +64,7 @@ class Metrics:
         self.queue_depth = Gauge("petvit_queue_depth", "images waiting for the model", registry=r)
         self.rejected = Counter("petvit_rejected", "requests or images refused, by reason", ["reason"], registry=r)
         self.model_info = Gauge(
-            "petvit_model_info", "the loaded model (value 1)", ["name", "arch", "sha256"], registry=r
+            "petvit_model_info", "the loaded model (value 1)", ["name", "arch", "sha256", "dtype"], registry=r
         )
         self.gpu_allocated: Gauge | None = None  # created by enable_gpu_gauges, only when serving on CUDA
 

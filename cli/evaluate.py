@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from model.artifact import ArtifactError
+from model.precision import TRAINING_DTYPE_CHOICES
 from training.data import DatasetUnavailable
 from training.evaluate import evaluate_artifact
 
@@ -21,6 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument(
+        "--dtype",
+        choices=TRAINING_DTYPE_CHOICES,
+        default="auto",
+        help="score in this dtype, by autocast as training does (auto: bfloat16 on CUDA and on CPUs with native "
+        "bf16, float32 elsewhere)",
+    )
     parser.add_argument(
         "--write-metadata", action="store_true", help="store the summary in the artifact (shown at /v1/model)"
     )
@@ -38,13 +46,15 @@ def main(args: argparse.Namespace) -> int:
             args.device,
             args.workers,
             args.write_metadata,
+            args.dtype,
         )
     except (DatasetUnavailable, ArtifactError, ValueError) as err:  # ValueError: wrong classes, empty split
         print(f"petvit evaluate: {err}", file=sys.stderr)
         return 2
     cvd = report["cat_vs_dog"]
     print(
-        f"{report['split']} ({report['num_images']} images): top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}"
+        f"{report['split']} ({report['num_images']} images, {report['dtype']}): "
+        f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}"
         + (f"  cat-vs-dog {cvd:.4f}" if cvd is not None else "")
     )
     print(f"wrote {', '.join(report['files'].values())}")

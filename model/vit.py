@@ -45,9 +45,11 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         weights = None
         if return_attention:
-            weights = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
-            weights = weights.softmax(dim=-1)
-            out = self.attn_drop(weights) @ v
+            # Softmax in float32 whatever the model's dtype: these weights feed attention rollout, a product over
+            # every block that bfloat16's 8-bit mantissa would blur, and SDPA's fused kernels also normalise in
+            # float32, so the heatmap path's logits stay those of the fast path.
+            weights = ((q * self.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)  # (B, heads, T, T) float32
+            out = self.attn_drop(weights).to(v.dtype) @ v
         else:
             drop = self.attention_dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)

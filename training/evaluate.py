@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.artifact import ArtifactMetadata, file_sha256, load_artifact, save_artifact
+from model.precision import autocast_dtype, dtype_name
 from model.vit import ViT
 from training.data import DataConfig, eval_transform, load_splits
 from training.plots import plot_confusion_matrix, plot_training_curves
@@ -50,7 +51,11 @@ def predict(
     logits, targets = [], []
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model.forward_head(model.forward_features(images.to(device)), pre_logits=pre_logits)
+            feats = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)  # (B, D)
+        # The head in float32, outside autocast: it costs nothing next to the blocks, logits keep float32's
+        # resolution (bfloat16's 3 digits flip near-ties), and a linear probe's head over cached features computes
+        # exactly these numbers.
+        out = feats.float() if pre_logits else model.head(feats.to(model.head.weight.dtype))
         logits.append(out.float().cpu())
         targets.append(torch.as_tensor(labels, dtype=torch.long))
     if not logits:
@@ -102,7 +107,18 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def metadata_summary(report: dict[str, Any]) -> dict[str, Any]:
     """The part of a report stored in the artifact (the confusion matrix stays in the report file)."""
-    keys = ("top1", "top5", "per_class", "mean_per_class", "cat_vs_dog", "num_images", "loss", "split", "dataset")
+    keys = (
+        "top1",
+        "top5",
+        "per_class",
+        "mean_per_class",
+        "cat_vs_dog",
+        "num_images",
+        "loss",
+        "split",
+        "dataset",
+        "dtype",
+    )
     return {k: report[k] for k in keys if k in report} | {"evaluated_at": report.get("evaluated_at")}
 
 
@@ -151,9 +167,16 @@ def evaluate_artifact(
     device: str = "cpu",
     num_workers: int = 0,
     write_metadata: bool = False,
+    dtype: str = "auto",
 ) -> dict[str, Any]:
-    """Evaluate an artifact on a split; writes the report files; optionally stores the summary in the artifact."""
+    """Evaluate an artifact on a split in `dtype` (model.precision's names and its "auto" rule); writes the report
+    files; optionally stores the summary in the artifact."""
     model, meta = load_artifact(checkpoint, device=device)
+    # Autocast, as training scores its test split: the weights stay float32 (so --write-metadata saves them as they
+    # are) and the report equals the one `petvit train` stored. The service casts its weights instead, a little
+    # less precise; the digits agreement tests hold both to float32's top-1.
+    amp = autocast_dtype(dtype, torch.device(device))
+    compute_dtype = amp or torch.float32
     data = data_config_from_metadata(meta, dataset, data_dir)
     splits = load_splits(data)
     labels = list(meta.labels)
@@ -165,7 +188,8 @@ def evaluate_artifact(
             "the model was trained for"
         )
     view = getattr(splits, split).with_transform(eval_transform(model.config.image_size))
-    logits, targets = predict(model, view, batch_size, device, num_workers, desc=f"evaluate {split}")
+    desc = f"evaluate {split} ({dtype_name(compute_dtype)})"
+    logits, targets = predict(model, view, batch_size, device, num_workers, amp, desc=desc)
     report = {
         "name": meta.name,
         "checkpoint": str(checkpoint),
@@ -173,6 +197,7 @@ def evaluate_artifact(
         "dataset": data.dataset,
         "data_dir": str(data.data_dir),
         "split": split,
+        "dtype": dtype_name(compute_dtype),
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "labels": labels,
         **compute_metrics(logits, targets, labels, list(meta.species)),

@@ -1,4 +1,4 @@
-"""The service's device, dtype and warm-up choices: bf16 on CUDA by default, and warm the batch sizes that can form."""
+"""The service's device, dtype and warm-up: bf16 where the hardware runs it; warm the batch sizes that form."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from app.predictor import Predictor, warmup_sizes
+from model import precision
 from model.artifact import ArtifactError
+
+from .fixtures import make_settings, png_bytes, running_app
 
 
 @pytest.mark.parametrize(
@@ -37,3 +40,20 @@ def test_bfloat16_predictor_keeps_float32_normalisation_and_matches_float32(tiny
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     [a], [b] = fp32.predict([image]), bf16.predict([image])
     assert torch.allclose(a.probs, b.probs, atol=0.05)  # bf16 rounding only, no normalisation drift
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bfloat16"), (False, "float32")])
+async def test_default_dtype_follows_the_cpu_and_is_shown_everywhere(monkeypatch, tiny_artifact, native, expected):
+    """PETVIT_DTYPE=auto: bfloat16 on a CPU that runs it natively, float32 on one that would only emulate it; the
+    choice is in /readyz, /v1/model and petvit_model_info{dtype}."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    async with running_app(make_settings(tiny_artifact, dtype="auto")) as (client, service):
+        assert service.ready, service.message
+        assert service.predictor.model.pos_embed.dtype == getattr(torch, expected)
+        assert (await client.get("/readyz")).json()["dtype"] == expected
+        assert (await client.get("/v1/model")).json()["dtype"] == expected
+        response = await client.post("/classify", files={"file": ("a.png", png_bytes(1), "image/png")})
+        assert response.status_code == 200 and len(response.json()["results"][0]["predictions"]) == 5
+        labels = {"name": "petvit-tiny-test", "arch": service.predictor.architecture, "dtype": expected}
+        labels["sha256"] = service.predictor.sha256
+        assert service.metrics.registry.get_sample_value("petvit_model_info", labels) == 1.0

@@ -88,6 +88,7 @@ async def test_metrics_count_requests_images_and_batches(served, tiny_artifact):
     assert s[("petvit_rejected_total", (("reason", "bad_image"),))] == 1
     info = [k for k in s if k[0] == "petvit_model_info"]
     assert len(info) == 1 and dict(info[0][1])["sha256"] == file_sha256(tiny_artifact)
+    assert dict(info[0][1])["dtype"] == "float32"  # the dtype the predictor computes in
     assert not any(k[0].startswith("petvit_gpu_") for k in s)  # GPU gauges only on CUDA
 
 
