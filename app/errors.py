@@ -74,6 +74,11 @@ def invalid_parameters(message: str) -> ServiceError:
     return ServiceError(422, "invalid_parameters", message)
 
 
+def wrong_field(name: str | None, field: str) -> ServiceError:
+    got = f"`{name}`" if name else "a part without a name"
+    return ServiceError(422, "wrong_field", f"images go in multipart fields named `{field}`; this request sent {got}")
+
+
 def no_images(field: str) -> ServiceError:
     return ServiceError(422, "no_images", f"no images: send them as multipart fields named `{field}`")
 

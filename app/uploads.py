@@ -19,6 +19,7 @@ from app.errors import (
     too_many_files,
     unsupported_type,
     upload_too_large,
+    wrong_field,
 )
 
 FILE_FIELD = "file"
@@ -95,6 +96,11 @@ class _MultipartCollector:
             if len(self.files) >= self.max_files:
                 raise too_many_files(self.max_files)
             _check_part_type(part.content_type, part.filename)
+        elif part.filename is not None or (part.content_type and _is_image_type(part.content_type)):
+            # A file under another name (`image`, `images`, `files`, ...) is a client using the wrong field, not an
+            # oversized form field: say which field to use before reading its bytes. Refused rather than accepted
+            # so that one request never has two ways to carry its images.
+            raise wrong_field(part.name, FILE_FIELD)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self._part

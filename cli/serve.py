@@ -24,6 +24,7 @@ def main(args: argparse.Namespace) -> int:
     settings = settings_or_report("petvit serve")
     if settings is None:
         return 2
+    from app.access_log import uvicorn_log_config
     from app.main import create_app  # only after the settings check: importing it loads torch
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -33,6 +34,7 @@ def main(args: argparse.Namespace) -> int:
         port=args.port,
         workers=1,
         log_level=settings.log_level.lower(),
+        log_config=uvicorn_log_config(settings.log_level),  # probes and scrapes are not logged at INFO
         timeout_graceful_shutdown=max(5, int(settings.request_timeout_s) + 5),  # let queued work finish
     )
     return 0

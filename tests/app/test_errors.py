@@ -138,10 +138,29 @@ async def test_image_types_pil_cannot_identify_are_415_not_corrupt(client, data,
 
 
 async def test_multipart_without_file_fields_is_422(client):
-    response = await client.post(
-        "/classify", data={"other": "x"}, files={"photo": ("a.png", png_bytes(1), "image/png")}
-    )
+    response = await client.post("/classify", data={"other": "x"}, files={"note": (None, b"just text")})
     assert response.status_code == 422 and error_of(response)["code"] == "no_images"
+
+
+@pytest.mark.parametrize("field", ["image", "images", "files", "photo", "file[]"])
+async def test_an_image_under_another_field_name_is_422_naming_the_field(client, field):
+    """Was: `413 upload_too_large: a form field is over the 65536 byte limit` for any image over 64 kB."""
+    big = encode(noise_image(3, (400, 300)), "PNG")
+    assert len(big) > 65536  # the size that used to trip the form-field limit
+    response = await client.post("/classify", files={field: ("cat.png", big, "image/png")})
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["code"] == "wrong_field"
+    assert f"`{field}`" in error["message"] and "fields named `file`" in error["message"]
+    # Declared as an image without a file name (some clients do that) is the same mistake.
+    response = await client.post(
+        "/classify",
+        content=b'--b\r\nContent-Disposition: form-data; name="image"\r\nContent-Type: image/png\r\n\r\n'
+        + big
+        + b"\r\n--b--\r\n",
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert response.status_code == 422 and error_of(response)["code"] == "wrong_field"
 
 
 async def test_bad_query_parameter_is_422(client):
