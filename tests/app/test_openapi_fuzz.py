@@ -1,0 +1,74 @@
+"""Property-based fuzzing of the whole HTTP API from its own OpenAPI schema (schemathesis + Hypothesis).
+
+Every operation the service publishes at /openapi.json is called with requests generated from that schema (valid
+and invalid ones: random bodies, parameters, binary "images"), against a live uvicorn on a loopback port. No answer
+may be a 5xx, and every answer must match what the schema declares: a documented status, its content type, its
+body schema and headers. Schema-valid but semantically wrong requests (random bytes declared as an image) are
+refused with a documented 4xx; that is correct behaviour, so schemathesis' "valid data must be accepted" check is
+not among those run.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+import uvicorn
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from schemathesis import checks
+
+from app.client import wait_until_ready
+from app.main import create_app
+
+from .fixtures import make_settings
+
+CHECKS = [
+    checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
+    checks.response_schema_conformance,
+    checks.response_headers_conformance,
+]
+
+
+@pytest.fixture(scope="module")
+def live_url(tiny_artifact: Path) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(make_settings(tiny_artifact)), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    assert wait_until_ready(url, timeout=30, interval=0.02, still_running=thread.is_alive), "test server never ready"
+    yield url
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.parametrize("mode", list(schemathesis.GenerationMode), ids=lambda mode: mode.value)
+def test_every_operation_survives_generated_requests(live_url: str, mode: schemathesis.GenerationMode) -> None:
+    """positive: requests the schema allows; negative: requests it forbids (bad types, out-of-range top_k, ...)."""
+    schema = schemathesis.openapi.from_url(f"{live_url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    names = {f"{op.method.upper()} {op.path}" for op in operations}
+    assert {"POST /classify", "GET /healthz", "GET /readyz", "GET /v1/model", "GET /metrics"} <= names
+    calls: dict[str, int] = {}
+    for operation in operations:
+        if mode == schemathesis.GenerationMode.NEGATIVE and not (len(operation.query) or len(operation.body)):
+            continue  # nothing to break: GET /healthz takes no input
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def call(case: schemathesis.Case) -> None:
+            case.call_and_validate(base_url=live_url, checks=CHECKS)
+            calls[case.operation.label] = calls.get(case.operation.label, 0) + 1
+
+        call()
+    assert calls.get("POST /classify", 0) >= 10, calls  # the endpoint that takes uploads was really exercised
