@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     # ti16 at 0.4 img/s with 2 threads, 13.5 img/s with 1).
     torch_threads: int = Field(0, ge=0, description="PyTorch intra-op threads; 0 = one per core")
     preprocess_threads: int = Field(2, ge=1, description="threads decoding and resizing uploads")
+    # Where JPEG uploads are decoded (app/gpu_decode.py): "auto" = on the GPU (nvJPEG, in batches, on the inference
+    # thread) when the model is on CUDA and torchvision's GPU decoder works there; "on" forces it (an error on a GPU
+    # without it; on a CPU it runs torchvision's CPU decoder, which tests use); "off" = the CPU pool, always.
+    gpu_decode: Literal["auto", "on", "off"] = "auto"
     api_key: SecretStr | None = Field(None, description="when set, /classify needs header X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # names logging and uvicorn share

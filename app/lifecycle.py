@@ -14,12 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from app.batcher import DynamicBatcher
 from app.config import Settings
-from app.errors import not_ready
+from app.errors import ServiceError, not_ready
+from app.gpu_decode import GpuDecoder, Pixels, gpu_decoder_for
 from app.metrics import Metrics
 from app.predictor import ImagePrediction, Predictor, warmup_sizes
 from model.artifact import ArtifactError, ArtifactNotFoundError
@@ -37,11 +39,16 @@ def load_from_settings(settings: Settings) -> Predictor:
 class ImageJob:
     """One image for the model: what the service's batcher queues and its inference thread hands the predictor."""
 
-    tensor: torch.Tensor  # (3, S, S) uint8, as app.preprocess.prepare makes it
+    pixels: Pixels  # (3, S, S) uint8 as app.preprocess.prepare makes it, or a JPEG left for the model's device
     heatmap: bool  # run it on the explicit-attention path and return its rollout grid
 
 
-ImageBatcher = DynamicBatcher[ImageJob, ImagePrediction]
+# One image's result from its batch: the prediction, or the ServiceError (a 400 for a JPEG that turned out corrupt
+# when the inference thread decoded it) that answers its own request. An error travels as a result, not as an
+# exception, because the batcher fails every item of a batch on an exception: the other requests sharing the forward
+# pass must still get their answers.
+ImageOutcome = ImagePrediction | ServiceError
+ImageBatcher = DynamicBatcher[ImageJob, ImageOutcome]
 
 
 class ServiceLifecycle:
@@ -52,6 +59,7 @@ class ServiceLifecycle:
         self.loader = loader
         self.metrics = Metrics(settings.max_batch_size)
         self.predictor: Predictor | None = None
+        self.gpu_decoder: GpuDecoder | None = None  # set when JPEG uploads decode on the model's device
         self.batcher: ImageBatcher | None = None
         self.preprocess_pool: ThreadPoolExecutor | None = None
         self.status = "starting"  # starting -> loading -> ready | failed; -> shutting_down
@@ -93,8 +101,9 @@ class ServiceLifecycle:
         if (loaded := await self._load_and_warm_up()) is not None:
             self._open(*loaded)
 
-    async def _load_and_warm_up(self) -> tuple[Predictor, list[int]] | None:
-        """The predictor and the batch sizes it was warmed with; None (and status "failed") when it won't load."""
+    async def _load_and_warm_up(self) -> tuple[Predictor, list[int], GpuDecoder | None] | None:
+        """The predictor, the batch sizes it was warmed with and the JPEG decoder on its device (None: the CPU pool
+        decodes); None (and status "failed") when it won't load."""
         path = self.settings.checkpoint
         self.status, self.message = "loading", f"loading the model from {path}"
         log.info("loading model artifact %s", path)
@@ -103,6 +112,7 @@ class ServiceLifecycle:
             sizes = warmup_sizes(self.settings.max_batch_size, self.settings.warmup, predictor.device)
             self.message = f"warming up batch sizes {sizes} on {predictor.device}"
             self.warmup_s = await asyncio.to_thread(predictor.warmup, sizes)
+            decoder = await asyncio.to_thread(self._gpu_decoder_for, predictor)  # probes (and warms) the decoder
         except ArtifactNotFoundError as err:
             self._fail(f"{err}. The service stays up and turns ready after a restart with the artifact in place.")
             return None
@@ -113,11 +123,16 @@ class ServiceLifecycle:
             log.exception("unexpected error while loading %s", path)
             self._fail(f"could not load the model from {path}: {type(err).__name__}: {err}")
             return None
-        return predictor, sizes
+        return predictor, sizes, decoder
 
-    def _open(self, predictor: Predictor, warmed_sizes: list[int]) -> None:
+    def _gpu_decoder_for(self, predictor: Predictor) -> GpuDecoder | None:
+        s = self.settings
+        return gpu_decoder_for(s.gpu_decode, predictor.device, predictor.preprocessing, s.max_pixels, self.metrics)
+
+    def _open(self, predictor: Predictor, warmed_sizes: list[int], decoder: GpuDecoder | None) -> None:
         """Serve with this predictor: its batcher, its metrics, then ready."""
         self.predictor = predictor
+        self.gpu_decoder = decoder
         self.batcher = DynamicBatcher(
             self._predict,
             self.settings.max_batch_size,
@@ -131,6 +146,8 @@ class ServiceLifecycle:
         self.metrics.model_info.labels(meta.name, predictor.architecture, predictor.sha256, predictor.dtype_name).set(1)
         if predictor.device.type == "cuda":
             self.metrics.enable_gpu_gauges()
+        if decoder is not None:
+            self.metrics.enable_gpu_decode_counter()
         self.status = "ready"
         self.message = f"ready: {meta.name} on {predictor.device} ({predictor.dtype})"
         log.info("%s; warm-up of %s took %.2f s", self.message, warmed_sizes, self.warmup_s)
@@ -139,10 +156,15 @@ class ServiceLifecycle:
         self.status, self.message = "failed", message
         log.error("model not loaded: %s", message)
 
-    def _predict(self, jobs: list[ImageJob]) -> list[ImagePrediction]:
-        """One batch, on the batcher's inference thread."""
+    def _predict(self, jobs: list[ImageJob]) -> list[ImageOutcome]:
+        """One batch, on the batcher's inference thread. Deferred JPEGs are decoded here, together, right before the
+        forward pass; an image that cannot be decoded is its own outcome and the rest of the batch runs without it."""
         assert self.predictor is not None
-        return self.predictor.predict([job.tensor for job in jobs], [job.heatmap for job in jobs])
+        pixels = [job.pixels for job in jobs]  # DeferredJpegs only when a decoder is set: the route defers for it
+        images = self.gpu_decoder.materialize(pixels) if self.gpu_decoder else [cast(torch.Tensor, p) for p in pixels]
+        ready = [(im, job.heatmap) for im, job in zip(images, jobs, strict=True) if isinstance(im, torch.Tensor)]
+        predictions = iter(self.predictor.predict([image for image, _ in ready], [want for _, want in ready]))
+        return [next(predictions) if isinstance(image, torch.Tensor) else image for image in images]
 
     def _free_cache(self) -> None:
         if self.predictor is not None and self.predictor.device.type == "cuda":
@@ -165,4 +187,4 @@ class ServiceLifecycle:
             await asyncio.to_thread(self.preprocess_pool.shutdown, wait=True)  # joins its threads off the loop
 
 
-__all__ = ["ImageBatcher", "ImageJob", "PredictorLoader", "ServiceLifecycle", "load_from_settings"]
+__all__ = ["ImageBatcher", "ImageJob", "ImageOutcome", "PredictorLoader", "ServiceLifecycle", "load_from_settings"]

@@ -67,11 +67,21 @@ class Metrics:
             "petvit_model_info", "the loaded model (value 1)", ["name", "arch", "sha256", "dtype"], registry=r
         )
         self.gpu_allocated: Gauge | None = None  # created by enable_gpu_gauges, only when serving on CUDA
+        self.gpu_decode: Counter | None = None  # created by enable_gpu_decode_counter, only with PETVIT_GPU_DECODE on
 
     def count_rejection(self, error: ServiceError) -> None:
         """Count a refused request once, by its reason; the service's own failures are not refusals."""
         if (reason := rejection_reason(error)) is not None:
             self.rejected.labels(reason).inc()
+
+    def enable_gpu_decode_counter(self) -> None:
+        """petvit_gpu_decode_images_total{path}: deferred JPEGs decoded on the model's device ("device") or, refused
+        there, on the CPU ("cpu_fallback"). A rising fallback share means the GPU input path is not doing its job."""
+        self.gpu_decode = Counter(
+            "petvit_gpu_decode_images", "deferred JPEGs by where they were decoded", ["path"], registry=self.registry
+        )
+        for path in ("device", "cpu_fallback"):
+            self.gpu_decode.labels(path)  # export zeros so rate() works before the first image
 
     def enable_gpu_gauges(self) -> None:
         r = self.registry

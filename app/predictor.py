@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from app.batch_sizes import pow2_batch_sizes
+from app.gpu_decode import stack_to_device
 from model.artifact import ArtifactMetadata, file_sha256, load_artifact
 from model.device import resolve_device
 from model.precision import dtype_name, resolve_dtype
@@ -94,7 +95,7 @@ class Predictor:
             return []
         heatmaps = heatmaps or [False] * len(images)
         with self._lock:
-            batch = torch.stack(images).to(self.device, non_blocking=True)  # list of (3, S, S) -> (B, 3, S, S)
+            batch = stack_to_device(images, self.device)  # list of (3, S, S) -> (B, 3, S, S); pinned on CUDA
             probs = torch.empty(len(images), len(self.labels), dtype=torch.float32, device=self.device)
             grids: list[torch.Tensor | None] = [None] * len(images)
             for with_attention in (False, True):

@@ -24,12 +24,31 @@ ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
+@dataclass(frozen=True)
+class DeferredJpeg:
+    """A JPEG whose header passed open_checked but whose pixels are left for the model's device to decode, in a
+    batch, on the inference thread (app/gpu_decode.py): its bytes and what the CPU path would have done to them."""
+
+    data: bytes
+    orientation: int  # EXIF orientation, 1 (as stored) .. 8; the GPU decoder ignores EXIF, so gpu_decode applies it
+    size: tuple[int, int]  # (width, height) of the full-resolution upload after that orientation
+
+
 @dataclass
 class PreparedImage:
-    tensor: torch.Tensor  # (3, S, S) uint8, what the model sees
+    tensor: torch.Tensor | None  # (3, S, S) uint8, what the model sees; None only while `deferred` is set
     size: tuple[int, int]  # (width, height) of the upload after EXIF rotation: the heatmap overlay's size
     crop_box: tuple[float, float, float, float]  # the model's crop in upload pixels (left, top, right, bottom)
     image: Image.Image | None  # the decoded RGB image (maybe draft-reduced), kept only on request (CLI)
+    deferred: DeferredJpeg | None = None  # a JPEG the inference thread decodes on the model's device instead
+
+    @property
+    def pixels(self) -> torch.Tensor | DeferredJpeg:
+        """What the batcher queues for this image: the decoded crop, or the JPEG to decode on the device."""
+        if self.deferred is not None:
+            return self.deferred
+        assert self.tensor is not None
+        return self.tensor
 
 
 def _known_unsupported_format(data: bytes) -> str | None:
@@ -127,14 +146,60 @@ def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float,
     evaluation (training.data.eval_transform) saw. A resize_size below image_size (odd metadata) resizes the shorter
     side to image_size instead: the crop never leaves the image."""
     side = pre.image_size
-    resized_w, resized_h = _resized_size(width, height, max(pre.resize_size, side))
-    left, top = round((resized_w - side) / 2), round((resized_h - side) / 2)
+    (resized_w, resized_h), (left, top) = resized_crop(width, height, pre)
     sx, sy = width / resized_w, height / resized_h  # resized pixels -> upload pixels
     return left * sx, top * sy, (left + side) * sx, (top + side) * sy
 
 
-def prepare(data: bytes, pre: Preprocessing, max_pixels: int, keep_image: bool = False) -> PreparedImage:
-    """The whole pipeline for one upload; raises ServiceError (400/413/415) for what is wrong with it."""
+def resized_crop(width: int, height: int, pre: Preprocessing) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The same geometry in the resized image's own pixels: ((resized width, height), (crop left, top)), the crop
+    being image_size square. The GPU path resizes whole images with it when that is small (app/gpu_decode.py)."""
+    side = pre.image_size
+    resized_w, resized_h = _resized_size(width, height, max(pre.resize_size, side))
+    return (resized_w, resized_h), (round((resized_w - side) / 2), round((resized_h - side) / 2))
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag as ImageOps.exif_transpose reads it; 1 (as stored) when absent or not 2..8."""
+    value = image.getexif().get(0x0112, 1)
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
+def defer_jpeg(data: bytes, pre: Preprocessing, max_pixels: int) -> DeferredJpeg | None:
+    """The upload as a DeferredJpeg when the GPU decoder should take it, else None (decode it here instead).
+
+    open_checked runs first, exactly as on the CPU path: format allow-list and pixel limit from the header, so an
+    oversize or unsupported upload is refused (413/415/400) before any pixel is decoded anywhere. Only the
+    RGB and greyscale JPEGs whose stream looks complete are deferred: CMYK/YCCK (Adobe's inverted CMYK) and truncated
+    streams are left to PIL, the reference, because what nvJPEG makes of them could not be checked without a GPU,
+    and a truncated file must stay a 400 (PIL refuses it; a lenient decoder might return a half-grey picture).
+    """
+    header = open_checked(data, max_pixels)
+    if header.format not in ("JPEG", "MPO") or header.mode not in ("RGB", "L"):
+        return None
+    # Entropy-coded data never holds FF D9 (EOI) or FF DA (SOS): 0xFF is byte-stuffed there. An EOI after the last
+    # scan's start means the stream was not cut short; MPO's appended frames end with their own EOI.
+    if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        return None
+    try:
+        orientation = _exif_orientation(header)
+    except Exception:  # a damaged EXIF block: the CPU path decides what that means
+        return None
+    width, height = header.size
+    size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 5..8 turn it by 90 degrees
+    return DeferredJpeg(data, orientation, size)
+
+
+def prepare(
+    data: bytes, pre: Preprocessing, max_pixels: int, keep_image: bool = False, defer: bool = False
+) -> PreparedImage:
+    """The whole pipeline for one upload; raises ServiceError (400/413/415) for what is wrong with it.
+
+    defer=True (PETVIT_GPU_DECODE on) checks a JPEG's header here and leaves its pixels to the model's device
+    (`PreparedImage.deferred`); every other upload takes the CPU path below, unchanged.
+    """
+    if defer and (deferred := defer_jpeg(data, pre, max_pixels)) is not None:
+        return PreparedImage(None, deferred.size, crop_box(*deferred.size, pre), None, deferred)
     image, original = decode(data, max_pixels, draft_size=pre.resize_size)
     # Resample only the crop's box: PIL samples the same positions with the same filter width as when it resizes
     # the whole image and crops that, without the whole resized image, which for an extreme aspect ratio is

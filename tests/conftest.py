@@ -61,3 +61,9 @@ def chelsea() -> Image.Image:
     from skimage import data
 
     return Image.fromarray(np.asarray(data.chelsea()))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # A gpu test that runs (-m gpu) on a machine without CUDA must fail, not pass or skip quietly.
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.fail("this test needs a CUDA device (-m gpu selects it; run it on the GPU machine)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, cast
 
 import torch
 from fastapi import APIRouter, Query, Request
@@ -25,7 +25,7 @@ from app.errors import (
     shutting_down,
 )
 from app.heatmap import overlay_png_base64
-from app.lifecycle import ImageBatcher, ImageJob, ServiceLifecycle
+from app.lifecycle import ImageBatcher, ImageJob, ImageOutcome, ServiceLifecycle
 from app.predictor import ImagePrediction, Predictor
 from app.preprocess import PreparedImage, Preprocessing, prepare
 from app.schemas import ERROR_RESPONSES, ClassifyResponse, Heatmap, ImageResult, Prediction, Timings
@@ -102,8 +102,8 @@ async def classify(
             k = _top_k(top_k, settings.default_top_k, len(predictor.labels))
             uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
             images = await _prepare(service, predictor.preprocessing, uploads)
-            jobs = [ImageJob(image.prepared.tensor, heatmap) for image in images]
-            results = await _run(batcher, jobs, arrived, settings.request_timeout_s)
+            jobs = [ImageJob(image.prepared.pixels, heatmap) for image in images]
+            results = _decoded(images, await _run(batcher, jobs, arrived, settings.request_timeout_s))
             overlays = await _overlays(service, images, results, heatmap, heatmap_png)
             answers = [
                 _answer(predictor, k, image, result, overlay)
@@ -134,9 +134,10 @@ async def _prepare(service: ServiceLifecycle, pre: Preprocessing, uploads: list[
     """Decode, check and crop every upload in the preprocess pool. The first bad one in upload order fails the
     request, its message saying which image it was."""
     loop = asyncio.get_running_loop()
-    max_pixels = service.settings.max_pixels
+    pool, max_pixels = service.preprocess_pool, service.settings.max_pixels
+    defer = service.gpu_decoder is not None  # JPEGs: header checks here, pixels on the model's device
     outcomes = await asyncio.gather(
-        *(loop.run_in_executor(service.preprocess_pool, _timed_prepare, u.data, pre, max_pixels) for u in uploads),
+        *(loop.run_in_executor(pool, _timed_prepare, u.data, pre, max_pixels, defer) for u in uploads),
         return_exceptions=True,
     )
     for number, (upload, outcome) in enumerate(zip(uploads, outcomes, strict=True), start=1):
@@ -150,14 +151,14 @@ async def _prepare(service: ServiceLifecycle, pre: Preprocessing, uploads: list[
     return images
 
 
-def _timed_prepare(data: bytes, pre: Preprocessing, max_pixels: int) -> tuple[PreparedImage, float]:
+def _timed_prepare(data: bytes, pre: Preprocessing, max_pixels: int, defer: bool) -> tuple[PreparedImage, float]:
     start = time.perf_counter()
-    return prepare(data, pre, max_pixels), time.perf_counter() - start
+    return prepare(data, pre, max_pixels, defer=defer), time.perf_counter() - start
 
 
 async def _run(
     batcher: ImageBatcher, jobs: list[ImageJob], arrived: float, timeout_s: float
-) -> list[BatchResult[ImagePrediction]]:
+) -> list[BatchResult[ImageOutcome]]:
     """The model's output for every job, in order, within timeout_s of the request's arrival (a time.monotonic()
     value), or the ServiceError that answers why there is none."""
     try:
@@ -170,6 +171,16 @@ async def _run(
         raise deadline_exceeded(timeout_s) from None
     except InferenceFailedError as err:
         raise inference_failed(err.cause) from None
+
+
+def _decoded(images: list[_Image], results: list[BatchResult[ImageOutcome]]) -> list[BatchResult[ImagePrediction]]:
+    """The results, once every image has a prediction. A JPEG left to the model's device that neither it nor the CPU
+    could decode comes back as its ServiceError (400): the first such image in upload order fails this request, as
+    in _prepare; the other requests of its batch were answered."""
+    for number, (image, result) in enumerate(zip(images, results, strict=True), start=1):
+        if isinstance(result.value, ServiceError):
+            raise in_image(result.value, number, image.upload.filename)
+    return cast(list[BatchResult[ImagePrediction]], results)
 
 
 async def _overlays(
