@@ -137,12 +137,13 @@ first_run() {  # $1: a number for its project and folders, then the compose comm
     >"$log" 2>&1 &
   up_pid=$!
   set +m
-  for ((i = 0; i < 120; i++)); do
-    grep -q 'GET /readyz 503' "$log" && break
+  for ((i = 0; i < 120; i++)); do  # the explanation ends with this line
+    grep -q 'Meanwhile the api stays up' "$log" && break
     kill -0 "$up_pid" 2>/dev/null || { cat "$log" >&2; fail "$label: 'up' ended by itself"; }
     sleep 1
   done
   grep -q 'NOT READY' "$log" || { cat "$log" >&2; fail "$label: no explanation in the 'up' output after ${i} s"; }
+  say "$label: the explanation is in 'up's output ${i} s after 'up'"
   for want in "$dir/data/oxford-iiit-pet" "$dir/artifacts/petvit.safetensors" \
     'docker compose run --rm train export --variant ti16 --init random --out /artifacts/petvit.safetensors'; do
     grep -qF -- "$want" "$log" || { cat "$log" >&2; fail "$label: the explanation does not name $want"; }

@@ -116,7 +116,7 @@ def hand_over(folders: list[Path], uid: int, gid: int) -> list[str]:
 
 
 def own_status_dir(uid: int, gid: int) -> None:
-    """The status volume is the stack's own: train (as uid:gid) writes there, api (uid 10001) reads."""
+    """The status volume is the stack's own: train (as uid:gid) writes there, api (the same user) reads."""
     if STATUS_DIR.is_dir() and os.getuid() == 0:
         os.chown(STATUS_DIR, uid, gid)
         os.chmod(STATUS_DIR, 0o755)
