@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # Compose smoke test: the image and docker-compose.yml, end to end, on any machine with a Docker engine.
 #
-#   1. docker-compose config accepts the files; promtool accepts the Prometheus config and passes the alert tests
-#   2. build the image (classic builder)
-#   3. place a small untrained artifact in the artifacts volume (`petvit export`), so `train --if-missing` skips
-#   4. `up api prometheus` (train runs first and exits 0), wait until the api container is healthy (/readyz)
+#   1. docker-compose config accepts the files (with every compose it finds); promtool accepts the Prometheus
+#      config and passes the alert tests
+#   2. build the image (classic builder); run the Kubernetes preStop hook's command in it
+#   3. the first run without an artifact or a network, once per compose found: `up` (attached, as a person types
+#      it) must show the api's explanation (train's reason with host folders, the route without training) while
+#      /healthz answers 200 and /readyz 503; then Ctrl-C (SIGINT) must leave nothing running
+#   4. the route without training, into a bind-mounted host folder that belongs to an ordinary user (as root: uid
+#      SMOKE_USER_UID, default 1000), with docs/deploy.md's command: `petvit export` writes the file as that user
+#      and the folder Docker creates for the data goes to them too; then `up api prometheus` (train sees the file
+#      and exits 0), wait until the api container is healthy (/readyz)
 #   5. POST /classify a real photo (scikit-image's chelsea, as a JPEG); check the answer
 #   6. ask Prometheus's HTTP API that the api target is up and that petvit_requests_total{route="/classify"} grew
-# Everything it started is removed on exit, pass or fail (containers, network, volumes).
+# Everything it started is removed on exit, pass or fail (containers, networks, volumes, its host folders).
 #
-# Uses `docker compose` (v2) or `docker-compose` (v1.29+), whichever exists. Settings (environment):
+# Uses `docker compose` (v2) or `docker-compose` (v1.29+), whichever exists, for everything, and also any other
+# compose named in SMOKE_COMPOSE_V2 for steps 1 and 3. Settings (environment):
 #   DOCKER_BUILD        build command prefix (default "docker build"; e.g. a wrapper adding mirrors/--network)
 #   SMOKE_BUILD_ARGS    extra build arguments, e.g. "--build-arg PIP_INDEX_URL=https://mirror/simple"
 #   SMOKE_IMAGE         image tag to build and run (default petvit:smoke)
 #   SMOKE_SKIP_BUILD=1  use SMOKE_IMAGE as it is
 #   SMOKE_READY_TIMEOUT seconds to wait for readiness (default 300)
-#   PYTHON              a Python with scikit-image (default .venv/bin/python, as scripts/test.sh makes it)
+#   SMOKE_COMPOSE_V2    path of a second compose binary (e.g. Compose v2 when the main one is v1.29)
+#   PYTHON              a Python with scikit-image and PyYAML (default .venv/bin/python, as scripts/test.sh makes it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +45,9 @@ elif command -v docker-compose >/dev/null; then
 else
   fail "neither 'docker compose' nor 'docker-compose' is installed"
 fi
+COMPOSE_V2=${SMOKE_COMPOSE_V2:-}
+[[ -z $COMPOSE_V2 || -x $COMPOSE_V2 ]] || fail "SMOKE_COMPOSE_V2=$COMPOSE_V2 is not an executable"
+compose_version() { "$@" version --short 2>/dev/null || "$@" version | sed -n 's/.*version \(v\?[0-9.]*\).*/\1/p'; }
 # Free host ports, so the smoke never collides with a petvit (or anything) already on 8000/9090.
 read -r API_PORT PROM_PORT < <(python3 -c '
 import socket
@@ -47,24 +58,33 @@ export PETVIT_IMAGE=$IMAGE PETVIT_PORT=$API_PORT PROMETHEUS_PORT=$PROM_PORT
 # Serve exactly what this script places: ignore the caller's own artifact settings.
 unset PETVIT_ARTIFACTS_DIR PETVIT_ARTIFACT_FILE PETVIT_DEVICE PETVIT_API_KEY
 compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml "$@"; }
+PROJECTS=()  # every compose project started, for the cleanup
 
 cleanup() {
-  local rc=$?
+  local rc=$? project
   if ((rc != 0)); then
     say "logs of the failed run:"
-    compose logs --no-color --tail 80 train api prometheus >&2 || true
+    compose logs --no-color --tail 80 prepare train api prometheus >&2 || true
   fi
-  compose down -v --remove-orphans >/dev/null 2>&1 || true
-  rm -rf "$WORK"
+  for project in "${PROJECTS[@]}"; do
+    "${COMPOSE[@]}" -p "$project" -f docker-compose.yml down -v --remove-orphans >/dev/null 2>&1 || true
+  done
+  # What the containers wrote in the host folders belongs to their users; root (or that user) can remove it.
+  rm -rf "$WORK" 2>/dev/null || docker run --rm -v "$WORK:/w" --user 0:0 --entrypoint rm "$IMAGE" -rf /w/mine /w/first-* || true
+  rm -rf "$WORK" || true
   say "$( ((rc == 0)) && echo PASSED || echo "FAILED (exit $rc)") in $(($(date +%s) - T0)) s; torn down"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # 1. static checks with the real tools --------------------------------------------------------------------------
-say "using ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || "${COMPOSE[@]}" version | head -1))"
-compose config -q || fail "compose rejects docker-compose.yml"
-"${COMPOSE[@]}" -f docker-compose.yml -f docker-compose.gpu.yml config -q || fail "compose rejects the GPU override"
+say "using ${COMPOSE[*]} ($(compose_version "${COMPOSE[@]}"))${COMPOSE_V2:+ and $COMPOSE_V2 ($(compose_version "$COMPOSE_V2"))}"
+for c in "${COMPOSE[*]}" ${COMPOSE_V2:+"$COMPOSE_V2"}; do
+  # shellcheck disable=SC2086  # "docker compose" is two words
+  $c -f docker-compose.yml config -q || fail "$c rejects docker-compose.yml"
+  # shellcheck disable=SC2086
+  $c -f docker-compose.yml -f docker-compose.gpu.yml config -q || fail "$c rejects the GPU override"
+done
 PROM_IMAGE=$(compose config | sed -n 's#^ *image: *\(.*prom/prometheus.*\)$#\1#p' | head -1)
 [[ -n $PROM_IMAGE ]] || fail "no prometheus image in docker-compose.yml"
 promtool() { docker run --rm -v "$PWD/deploy/prometheus:/etc/prometheus:ro" -w /etc/prometheus --entrypoint promtool "$PROM_IMAGE" "$@"; }
@@ -84,17 +104,108 @@ else
 fi
 SIZE=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')
 say "image $IMAGE: build ${BUILD_S} s, size $SIZE"
+# The Deployment's preStop hook execs a command in this image (it has no `sleep` binary we may count on): run it
+# here as Kubernetes would, as the image's user on a read-only root file system.
+mapfile -t PRE_STOP < <("$PYTHON" -c '
+import yaml
+pod = yaml.safe_load(open("deploy/k8s/base/deployment.yaml"))["spec"]["template"]["spec"]
+(api,) = [c for c in pod["containers"] if c["name"] == "api"]
+print(*api["lifecycle"]["preStop"]["exec"]["command"], sep="\n")') || fail "no preStop exec command in deployment.yaml"
+p0=$(date +%s)
+docker run --rm --read-only --entrypoint "${PRE_STOP[0]}" "$IMAGE" "${PRE_STOP[@]:1}" \
+  || fail "the preStop command fails in the image: ${PRE_STOP[*]}"
+say "k8s preStop hook (${PRE_STOP[*]}) runs in the image: $(($(date +%s) - p0)) s"
 
-# 3. a small artifact, so train skips -------------------------------------------------------------------------------
-compose run --rm --no-deps train export --variant ti16 --init random --out /artifacts/petvit.safetensors \
-  >"$WORK/export.log" 2>&1 || { cat "$WORK/export.log" >&2; fail "petvit export failed"; }
-say "placed an untrained ti16 artifact: $(tail -1 "$WORK/export.log")"
+# 3. the first run, no artifact and no network: the explanation in `up`'s own output, nothing left running ------
+# train gets no network at all (an override file), so that Pets cannot download on any machine: the real first
+# run on a machine without network, in seconds.
+cat >"$WORK/offline.yml" <<'YAML'
+services:
+  train:
+    network_mode: none
+YAML
+first_run() {  # $1: a number for its project and folders, then the compose command
+  local dir="$WORK/first-$1" log="$WORK/first-$1.up.log" project="$PROJECT-first$1" up_pid t0 i label
+  shift
+  label="first run, compose $(compose_version "$@")"
+  PROJECTS+=("$project")
+  t0=$(date +%s)
+  # SIGINT must reach compose as a person's Ctrl-C does: job control keeps bash from ignoring it in the job.
+  set -m
+  PETVIT_ARTIFACTS_DIR="$dir/artifacts" PETVIT_DATA_DIR="$dir/data" \
+    "$@" -p "$project" -f docker-compose.yml -f "$WORK/offline.yml" up --no-build --no-color prepare train api prometheus \
+    >"$log" 2>&1 &
+  up_pid=$!
+  set +m
+  for ((i = 0; i < 120; i++)); do  # the explanation ends with this line
+    grep -q 'Meanwhile the api stays up' "$log" && break
+    kill -0 "$up_pid" 2>/dev/null || { cat "$log" >&2; fail "$label: 'up' ended by itself"; }
+    sleep 1
+  done
+  grep -q 'NOT READY' "$log" || { cat "$log" >&2; fail "$label: no explanation in the 'up' output after ${i} s"; }
+  say "$label: the explanation is in 'up's output ${i} s after 'up'"
+  for want in "$dir/data/oxford-iiit-pet" "$dir/artifacts/petvit.safetensors" \
+    'docker compose run --rm train export --variant ti16 --init random --out /artifacts/petvit.safetensors'; do
+    grep -qF -- "$want" "$log" || { cat "$log" >&2; fail "$label: the explanation does not name $want"; }
+  done
+  for ((i = 0; i < 60; i++)); do  # the api serves once it has explained: alive, not ready
+    [[ $(curl_code "/healthz") == 200 && $(curl_code "/readyz") == 503 ]] && break
+    sleep 1
+  done
+  ((i < 60)) || { cat "$log" >&2; fail "$label: api not answering /healthz 200 and /readyz 503"; }
+  kill -INT "$up_pid"
+  for ((i = 0; i < 60; i++)); do kill -0 "$up_pid" 2>/dev/null || break; sleep 1; done
+  kill -0 "$up_pid" 2>/dev/null && fail "$label: 'up' still running 60 s after Ctrl-C"
+  wait "$up_pid" || true
+  local running
+  running=$(docker ps -q --filter "label=com.docker.compose.project=$project")
+  [[ -z $running ]] || fail "$label: left running after Ctrl-C: $(docker ps --filter "label=com.docker.compose.project=$project" --format '{{.Names}}')"
+  say "$label: the first run explained itself in 'up' (/healthz 200, /readyz 503), Ctrl-C left nothing running ($(($(date +%s) - t0)) s)"
+  sed -n '/NOT READY/,/====/p' "$log" | sed 's/^/    /' | head -8 >&2
+  "$@" -p "$project" -f docker-compose.yml down -v --remove-orphans >/dev/null 2>&1 || true
+}
+curl_code() { python3 -c '
+import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=5).status)
+except urllib.error.HTTPError as err:
+    print(err.code)
+except OSError:
+    print(0)' "http://127.0.0.1:$API_PORT$1"; }
 
-# 4. up, wait ready ------------------------------------------------------------------------------------------------
+first_run 1 "${COMPOSE[@]}"
+if [[ -n $COMPOSE_V2 ]]; then
+  first_run 2 "$COMPOSE_V2"
+fi
+
+# 4. the route without training, into an ordinary user's host folder ------------------------------------------------
+MINE="$WORK/mine"
+mkdir -p "$MINE/artifacts"
+if ((EUID == 0)); then  # a folder as a user makes it: theirs, 755, not writable by the image's uid 10001
+  chown "${SMOKE_USER_UID:-1000}:${SMOKE_USER_UID:-1000}" "$MINE/artifacts"
+fi
+chmod 755 "$MINE/artifacts"
+export PETVIT_ARTIFACTS_DIR="$MINE/artifacts" PETVIT_DATA_DIR="$MINE/data"  # data: absent, Docker creates it
+OWNER=$(stat -c %u:%g "$MINE/artifacts")
+PROJECTS+=("$PROJECT")
+# docs/deploy.md's command, as written there
+compose run --rm train export --variant ti16 --init random --out /artifacts/petvit.safetensors \
+  >"$WORK/export.log" 2>&1 || { cat "$WORK/export.log" >&2; fail "petvit export into $MINE/artifacts failed"; }
+[[ -f $MINE/artifacts/petvit.safetensors ]] || fail "export wrote no $MINE/artifacts/petvit.safetensors"
+[[ $(stat -c %u:%g "$MINE/artifacts/petvit.safetensors") == "$OWNER" ]] \
+  || fail "the artifact belongs to $(stat -c %u:%g "$MINE/artifacts/petvit.safetensors"), not the folder's owner $OWNER"
+[[ $(stat -c %u:%g "$MINE/data") == "$OWNER" ]] \
+  || fail "the data folder Docker created belongs to $(stat -c %u:%g "$MINE/data"), not $OWNER"
+say "export into a host folder of uid $OWNER: $(tail -1 "$WORK/export.log"), owned by $OWNER (no chmod)"
+
 u0=$(date +%s)
 compose up -d --no-build api prometheus >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; fail "compose up failed"; }
 train_id=$(compose ps -a -q train)
 [[ -n $train_id ]] || fail "train did not run"
+for ((i = 0; i < 60; i++)); do  # api starts with train (not after it): train may still be checking for the file
+  [[ $(docker inspect -f '{{.State.Status}}' "$train_id") == exited ]] && break
+  sleep 1
+done
 [[ $(docker inspect -f '{{.State.ExitCode}}' "$train_id") == 0 ]] || fail "train exited non-zero"
 api_id=$(compose ps -q api)
 [[ -n $api_id ]] || fail "api container was not created"

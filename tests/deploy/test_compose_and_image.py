@@ -43,22 +43,76 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 # ---- compose ----------------------------------------------------------------------------------------------------
 
 
-def test_api_waits_for_train_to_complete_and_serves_what_train_writes():
+def split_volume(volume: str) -> tuple[str, str, str]:
+    """SOURCE:TARGET[:MODE] -> (source, target, mode), where SOURCE may be ${VAR:-default} (colons inside)."""
+    source, target, mode = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):([^:]+)(?::(.+))?", volume).groups()
+    return source, target, mode or ""
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """container path -> source (with compose's defaults filled in) and mode: {"/artifacts": "./artifacts:ro"}."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = expand_defaults(volume).split(":")
+        out[target] = ":".join([source, *mode])
+    return out
+
+
+def test_api_starts_with_train_and_serves_what_train_writes():
+    """api waits for the artifact itself (entrypoint.py after-train) rather than for train to complete: with
+    `service_completed_successfully`, a failed train stops `up` on v1.29 before any log (train's reason) shows."""
     services = compose()["services"]
-    train, api = services["train"], services["api"]
-    assert api["depends_on"]["train"]["condition"] == "service_completed_successfully"
+    prepare, train, api = services["prepare"], services["train"], services["api"]
+    assert api["depends_on"] == {
+        "prepare": {"condition": "service_completed_successfully"},
+        "train": {"condition": "service_started"},
+    }
+    assert train["depends_on"] == {"prepare": {"condition": "service_completed_successfully"}}
+    assert api["entrypoint"] == ["python", "/compose/entrypoint.py", "after-train"]
+    assert train["entrypoint"] == ["python", "/compose/entrypoint.py", "as-owner"]
+    assert prepare["entrypoint"] == ["python", "/compose/entrypoint.py"] and prepare["command"] == ["prepare"]
     train_args = [expand_defaults(a) for a in train["command"]]
     assert train_args[0] == "train" and "--if-missing" in train_args
     assert flag(train_args, "--recipe") == "auto"  # picks the CPU recipe without a GPU
     out = flag(train_args, "--out")
-    assert expand_defaults(api["environment"]["PETVIT_CHECKPOINT"]) == out
-    # Same volume (named by default, or the PETVIT_ARTIFACTS_DIR bind mount) at the same place, read-only for api.
-    (train_artifacts,) = [v for v in train["volumes"] if expand_defaults(v).split(":")[1] == "/artifacts"]
-    (api_artifacts,) = [v for v in api["volumes"] if expand_defaults(v).split(":")[1] == "/artifacts"]
-    assert api_artifacts == train_artifacts + ":ro"
-    assert train_artifacts.startswith("${PETVIT_ARTIFACTS_DIR:-artifacts}:")  # the documented way to serve your own
-    assert out.startswith("/artifacts/")
-    assert train["image"] == api["image"] and train["build"] == api["build"]
+    assert expand_defaults(api["environment"]["PETVIT_CHECKPOINT"]) == out and out.startswith("/artifacts/")
+    # One host folder at /artifacts for all three (read-only for api), one at /data for prepare and train.
+    artifacts = "./artifacts"
+    assert mounts(prepare)["/artifacts"] == mounts(train)["/artifacts"] == artifacts
+    assert mounts(api)["/artifacts"] == artifacts + ":ro"
+    assert mounts(prepare)["/data"] == mounts(train)["/data"] == "./data" and "/data" not in mounts(api)
+    assert flag(train_args, "--data-dir") == "/data" and train["environment"]["TORCH_HOME"].startswith("/data/")
+    # train records its outcome where api reads it; the entrypoint is mounted, not baked into the image.
+    assert mounts(prepare)["/status"] == mounts(train)["/status"] == "train-status"
+    assert mounts(api)["/status"] == "train-status:ro"
+    for service in (prepare, train, api):
+        assert mounts(service)["/compose"] == "./deploy/compose:ro"
+    assert train["image"] == api["image"] == prepare["image"] and train["build"] == api["build"]
+
+
+def test_the_host_folders_the_explanations_name_are_the_ones_mounted():
+    """entrypoint.py turns /artifacts and /data back into host folders from HOST_*: compose fills them from the
+    same variables as the mounts, so the folder a message names is the folder mounted."""
+    services = compose()["services"]
+    for name in ("prepare", "train", "api"):
+        service = services[name]
+        sources = {target: source for source, target in (split_volume(v)[:2] for v in service["volumes"])}
+        assert service["environment"]["HOST_ARTIFACTS_DIR"] == sources["/artifacts"], name
+        assert sources["/artifacts"] == "${PETVIT_ARTIFACTS_DIR:-./artifacts}"
+        if "/data" in sources:
+            assert service["environment"]["HOST_DATA_DIR"] == sources["/data"] == "${PETVIT_DATA_DIR:-./data}"
+
+
+def test_root_is_only_a_step_and_nothing_starts_before_the_api():
+    services = compose()["services"]
+    for name in ("prepare", "train", "api"):
+        # as root only to chown Docker-created folders and switch user (entrypoint.py); never the image's default
+        assert services[name]["user"] == "0:0", name
+    assert "user" not in services["prometheus"] and "user" not in services["grafana"]
+    assert services["train"]["init"] is services["api"]["init"] is True  # signals reach petvit, zombies reaped
+    assert services["prepare"]["network_mode"] == "none" and services["prepare"]["restart"] == "no"
+    # prometheus (and grafana after it) start after api: a failure before api leaves nothing half-up
+    assert services["prometheus"]["depends_on"] == ["api"] and services["grafana"]["depends_on"] == ["prometheus"]
 
 
 def test_api_healthcheck_polls_readiness_on_the_served_port():
@@ -74,18 +128,22 @@ def test_api_healthcheck_polls_readiness_on_the_served_port():
 def test_compose_passes_every_setting_through_and_no_unknown_ones(setting_names):
     fields = setting_names
     for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
-        env = compose(name)["services"]["api"]["environment"]
-        assert set(env) <= fields, f"{name}: unknown settings {sorted(set(env) - fields)}"
+        env = {k for k in compose(name)["services"]["api"]["environment"] if k.startswith("PETVIT_")}
+        assert env <= fields, f"{name}: unknown settings {sorted(env - fields)}"
+    others = {k for k in compose()["services"]["api"]["environment"] if not k.startswith("PETVIT_")}
+    assert others == {"HOST_ARTIFACTS_DIR", "HOST_DATA_DIR"}
     missing = fields - set(compose()["services"]["api"]["environment"])
     assert not missing, f"settings users cannot set through compose: {sorted(missing)}"
 
 
 def test_every_bind_mount_and_build_context_exists():
+    """Except the host folders for the model and the data: a first run creates those (prepare gives them to you)."""
+    created_at_first_run = {"./artifacts", "./data"}
     for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
         for service in compose(name)["services"].values():
             for volume in service.get("volumes", []):
                 source = expand_defaults(volume).split(":")[0]
-                if source.startswith("./"):
+                if source.startswith("./") and source not in created_at_first_run:
                     assert (ROOT / source).exists(), f"{name}: {source} does not exist"
             if "build" in service:
                 assert (ROOT / service["build"]["context"] / "Dockerfile").is_file()
@@ -121,8 +179,10 @@ def test_every_petvit_command_line_is_one_the_cli_accepts(petvit_args):
     assert json.loads(entrypoint) == ["petvit"] and petvit_args(json.loads(cmd)).port == SERVE_PORT
     # The smoke test places its artifact exactly where train --if-missing looks, so train skips.
     smoke = (ROOT / "scripts" / "compose-smoke.sh").read_text()
-    (export,) = re.findall(r"compose run --rm --no-deps train (export [^\\\n]*)", smoke)
-    assert str(petvit_args(export.split()).out) == train.out
+    exports = set(re.findall(r"compose run --rm train (export [^\\\n']*)", smoke))
+    assert exports
+    for export in exports:
+        assert str(petvit_args(export.split()).out) == train.out
 
 
 def test_the_cli_check_refuses_bad_command_lines(petvit_args):

@@ -26,6 +26,7 @@ def test_every_rendered_resource_validates_against_the_kubernetes_schema(rendere
         "HorizontalPodAutoscaler",
         "Job",
         "PersistentVolumeClaim",
+        "PodDisruptionBudget",
     }
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
@@ -169,3 +170,67 @@ def test_container_args_are_command_lines_petvit_accepts(rendered, find_resource
         job = petvit_args(train["args"])
         checkpoint = {e["name"]: e.get("value") for e in api["env"]}["PETVIT_CHECKPOINT"]
         assert job.if_missing and job.out == checkpoint and job.recipe == "auto"
+
+
+def api_pod_spec(docs, find_resource) -> dict:
+    return find_resource(docs, "Deployment", "petvit-api")["spec"]["template"]["spec"]
+
+
+def test_a_rollout_never_takes_a_serving_pod_away_first(rendered, find_resource):
+    for variant in ("cpu", "gpu"):
+        strategy = find_resource(rendered[variant], "Deployment", "petvit-api")["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate"
+        assert strategy["rollingUpdate"]["maxUnavailable"] == 0 and strategy["rollingUpdate"]["maxSurge"] >= 1
+
+
+def test_pre_stop_pauses_before_sigterm_within_the_grace_period(rendered, find_resource, monkeypatch):
+    """The hook is `python -c CODE` (the image has no `sleep` to count on; the hook's `sleep` action needs 1.30):
+    CODE must sleep a few seconds, and the pause plus the service's drain (it waits for in-flight requests up to
+    PETVIT_REQUEST_TIMEOUT_S) must fit in terminationGracePeriodSeconds, or the kubelet kills mid-request.
+    scripts/compose-smoke.sh runs the same command in the image."""
+    import time
+
+    pod = api_pod_spec(rendered["base"], find_resource)
+    (api,) = [c for c in pod["containers"] if c["name"] == "api"]
+    program, flag, code = api["lifecycle"]["preStop"]["exec"]["command"]
+    assert (program, flag) == ("python", "-c")
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    exec(compile(code, "preStop", "exec"), {})
+    (pause,) = slept
+    assert 2 <= pause <= 15
+    env = {e["name"]: e.get("value") for e in api["env"]}
+    drain = float(env.get("PETVIT_REQUEST_TIMEOUT_S") or Settings().request_timeout_s)
+    assert pause + drain < pod["terminationGracePeriodSeconds"]
+
+
+def test_the_disruption_budget_covers_the_api_pods_only_and_lets_drains_proceed(rendered, find_resource):
+    for variant in ("cpu", "gpu"):
+        docs = rendered[variant]
+        pdb = find_resource(docs, "PodDisruptionBudget", "petvit-api")
+        selector = pdb["spec"]["selector"]["matchLabels"]
+        api_labels = find_resource(docs, "Deployment", "petvit-api")["spec"]["template"]["metadata"]["labels"]
+        train_labels = find_resource(docs, "Job", "petvit-train")["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= api_labels.items() and not selector.items() <= train_labels.items()
+        # At the HPA's minimum, one pod may still be evicted (a budget of 0 blocks node drains for good) ...
+        min_replicas = find_resource(docs, "HorizontalPodAutoscaler", "petvit-api")["spec"]["minReplicas"]
+        spec = pdb["spec"]
+        allowed = spec["maxUnavailable"] if "maxUnavailable" in spec else min_replicas - spec["minAvailable"]
+        assert allowed >= 1, f"{variant}: the budget allows no eviction at {min_replicas} replica(s)"
+        # ... but never more than one at a time where there are two or more.
+        assert allowed == 1
+        assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # a pod that isn't ready protects nothing
+
+
+def test_replicas_spread_across_nodes_and_zones(rendered, find_resource):
+    for variant in ("cpu", "gpu"):
+        pod_template = find_resource(rendered[variant], "Deployment", "petvit-api")["spec"]["template"]
+        constraints = pod_template["spec"]["topologySpreadConstraints"]
+        keys = {c["topologyKey"] for c in constraints}
+        assert keys == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+        for constraint in constraints:
+            assert constraint["labelSelector"]["matchLabels"].items() <= pod_template["metadata"]["labels"].items()
+            assert constraint["maxSkew"] == 1
+            # Soft: a replica Pending for want of another node is worse than two replicas on one node.
+            assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+            assert constraint["matchLabelKeys"] == ["pod-template-hash"]  # each rollout spreads on its own
