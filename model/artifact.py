@@ -216,6 +216,11 @@ def save_file_atomically(
     os.close(fd)
     try:
         save_file(dict(tensors), tmp, metadata=metadata)
+        # mkstemp makes the file owner-only (0600); give it the mode any new file gets (0644 under the usual umask),
+        # so a service running as another user (a container, a k8s pod) can read the artifact it is handed.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -195,3 +195,16 @@ def test_metadata_is_read_once_into_a_typed_object(tmp_path: Path) -> None:
     assert reread.replace(trained=False) == meta
     with pytest.raises(ValueError, match="the metadata describes"):
         save_artifact(make_tiny_model(hidden_dim=64), tmp_path / "other.safetensors", meta)
+
+
+def test_artifact_gets_the_mode_any_new_file_gets(tmp_path: Path) -> None:
+    """Was 0600 (mkstemp's): a service running as another user could not read an artifact it was handed."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = save_artifact(make_tiny_model(), tmp_path / "shared.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
