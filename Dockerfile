@@ -59,13 +59,14 @@ ENV PATH=/opt/venv/bin:$PATH \
 # 1. Dependencies only, from pyproject.toml + constraints.txt (cached until either changes). torch/torchvision
 #    versions come from constraints.txt in both flavours ("torch==X" also matches the CPU index's "X+cpu").
 #    The service's dependencies plus the [train] extra: this one image also runs `petvit train` (compose's train
-#    service, the k8s Job).
+#    service, the k8s Job); plus the [int8] extra (torchao), so PETVIT_DTYPE=int8 works.
 COPY pyproject.toml constraints.txt /tmp/deps/
 RUN set -eux; \
     python -m venv /opt/venv; \
     cd /tmp/deps; \
     python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['train']))" > requirements.txt; \
+extras = p['optional-dependencies']; \
+print('\n'.join(p['dependencies'] + extras['train'] + extras['int8']))" > requirements.txt; \
     case "$TORCH_FLAVOR" in \
       cuda) ;; \
       cpu) pip install -c constraints.txt --index-url "$TORCH_CPU_INDEX_URL" torch torchvision ;; \

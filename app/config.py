@@ -21,9 +21,15 @@ class Settings(BaseSettings):
 
     checkpoint: Path = Field(Path("artifacts/petvit.safetensors"), description="model artifact (.safetensors)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto tries cuda, then mps, then cpu")
-    # "auto" is model.precision's rule (bfloat16 on CUDA, float32 elsewhere), the one training and the benches use;
-    # the short forms fp32/bf16/fp16 are accepted and stored as torch's names.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # "auto" is model.precision's rule (bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere), the one
+    # training and the benches use; the short forms fp32/bf16/fp16 are accepted and stored as torch's names.
+    # "int8" (opt-in, never chosen by auto) quantises a float32 artifact's Linear layers at load time through torchao
+    # (the [int8] extra) and always compiles the forward: model/inference.py.
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
+    # torch.compile the forward; warm-up then compiles each bucket of batch sizes (pow2_batch_sizes) before /readyz
+    # turns 200. Off by default: on CPU it adds seconds to minutes of start-up for little or no float gain
+    # (docs/service.md has the measurements).
+    compile: bool = Field(False, description="torch.compile the forward (int8 always compiles)")
     max_batch_size: int = Field(16, ge=1, le=1024, description="images per forward pass at most")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits for company")
     queue_limit: int = Field(256, ge=1, description="images waiting for the model before 429")

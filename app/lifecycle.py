@@ -32,7 +32,9 @@ PredictorLoader = Callable[[Settings], Predictor]
 
 
 def load_from_settings(settings: Settings) -> Predictor:
-    return Predictor.from_artifact(settings.checkpoint, settings.device, settings.dtype)
+    return Predictor.from_artifact(
+        settings.checkpoint, settings.device, settings.dtype, settings.compile, settings.max_batch_size
+    )
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,10 @@ class ServiceLifecycle:
         log.info("loading model artifact %s", path)
         try:
             predictor = await asyncio.to_thread(self.loader, self.settings)
-            sizes = warmup_sizes(self.settings.max_batch_size, self.settings.warmup, predictor.device)
-            self.message = f"warming up batch sizes {sizes} on {predictor.device}"
+            settings = self.settings
+            sizes = warmup_sizes(settings.max_batch_size, settings.warmup, predictor.device, predictor.buckets)
+            compiling = "compiling and " if predictor.compiled else ""
+            self.message = f"{compiling}warming up batch sizes {sizes} on {predictor.device}"
             self.warmup_s = await asyncio.to_thread(predictor.warmup, sizes)
             decoder = await asyncio.to_thread(self._gpu_decoder_for, predictor)  # probes (and warms) the decoder
         except ArtifactNotFoundError as err:
@@ -149,7 +153,8 @@ class ServiceLifecycle:
         if decoder is not None:
             self.metrics.enable_gpu_decode_counter()
         self.status = "ready"
-        self.message = f"ready: {meta.name} on {predictor.device} ({predictor.dtype})"
+        compiled = ", compiled" if predictor.compiled else ""
+        self.message = f"ready: {meta.name} on {predictor.device} ({predictor.dtype_name}{compiled})"
         log.info("%s; warm-up of %s took %.2f s", self.message, warmed_sizes, self.warmup_s)
 
     def _fail(self, message: str) -> None:

@@ -1,6 +1,8 @@
 """The model on its device: batched forward passes, probabilities, and rollout grids for images that want them.
 
-Called from the batcher's single inference thread, never from the event loop.
+Called from the batcher's single inference thread, never from the event loop. model/inference.py prepares the
+model (dtype or int8 quantisation, device, torch.compile); a compiled forward only ever sees the bucket sizes
+(app/batch_sizes.py), each batch padded up to the next one, so warm-up can compile every shape it will meet.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import Any
 
 import torch
 
-from app.batch_sizes import pow2_batch_sizes
+from app.batch_sizes import bucket_for, pow2_batch_sizes
 from app.gpu_decode import stack_to_device
 from model.artifact import ArtifactMetadata, file_sha256, load_artifact
 from model.device import resolve_device
-from model.precision import dtype_name, resolve_dtype
+from model.inference import prepare_for_inference
+from model.precision import dtype_name
 from model.rollout import attention_rollout
 from model.vit import ViT
 
@@ -33,28 +36,52 @@ class ImagePrediction:
 
 class Predictor:
     def __init__(
-        self, model: ViT, metadata: ArtifactMetadata, device: torch.device, dtype: torch.dtype, sha256: str = ""
+        self,
+        model: ViT,
+        metadata: ArtifactMetadata,
+        device: torch.device,
+        dtype: torch.dtype | str,
+        sha256: str = "",
+        compile: bool = False,
+        max_batch_size: int = 16,
     ) -> None:
-        self.model = model.to(device=device, dtype=dtype).eval()
+        """`dtype` is a torch dtype or a name from model.precision's vocabulary ("int8" included); int8 and
+        `compile` give a compiled forward, fed only the bucket sizes of max_batch_size (pow2_batch_sizes)."""
+        name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+        self.runner = prepare_for_inference(model, name, device, compile)
+        self.model = self.runner.model
         self.metadata = metadata
         self.device = device
-        self.dtype = dtype
+        self.dtype = self.runner.compute_dtype  # float32 for int8: what the unquantised parts compute in
         self.sha256 = sha256
+        # Compiled graphs are specialised per batch size: pad each batch up to one of these few sizes.
+        self.buckets: list[int] | None = pow2_batch_sizes(max_batch_size) if self.runner.compiled else None
         self.labels: list[str] = list(metadata.labels)
         self.species: list[str] = list(metadata.species)
         self.preprocessing = metadata.preprocessing  # what every upload is cropped to
         self._lock = threading.Lock()  # predict may be called from the CLI and warm-up; keep forwards serial
 
     @classmethod
-    def from_artifact(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> Predictor:
+    def from_artifact(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        compile: bool = False,
+        max_batch_size: int = 16,
+    ) -> Predictor:
         dev = resolve_device(device)  # ValueError names a missing device; /readyz shows it
         model, meta = load_artifact(path, device="cpu")
-        return cls(model, meta, dev, resolve_dtype(dtype, dev), sha256=file_sha256(path))
+        return cls(model, meta, dev, dtype, file_sha256(path), compile, max_batch_size)
 
     @property
     def dtype_name(self) -> str:
-        """'bfloat16', 'float32', ...: how /readyz and /v1/model name the dtype."""
-        return dtype_name(self.dtype)
+        """'bfloat16', 'float32', 'int8', ...: how /readyz and /v1/model name the dtype."""
+        return self.runner.dtype
+
+    @property
+    def compiled(self) -> bool:
+        return self.runner.compiled
 
     @property
     def image_size(self) -> int:
@@ -81,8 +108,23 @@ class Predictor:
             patch = self.model.config.patch_size
             grid = attention_rollout(attentions, grid=(images.shape[-2] // patch, images.shape[-1] // patch))
         else:
-            logits, grid = self.model(images), None
+            logits, grid = self.logits(images), None
         return logits.float().softmax(dim=-1), grid
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, classes) on the fast path. A compiled forward gets the batch padded with blank images
+        up to the next bucket (larger batches in chunks of the largest), and the padding's rows are dropped: rows
+        never mix in a ViT (int8 activations are scaled per token), so the real rows' answers do not change."""
+        if self.buckets is None:
+            return self.runner(images)
+        largest = self.buckets[-1]
+        if len(images) > largest:  # only a direct caller can pass more: the batcher never forms such a batch
+            return torch.cat([self.logits(chunk) for chunk in images.split(largest)])
+        n, size = len(images), bucket_for(len(images), self.buckets)
+        if size > n:
+            blank = images.new_zeros((size - n, *images.shape[1:]))
+            images = torch.cat([images, blank])  # (n, 3, S, S) -> (size, 3, S, S)
+        return self.runner(images)[:n]
 
     @torch.inference_mode()
     def predict(self, images: list[torch.Tensor], heatmaps: list[bool] | None = None) -> list[ImagePrediction]:
@@ -113,7 +155,7 @@ class Predictor:
 
     def warmup(self, batch_sizes: list[int]) -> float:
         """Run each batch size once (and the heatmap path once) so first requests don't pay for kernel selection,
-        allocator growth or lazy initialisation. Returns the seconds spent."""
+        allocator growth, lazy initialisation or, when compiled, compilation. Returns the seconds spent."""
         start = time.perf_counter()
         size = self.image_size
         for b in batch_sizes:
@@ -124,10 +166,15 @@ class Predictor:
         return time.perf_counter() - start
 
 
-def warmup_sizes(max_batch_size: int, policy: str, device: torch.device) -> list[int]:
+def warmup_sizes(max_batch_size: int, policy: str, device: torch.device, buckets: list[int] | None = None) -> list[int]:
     """Batch sizes to warm. The batcher can form every size 1..max_batch_size; on accelerators each size may get
     its own kernels, so warm them all ("all"); on CPU the cost grows as N^2/2 images and kernels hardly depend on
-    B, so powers of two plus the maximum ("pow2") is enough to grow the allocator and build oneDNN primitives."""
+    B, so powers of two plus the maximum ("pow2") is enough to grow the allocator and build oneDNN primitives.
+
+    A compiled predictor's `buckets` are warmed whatever the policy, "none" included: each is a compilation of
+    seconds to minutes, which must happen before /readyz says 200, not in a client's request."""
+    if buckets:
+        return list(buckets)
     if policy == "none":
         return []
     if policy == "auto":

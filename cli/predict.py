@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from app.config import settings_or_report
-from model.precision import DTYPE_CHOICES
+from model.precision import INFERENCE_DTYPE_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--checkpoint", type=Path, help="artifact (default PETVIT_CHECKPOINT)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default PETVIT_DEVICE)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="compute dtype (default PETVIT_DTYPE)")
+    parser.add_argument(
+        "--dtype", choices=INFERENCE_DTYPE_CHOICES, help="compute dtype, or int8 (default PETVIT_DTYPE)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -35,14 +37,17 @@ def main(args: argparse.Namespace) -> int:
     from app.predictor import Predictor
     from app.preprocess import prepare
     from model.artifact import ArtifactError
+    from model.inference import MissingExtraError
 
     settings = settings_or_report("petvit predict")
     if settings is None:
         return 2
     checkpoint = args.checkpoint or settings.checkpoint
     try:
+        # Not compiled (PETVIT_COMPILE is the service's): one image at a time, compiling costs more than it saves.
+        # int8 compiles anyway (model/inference.py), for its one batch size.
         predictor = Predictor.from_artifact(checkpoint, args.device or settings.device, args.dtype or settings.dtype)
-    except ArtifactError as err:
+    except (ArtifactError, MissingExtraError) as err:
         print(f"petvit predict: {err}")
         return 2
     k = max(1, min(args.top_k, len(predictor.labels)))

@@ -12,6 +12,11 @@ Classification accuracy does not notice: the tests require >= 99 % top-1 agreeme
 Serving casts the weights to the chosen dtype (`resolve_dtype`). Training and evaluation keep float32 weights and
 run the forward under autocast (`autocast_dtype`, None when that is float32), so the optimiser still updates
 float32 master weights.
+
+`int8` is the one quantised name, and it is for inference only (serving, evaluation): model/inference.py quantises a
+float32 model's Linear layers at load time (int8 weights, int8 activations scaled per token as they arrive). It is
+never a compute dtype: `resolve_dtype` and `autocast_dtype` refuse it, so training, which asks them, refuses it too.
+`auto` never picks it: int8 changes the model's answers slightly, and that is the operator's call.
 """
 
 from __future__ import annotations
@@ -28,15 +33,25 @@ DTYPE_CHOICES: tuple[str, ...] = ("auto", *DTYPES, *ALIASES)
 # Training autocasts to bfloat16 or not at all: float16 would need loss scaling (a GradScaler) to keep small
 # gradients from underflowing, and bfloat16 has float32's range without it.
 TRAINING_DTYPE_CHOICES: tuple[str, ...] = tuple(c for c in DTYPE_CHOICES if c not in ("float16", "fp16"))
+# Quantised names: weights stored in a narrower integer type, computed by model/inference.py, never by a cast.
+QUANTISED_DTYPES: tuple[str, ...] = ("int8",)
+# What serving and evaluation accept: every compute dtype plus the quantised ones.
+INFERENCE_DTYPE_CHOICES: tuple[str, ...] = (*DTYPE_CHOICES, *QUANTISED_DTYPES)
 
 
 def canonical_dtype(name: str) -> str:
-    """ "auto" or torch's name for `name` ("bf16" -> "bfloat16"); ValueError naming the choices otherwise."""
+    """ "auto", torch's name for `name` ("bf16" -> "bfloat16") or a quantised name ("int8"); ValueError naming the
+    choices otherwise."""
     key = name.strip().lower()
     key = ALIASES.get(key, key)
-    if key != "auto" and key not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if key != "auto" and key not in DTYPES and key not in QUANTISED_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(INFERENCE_DTYPE_CHOICES)}")
     return key
+
+
+def is_quantised(name: str) -> bool:
+    """True for a quantised inference dtype ("int8"), False for "auto" and the compute dtypes."""
+    return canonical_dtype(name) in QUANTISED_DTYPES
 
 
 # CPU flags (as Linux names them in /proc/cpuinfo) that mean bfloat16 matrix multiplies run in hardware.
@@ -73,8 +88,14 @@ def auto_dtype(device: torch.device) -> torch.dtype:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype to compute in on `device`: the rule for "auto", else the named dtype."""
+    """The dtype to compute in on `device`: the rule for "auto", else the named dtype. A quantised name is refused
+    (ValueError): it is no compute dtype, and model/inference.py → prepare_for_inference is what serves it."""
     key = canonical_dtype(name)
+    if key in QUANTISED_DTYPES:
+        raise ValueError(
+            f"{key} is a quantised dtype for inference only (serving, evaluation), not a dtype to compute or "
+            f"train in; choose one of {', '.join(DTYPE_CHOICES)}"
+        )
     return auto_dtype(device) if key == "auto" else DTYPES[key]
 
 

@@ -18,6 +18,9 @@ PACKAGES = ("model", "training", "app", "cli")
 MAY_IMPORT = {"model": set(), "training": {"model"}, "app": {"model"}, "cli": {"model", "training", "app"}}
 # The model library is for anyone who wants the network: torch, torchvision, numpy, pillow and safetensors only.
 MODEL_THIRD_PARTY = {"torch", "torchvision", "numpy", "PIL", "safetensors"}
+# Optional extras model/ may import only lazily, inside the function that needs them: torchao is the `[int8]` extra
+# (model/inference.py quantises with it when int8 is asked for), so `import model` works without it.
+MODEL_LAZY_EXTRAS = {"torchao"}
 MAX_FUNCTION_LINES = 80
 
 
@@ -25,6 +28,24 @@ def imported_top_levels(path: Path) -> set[str]:
     """Every top-level module a file imports, at module level or inside a function (lazy imports count too)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The top-level modules a file imports outside any function body: what importing the file itself needs."""
+    lazy: set[int] = set()
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            lazy.update(id(inner) for inner in ast.walk(node) if inner is not node)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in lazy:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -54,9 +75,15 @@ def test_model_library_needs_only_torch_torchvision_numpy_pillow_safetensors() -
     extra = {
         f"{path.relative_to(REPO)}: {sorted(found)}"
         for path in package_files("model")
-        if (found := imported_top_levels(path) - allowed)
+        if (found := imported_top_levels(path) - allowed - MODEL_LAZY_EXTRAS)
     }
     assert not extra, f"model/ imports more than {sorted(MODEL_THIRD_PARTY)}: {sorted(extra)}"
+    eager_extras = {
+        f"{path.relative_to(REPO)}: {sorted(found)}"
+        for path in package_files("model")
+        if (found := module_level_imports(path) & MODEL_LAZY_EXTRAS)
+    }
+    assert not eager_extras, f"model/ may import {sorted(MODEL_LAZY_EXTRAS)} only inside functions: {eager_extras}"
 
 
 def test_the_guard_sees_a_forbidden_import(tmp_path: Path) -> None:
@@ -64,6 +91,7 @@ def test_the_guard_sees_a_forbidden_import(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("import torch\n\ndef f():\n    from training.loop import train\n    import app.main\n")
     assert imported_top_levels(sample) == {"torch", "training", "app"}
+    assert module_level_imports(sample) == {"torch"}
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -78,8 +106,10 @@ def test_importing_the_model_library_loads_no_service_or_training_code() -> None
         import sys
         import model
         from model import ViT, load_artifact, attention_rollout
+        from model.inference import prepare_for_inference
         # (tqdm is not checked: torch.hub imports it when it happens to be installed)
-        heavy = sorted(m for m in ("fastapi", "pydantic", "matplotlib", "training", "app", "cli") if m in sys.modules)
+        heavy = ("fastapi", "pydantic", "matplotlib", "training", "app", "cli", "torchao")
+        heavy = sorted(m for m in heavy if m in sys.modules)
         print("loaded:", heavy)
         """
     )
@@ -146,7 +176,9 @@ def test_packaging_keeps_training_packages_in_the_train_extra() -> None:
     assert {"matplotlib", "tqdm"}.isdisjoint(base)
     assert {"torch", "torchvision", "numpy", "pillow", "safetensors", "fastapi", "uvicorn"} <= base
     assert {re.split(r"[<>=]", dep)[0] for dep in extras["train"]} == {"matplotlib", "tqdm"}
-    assert "petvit[train]" in extras["dev"]
+    assert {re.split(r"[<>=]", dep)[0] for dep in extras["int8"]} == {"torchao"}  # optional: int8 serving only
+    assert "torchao" not in base
+    assert "petvit[train]" in extras["dev"] and "petvit[int8]" in extras["dev"]
     packages = set(
         tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     )

@@ -80,6 +80,20 @@ def test_predict_prints_the_models_top_k_and_writes_a_heatmap(chelsea_jpeg, tiny
     assert "untrained" in printed
 
 
+def test_predict_serves_int8_and_training_refuses_it(chelsea_jpeg, tiny_artifact, capsys):
+    argv = ["predict", str(chelsea_jpeg), "--checkpoint", str(tiny_artifact), "--json", "--top-k", "37"]
+    assert petvit([*argv, "--dtype", "int8"]) == 0
+    printed = capsys.readouterr().out
+    [answer] = json.loads(printed[: printed.rindex("]") + 1])
+    scores = torch.zeros(37)
+    for p in answer["predictions"]:
+        scores[p["index"]] = p["score"]
+    assert (scores - direct_probs(tiny_artifact, chelsea_jpeg.read_bytes())).abs().max() < 0.02
+    with pytest.raises(SystemExit) as exit:  # int8 is for inference only: argparse lists what training accepts
+        petvit(["train", "--dtype", "int8"])
+    assert exit.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+
+
 def test_predict_reports_a_missing_artifact(chelsea_jpeg, tmp_path, capsys):
     assert petvit(["predict", str(chelsea_jpeg), "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
     assert "petvit export" in capsys.readouterr().out

@@ -6,7 +6,17 @@ import pytest
 import torch
 
 from model import precision
-from model.precision import DTYPE_CHOICES, autocast_dtype, canonical_dtype, cpu_flags, dtype_name, resolve_dtype
+from model.precision import (
+    DTYPE_CHOICES,
+    INFERENCE_DTYPE_CHOICES,
+    TRAINING_DTYPE_CHOICES,
+    autocast_dtype,
+    canonical_dtype,
+    cpu_flags,
+    dtype_name,
+    is_quantised,
+    resolve_dtype,
+)
 
 
 @pytest.fixture
@@ -69,3 +79,12 @@ def test_autocast_is_off_exactly_when_the_rule_says_float32(native_bf16):
 def test_unknown_dtype_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown dtype 'int4'; choose one of auto, float32, bfloat16, float16, fp32"):
         canonical_dtype("int4")
+
+
+def test_int8_is_an_inference_choice_that_no_compute_rule_accepts():
+    assert "int8" in INFERENCE_DTYPE_CHOICES and "int8" not in DTYPE_CHOICES and "int8" not in TRAINING_DTYPE_CHOICES
+    assert canonical_dtype(" INT8 ") == "int8" and is_quantised("int8")
+    assert not any(is_quantised(name) for name in DTYPE_CHOICES)  # "auto" included: it never picks int8
+    for refuse in (resolve_dtype, autocast_dtype):  # training asks autocast_dtype, so it cannot train in int8
+        with pytest.raises(ValueError, match="int8 is a quantised dtype for inference only"):
+            refuse("int8", torch.device("cpu"))

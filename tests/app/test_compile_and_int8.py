@@ -1,0 +1,135 @@
+"""PETVIT_COMPILE and PETVIT_DTYPE=int8 in the service: batches padded to buckets answer exactly as unpadded ones,
+warm-up compiles every bucket before /readyz turns 200, int8 is served and named, a missing torchao is reported."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from app.batch_sizes import bucket_for
+from app.config import Settings, describe_invalid_settings
+from app.predictor import Predictor
+
+from .fixtures import direct_probs, make_settings, png_bytes, running_app, until
+
+
+def recording_compile(shapes: list[int]) -> Callable:
+    """Stands in for torch.compile: the eager model, recording the batch size of every call it gets."""
+
+    def compile(model: torch.nn.Module, **options: object) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            shapes.append(images.shape[0])
+            return model(images)
+
+        return forward
+
+    return compile
+
+
+def random_images(count: int, size: int = 32) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(count)
+    return [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator) for _ in range(count)]
+
+
+@pytest.mark.parametrize(("batch", "bucket"), [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 12), (12, 12)])
+def test_each_batch_size_goes_to_the_smallest_bucket_that_holds_it(batch: int, bucket: int) -> None:
+    assert bucket_for(batch, [1, 2, 4, 8, 12]) == bucket
+
+
+def test_a_batch_past_the_largest_bucket_is_refused() -> None:
+    with pytest.raises(ValueError, match="a batch of 13 is larger than the largest bucket, 12"):
+        bucket_for(13, [1, 2, 4, 8, 12])
+
+
+def test_padded_batches_answer_exactly_as_unpadded_ones(tiny_artifact, monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes: list[int] = []
+    monkeypatch.setattr(torch, "compile", recording_compile(shapes))
+    eager = Predictor.from_artifact(tiny_artifact, "cpu", "float32")
+    bucketed = Predictor.from_artifact(tiny_artifact, "cpu", "float32", compile=True, max_batch_size=8)
+    assert bucketed.compiled and bucketed.buckets == [1, 2, 4, 8] and eager.buckets is None
+    images = random_images(11)
+    for n in (1, 3, 5, 7, 8, 11):  # 11: past the largest bucket, run as 8 + 3 (padded to 4)
+        got, want = bucketed.predict(images[:n]), eager.predict(images[:n])
+        assert len(got) == n
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g.probs, w.probs)
+    assert shapes == [1, 4, 8, 8, 8, 8, 4]  # the compiled forward saw bucket sizes only
+    # A mixed batch: the two plain images take the compiled path (bucket 2), the heatmap image the eager one.
+    shapes.clear()
+    mixed = bucketed.predict(images[:3], [False, True, False])
+    assert shapes == [2] and mixed[1].grid is not None and mixed[0].grid is None
+    for g, w in zip(mixed, eager.predict(images[:3], [False, True, False]), strict=True):
+        assert torch.equal(g.probs, w.probs)
+
+
+async def test_warm_up_compiles_every_bucket_before_ready(tiny_artifact, monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes: list[int] = []
+    monkeypatch.setattr(torch, "compile", recording_compile(shapes))
+    # warmup="none" would skip an eager warm-up; a compiled one still warms its buckets (or requests would compile).
+    settings = make_settings(tiny_artifact, compile=True, warmup="none", max_batch_size=8)
+    async with running_app(settings) as (client, service):
+        assert service.ready, service.message
+        assert sorted(set(shapes)) == [1, 2, 4, 8] == service.predictor.buckets
+        assert "compiled" in service.message
+        shapes.clear()
+        files = [("file", (f"{i}.png", png_bytes(i), "image/png")) for i in range(3)]
+        response = await client.post("/classify", files=files)
+    assert response.status_code == 200, response.text
+    assert shapes == [4]  # three images, padded to the bucket of four
+
+
+async def test_int8_is_served_named_and_close_to_float32(tiny_artifact) -> None:
+    """The real thing: torchao quantisation and torch.compile, through the service (two buckets: 1 and 2)."""
+    settings = make_settings(tiny_artifact, dtype="int8", max_batch_size=2)
+    async with running_app(settings, wait_ready=False) as (client, service):
+        await until(lambda: service.status not in ("starting", "loading"), timeout_s=600)  # compiling takes a while
+        assert service.ready, service.message
+        ready, info = (await client.get("/readyz")).json(), (await client.get("/v1/model")).json()
+        data = png_bytes(3)
+        files = [("file", ("a.png", data, "image/png")), ("file", ("b.png", png_bytes(4), "image/png"))]
+        response = await client.post("/classify", files=files, params={"top_k": 37, "heatmap": "true"})
+    assert ready["dtype"] == "int8" and info["dtype"] == "int8"
+    assert service.predictor.compiled and service.predictor.buckets == [1, 2]
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    served = torch.zeros(37)
+    for p in result["predictions"]:
+        served[p["index"]] = p["score"]
+    assert (served - direct_probs(tiny_artifact, data)).abs().max() < 0.02  # int8 rounding, measured ~0.002
+    assert result["heatmap"] is not None  # rollout runs on the int8 weights
+
+
+async def test_int8_without_torchao_leaves_the_service_up_and_names_the_extra(
+    tiny_artifact, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as on an install without the [int8] extra
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    async with running_app(make_settings(tiny_artifact, dtype="int8")) as (client, service):
+        assert service.status == "failed"
+        ready = await client.get("/readyz")
+        response = await client.post("/classify", files={"file": ("a.png", png_bytes(1), "image/png")})
+        health = await client.get("/healthz")
+    assert health.status_code == 200
+    assert ready.status_code == 503 and "pip install 'petvit[int8]'" in ready.json()["error"]["message"]
+    assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
+
+
+def test_int8_and_compile_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().compile is False  # off unless asked
+    monkeypatch.setenv("PETVIT_DTYPE", "INT8")
+    monkeypatch.setenv("PETVIT_COMPILE", "1")
+    settings = Settings()
+    assert settings.dtype == "int8" and settings.compile is True
+    monkeypatch.setenv("PETVIT_COMPILE", "sometimes")
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert "PETVIT_COMPILE='sometimes': Input should be a valid boolean" in describe_invalid_settings(info.value)
+    monkeypatch.setenv("PETVIT_COMPILE", "0")
+    monkeypatch.setenv("PETVIT_DTYPE", "int4")
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert "PETVIT_DTYPE='int4'" in describe_invalid_settings(info.value) and "'int8'" in str(info.value)
