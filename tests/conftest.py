@@ -79,6 +79,17 @@ def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
 def train_digits_model(epochs: int = 40, seed: int = 0) -> tuple[ViT, torch.Tensor, torch.Tensor]:
     """A 2-block ViT (16x16 images, 4x4 patches of 4 px) trained in-process on 80 % of the digits, with the held-out
     20 % (360 images, uint8, and their labels). About 15-25 s on the 2-core development CPU; ~94 % held-out top-1."""
+    threads = torch.get_num_threads()
+    # One intra-op thread: on a shared CPU, a second OpenMP thread spins at every barrier of these tiny matmuls
+    # waiting for a descheduled peer (measured: 248 s with two threads on a busy 2-core box, against ~15 s).
+    torch.set_num_threads(1)
+    try:
+        return _train_digits(epochs, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_digits(epochs: int, seed: int) -> tuple[ViT, torch.Tensor, torch.Tensor]:
     images, labels = digits_images()
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)

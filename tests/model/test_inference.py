@@ -84,3 +84,22 @@ def test_int8_without_torchao_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
 def test_unknown_dtype_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match=r"unknown dtype 'int4'; choose one of .*int8"):
         prepare_for_inference(make_tiny_model(), "int4", CPU)
+
+
+def test_bfloat16_agrees_with_float32_on_held_out_digits(digits_model) -> None:
+    """The dtype "auto" picks on this CPU (and on CUDA), measured on a real trained model both ways bf16 is run:
+    weights cast, as the service serves it, and autocast, as training and `petvit evaluate` score it."""
+    model, images, labels = digits_model
+    served = prepare_for_inference(copy.deepcopy(model), "bfloat16", CPU)
+    with torch.inference_mode():
+        reference = model(images).argmax(-1)
+        cast = served(images).argmax(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(images).argmax(-1)
+    float_top1 = (reference == labels).float().mean().item()
+    assert float_top1 >= 0.90, "the digits model did not train: the agreement below would mean little"
+    for name, predicted in (("cast", cast), ("autocast", autocast)):
+        agreement = (predicted == reference).float().mean().item()
+        print(f"bfloat16 {name}: top-1 agreement with float32 {agreement:.2%} on {len(labels)} held-out digits")
+        assert agreement >= 0.99, f"bfloat16 ({name}) agrees with float32 on {agreement:.1%}"
+    assert served.model.blocks[0].mlp.fc1.weight.dtype is torch.bfloat16  # it really ran in bfloat16
