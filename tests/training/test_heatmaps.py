@@ -109,6 +109,12 @@ def paste_digits(digits: np.ndarray, labels: np.ndarray, seed: int) -> Pasted:
     return Pasted(torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(labels).long())
 
 
+def localisation_config() -> ViTConfig:
+    """A 2-block, 64-wide ViT on the 48x48 canvas: 36 patches of 8 px, 10 digit classes."""
+    shape = dict(hidden_dim=64, depth=2, num_heads=4, mlp_dim=128)
+    return ViTConfig(image_size=CANVAS, patch_size=PATCH, num_classes=10, **shape)
+
+
 def train(model: ViT, data: Pasted, epochs: int = 12, batch: int = 64, lr: float = 2e-3) -> None:
     generator = torch.Generator().manual_seed(0)
     steps = epochs * (len(data.labels) // batch)
@@ -148,9 +154,7 @@ def localisation() -> Localisation:
         train_rows, test_rows = order[:1400], order[1400:]
         train_set = paste_digits(digits.images[train_rows], digits.target[train_rows], seed=1)
         test_set = paste_digits(digits.images[test_rows], digits.target[test_rows], seed=2)
-        config = ViTConfig(
-            image_size=CANVAS, patch_size=PATCH, hidden_dim=64, depth=2, num_heads=4, mlp_dim=128, num_classes=10
-        )
+        config = localisation_config()
         torch.manual_seed(0)
         untrained = ViT(config).eval()
         torch.manual_seed(0)
