@@ -18,6 +18,10 @@ from model.vit import ViT
 HeatmapKind = Literal["rollout", "gradient"]
 
 
+class GradientUnavailableError(ValueError):
+    """Gradient rollout was asked of a model autograd cannot differentiate (e.g. with int8-quantised layers)."""
+
+
 @dataclass(frozen=True)
 class HeatmapMethod:
     """Attention rollout with a head fusion and a discard ratio, or gradient rollout (class-specific)."""
@@ -108,7 +112,13 @@ def _attention_and_gradients(
         # Images are independent through the network, so one backward of the batch's summed target logits gives
         # each image the gradient of its own logit.
         score = logits.gather(1, chosen[:, None]).sum()  # (B, classes) -> (B, 1) -> ()
-        gradients = torch.autograd.grad(score, attentions)
+        try:
+            gradients = torch.autograd.grad(score, attentions)
+        except RuntimeError as err:  # e.g. torchao's int8 layers, whose activation quantisation has no gradient
+            raise GradientUnavailableError(
+                "gradient rollout needs gradients from the logits to every block's attention, and this model's "
+                f"layers do not give them (an int8-quantised model?): {err}. Attention rollout needs none"
+            ) from err
     return logits.detach(), [a.detach() for a in attentions], gradients
 
 
@@ -117,6 +127,7 @@ __all__ = [
     "GRADIENT_ROLLOUT",
     "PLAIN_ROLLOUT",
     "SERVICE_METHODS",
+    "GradientUnavailableError",
     "HeatmapMethod",
     "heatmaps",
     "measured_methods",

@@ -11,6 +11,7 @@ from model.explain import (
     GRADIENT_ROLLOUT,
     PLAIN_ROLLOUT,
     SERVICE_METHODS,
+    GradientUnavailableError,
     HeatmapMethod,
     heatmaps,
     measured_methods,
@@ -92,3 +93,23 @@ def test_gradient_rollout_runs_under_inference_mode_and_with_frozen_weights() ->
         _, frozen = heatmaps(model, inference_batch, [GRADIENT_ROLLOUT])
     torch.testing.assert_close(frozen["gradient"], free["gradient"])
     assert frozen["gradient"].amax(dim=(1, 2)).tolist() == [1.0, 1.0]  # each image scaled by its own maximum
+
+
+class Detached(torch.nn.Module):
+    """A layer autograd cannot see through, as an int8-quantised Linear (torchao) is for its input."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).detach()
+
+
+def test_gradient_rollout_of_a_model_without_gradients_says_so() -> None:
+    model, batch = make_tiny_model(), images(2)
+    model.blocks[0].attn.qkv = Detached(model.blocks[0].attn.qkv)
+    with pytest.raises(GradientUnavailableError, match="int8-quantised model"):
+        heatmaps(model, batch, [GRADIENT_ROLLOUT])
+    _, maps = heatmaps(model, batch, [PLAIN_ROLLOUT])  # rollout needs no gradient
+    assert maps[PLAIN_ROLLOUT.key].shape == (2, 4, 4)
