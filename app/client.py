@@ -39,10 +39,12 @@ def _files(images: Sequence[ImageInput]) -> list[tuple[str, tuple[str, bytes, st
     return files
 
 
-def _params(top_k: int | None, heatmap: bool) -> dict[str, Any]:
+def _params(top_k: int | None, heatmap: bool, heatmap_method: str | None = None) -> dict[str, Any]:
     params: dict[str, Any] = {"heatmap": "true" if heatmap else "false"}
     if top_k is not None:
         params["top_k"] = top_k
+    if heatmap_method is not None:
+        params["heatmap_method"] = heatmap_method
     return params
 
 
@@ -84,8 +86,15 @@ class PetvitClient:
     def __init__(self, url: str = "http://localhost:8000", api_key: str | None = None, timeout: float = 60) -> None:
         self._http = httpx.Client(base_url=url, headers=_headers(api_key), timeout=timeout)
 
-    def classify(self, images: Sequence[ImageInput], top_k: int | None = None, heatmap: bool = False) -> dict:
-        return _answer(self._http.post("/classify", files=_files(images), params=_params(top_k, heatmap)))
+    def classify(
+        self,
+        images: Sequence[ImageInput],
+        top_k: int | None = None,
+        heatmap: bool = False,
+        heatmap_method: str | None = None,
+    ) -> dict:
+        params = _params(top_k, heatmap, heatmap_method)
+        return _answer(self._http.post("/classify", files=_files(images), params=params))
 
     def model(self) -> dict:
         return _answer(self._http.get("/v1/model"))
@@ -113,8 +122,15 @@ class AsyncPetvitClient:
     ) -> None:
         self._http = httpx.AsyncClient(base_url=url, headers=_headers(api_key), timeout=timeout, transport=transport)
 
-    async def classify(self, images: Sequence[ImageInput], top_k: int | None = None, heatmap: bool = False) -> dict:
-        return _answer(await self._http.post("/classify", files=_files(images), params=_params(top_k, heatmap)))
+    async def classify(
+        self,
+        images: Sequence[ImageInput],
+        top_k: int | None = None,
+        heatmap: bool = False,
+        heatmap_method: str | None = None,
+    ) -> dict:
+        params = _params(top_k, heatmap, heatmap_method)
+        return _answer(await self._http.post("/classify", files=_files(images), params=params))
 
     async def model(self) -> dict:
         return _answer(await self._http.get("/v1/model"))

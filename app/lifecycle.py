@@ -25,6 +25,7 @@ from app.gpu_decode import GpuDecoder, Pixels, gpu_decoder_for
 from app.metrics import Metrics
 from app.predictor import ImagePrediction, Predictor, warmup_sizes
 from model.artifact import ArtifactError, ArtifactNotFoundError
+from model.explain import DEFAULT_METHOD
 
 log = logging.getLogger("petvit.service")
 
@@ -42,7 +43,8 @@ class ImageJob:
     """One image for the model: what the service's batcher queues and its inference thread hands the predictor."""
 
     pixels: Pixels  # (3, S, S) uint8 as app.preprocess.prepare makes it, or a JPEG left for the model's device
-    heatmap: bool  # run it on the explicit-attention path and return its rollout grid
+    heatmap: bool  # run it on the explicit-attention path and return its heatmap grid
+    heatmap_method: str = DEFAULT_METHOD  # which heatmap: a key of model.explain.SERVICE_METHODS
 
 
 # One image's result from its batch: the prediction, or the ServiceError (a 400 for a JPEG that turned out corrupt
@@ -167,8 +169,9 @@ class ServiceLifecycle:
         assert self.predictor is not None
         pixels = [job.pixels for job in jobs]  # DeferredJpegs only when a decoder is set: the route defers for it
         images = self.gpu_decoder.materialize(pixels) if self.gpu_decoder else [cast(torch.Tensor, p) for p in pixels]
-        ready = [(im, job.heatmap) for im, job in zip(images, jobs, strict=True) if isinstance(im, torch.Tensor)]
-        predictions = iter(self.predictor.predict([image for image, _ in ready], [want for _, want in ready]))
+        ready = [(im, job) for im, job in zip(images, jobs, strict=True) if isinstance(im, torch.Tensor)]
+        heatmaps, methods = [job.heatmap for _, job in ready], [job.heatmap_method for _, job in ready]
+        predictions = iter(self.predictor.predict([image for image, _ in ready], heatmaps, methods))
         return [next(predictions) if isinstance(image, torch.Tensor) else image for image in images]
 
     def _free_cache(self) -> None:

@@ -18,11 +18,11 @@ import torch
 
 from app.batch_sizes import bucket_for, pow2_batch_sizes
 from app.gpu_decode import stack_to_device
+from model import explain
 from model.artifact import ArtifactMetadata, file_sha256, load_artifact
 from model.device import resolve_device
 from model.inference import prepare_for_inference
 from model.precision import dtype_name
-from model.rollout import attention_rollout
 from model.vit import ViT
 
 log = logging.getLogger("petvit.predictor")
@@ -31,7 +31,7 @@ log = logging.getLogger("petvit.predictor")
 @dataclass
 class ImagePrediction:
     probs: torch.Tensor  # (classes,) float32 on the CPU
-    grid: torch.Tensor | None  # (rows, cols) rollout in [0, 1], only when a heatmap was asked for
+    grid: torch.Tensor | None  # (rows, cols) heatmap in [0, 1], only when a heatmap was asked for
 
 
 class Predictor:
@@ -101,14 +101,21 @@ class Predictor:
             for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
         ]
 
-    def forward(self, images: torch.Tensor, with_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 3, S, S) uint8 on the device -> (probs (B, classes) float32, rollout (B, rows, cols) or None)."""
-        if with_attention:
-            logits, attentions = self.model.forward_with_attention(images)
-            patch = self.model.config.patch_size
-            grid = attention_rollout(attentions, grid=(images.shape[-2] // patch, images.shape[-1] // patch))
-        else:
-            logits, grid = self.logits(images), None
+    def forward(
+        self, images: torch.Tensor, with_attention: bool, methods: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, S, S) uint8 on the device -> (probs (B, classes) float32, heatmap (B, rows, cols) or None).
+
+        methods: each image's heatmap method, a key of model.explain.SERVICE_METHODS (default DEFAULT_METHOD).
+        One forward pass serves them all; "gradient" adds a backward pass over these images (autograd switched on
+        inside, even under predict's inference_mode); its cost is in docs/service.md, "Heatmaps".
+        """
+        if not with_attention:
+            return self.logits(images).float().softmax(dim=-1), None
+        methods = methods or [explain.DEFAULT_METHOD] * images.shape[0]
+        specs = {name: explain.SERVICE_METHODS[name] for name in methods}
+        logits, maps = explain.heatmaps(self.model, images, list(specs.values()))
+        grid = torch.stack([maps[specs[name].key][i] for i, name in enumerate(methods)])  # (B, rows, cols)
         return logits.float().softmax(dim=-1), grid
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -127,15 +134,19 @@ class Predictor:
         return self.runner(images)[:n]
 
     @torch.inference_mode()
-    def predict(self, images: list[torch.Tensor], heatmaps: list[bool] | None = None) -> list[ImagePrediction]:
+    def predict(
+        self, images: list[torch.Tensor], heatmaps: list[bool] | None = None, methods: list[str] | None = None
+    ) -> list[ImagePrediction]:
         """One batch: uint8 (3, S, S) tensors -> one ImagePrediction each, in order.
 
         The explicit-attention path is several times slower than SDPA, so only the images that asked for a
-        heatmap take it; the rest of the batch runs on the fast path in its own forward.
+        heatmap take it; the rest of the batch runs on the fast path in its own forward. methods: each image's
+        heatmap method (model.explain.SERVICE_METHODS' keys; default DEFAULT_METHOD for all).
         """
         if not images:
             return []
         heatmaps = heatmaps or [False] * len(images)
+        methods = methods or [explain.DEFAULT_METHOD] * len(images)
         with self._lock:
             batch = stack_to_device(images, self.device)  # list of (3, S, S) -> (B, 3, S, S); pinned on CUDA
             probs = torch.empty(len(images), len(self.labels), dtype=torch.float32, device=self.device)
@@ -145,7 +156,8 @@ class Predictor:
                 if not rows:
                     continue
                 index = torch.tensor(rows, device=self.device)
-                p, g = self.forward(batch if len(rows) == len(images) else batch[index], with_attention)
+                sub = batch if len(rows) == len(images) else batch[index]
+                p, g = self.forward(sub, with_attention, [methods[i] for i in rows])
                 probs[index] = p
                 if g is not None:
                     for i, grid in zip(rows, g.float().cpu(), strict=True):

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from model.explain import DEFAULT_METHOD
+
+
+class HeatmapMethodName(str, Enum):
+    """POST /classify's heatmap_method: the keys of model.explain.SERVICE_METHODS (a test keeps them equal)."""
+
+    rollout = "rollout"
+    gradient = "gradient"
+
+
+DEFAULT_HEATMAP_METHOD = HeatmapMethodName(DEFAULT_METHOD)
 
 
 class Prediction(BaseModel):
@@ -17,7 +30,8 @@ class Prediction(BaseModel):
 
 
 class Heatmap(BaseModel):
-    grid: list[list[float]] = Field(description="attention rollout, patch rows x cols, each in [0, 1]")
+    grid: list[list[float]] = Field(description="the heatmap, patch rows x cols, each in [0, 1] (1: the hottest)")
+    method: str = Field(description="the heatmap_method that made it", examples=["rollout"])
     png: str | None = Field(
         description="base64 PNG overlay at the upload's own size, to lay over the photo: heat colours (more opaque "
         "where hotter) over the centre crop the model saw, a translucent dark veil outside it, no photo pixels; "

@@ -11,6 +11,7 @@ from model.artifact import ArtifactError
 from model.precision import TRAINING_DTYPE_CHOICES
 from training.data import DatasetUnavailable
 from training.evaluate import evaluate_artifact
+from training.heatmaps import format_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--write-metadata", action="store_true", help="store the summary in the artifact (shown at /v1/model)"
     )
+    parser.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="also score every heatmap method against the pets' masks (Pets only: pointing game, heat on the pet, "
+        "beside the pet's area fraction) and write heatmap_examples.png; one more forward and backward pass per image",
+    )
+    parser.add_argument(
+        "--heatmap-images",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --heatmaps, score an evenly spaced sample of N images of the split (default 0: all of them)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -47,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
             args.workers,
             args.write_metadata,
             args.dtype,
+            args.heatmaps,
+            args.heatmap_images,
         )
     except (DatasetUnavailable, ArtifactError, ValueError) as err:  # ValueError: wrong classes, empty split
         print(f"petvit evaluate: {err}", file=sys.stderr)
@@ -57,5 +73,9 @@ def main(args: argparse.Namespace) -> int:
         f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}"
         + (f"  cat-vs-dog {cvd:.4f}" if cvd is not None else "")
     )
+    if "heatmaps" in report:
+        maps = report["heatmaps"]
+        print(f"heatmaps on {maps['num_images']} images (pointing game, heat mass on the pet):")
+        print(format_table(maps))
     print(f"wrote {', '.join(report['files'].values())}")
     return 0

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from app.config import settings_or_report
+from model.explain import DEFAULT_METHOD, SERVICE_METHODS
 from model.precision import INFERENCE_DTYPE_CHOICES
 
 
@@ -17,7 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--heatmap",
         type=Path,
         metavar="OUT.png",
-        help="write the photo with the rollout heatmap over it here (OUT-<n>.png when several)",
+        help="write the photo with the heatmap over it here (OUT-<n>.png when several)",
+    )
+    parser.add_argument(
+        "--heatmap-method",
+        choices=sorted(SERVICE_METHODS),
+        default=DEFAULT_METHOD,
+        help=f"which heatmap, as POST /classify's heatmap_method (default {DEFAULT_METHOD})",
     )
     parser.add_argument("--checkpoint", type=Path, help="artifact (default PETVIT_CHECKPOINT)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default PETVIT_DEVICE)")
@@ -60,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"{path}: {getattr(err, 'message', err)}")
             status = 1
             continue
-        [result] = predictor.predict([prepared.tensor], [want_map])
+        [result] = predictor.predict([prepared.tensor], [want_map], [args.heatmap_method])
         predictions = [{**p, "score": round(p["score"], 6)} for p in predictor.top_k(result.probs, k)]
         answer = {"image": str(path), "predictions": predictions}
         if want_map and result.grid is not None and prepared.image is not None:

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from model.config import resize_size_for
@@ -210,8 +212,10 @@ def pets_missing_message(data_dir: str | Path, reason: str = "") -> str:
     )
 
 
-def pets_dataset(data_dir: str | Path, split: str, download: bool = True) -> Dataset:
-    """torchvision's OxfordIIITPet (category targets, PIL images), or DatasetUnavailable with what to do."""
+def pets_dataset(
+    data_dir: str | Path, split: str, download: bool = True, target_types: str | Sequence[str] = "category"
+) -> Dataset:
+    """torchvision's OxfordIIITPet (category targets by default, PIL images), or DatasetUnavailable with what to do."""
     from torchvision.datasets import OxfordIIITPet
 
     root = pets_root(data_dir)
@@ -219,18 +223,24 @@ def pets_dataset(data_dir: str | Path, split: str, download: bool = True) -> Dat
     has_files = (root / PETS_FOLDER / "images").is_dir() and (anns / f"{split}.txt").is_file()
     try:
         # Only ask torchvision to download when the files are missing: it re-verifies nothing otherwise anyway.
-        return OxfordIIITPet(str(root), split=split, target_types="category", download=download and not has_files)
+        return OxfordIIITPet(str(root), split=split, target_types=target_types, download=download and not has_files)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
         raise DatasetUnavailable(pets_missing_message(data_dir, f"download failed: {err}")) from None
     except (RuntimeError, FileNotFoundError, OSError) as err:
         raise DatasetUnavailable(pets_missing_message(data_dir, str(err))) from None
 
 
+def _pets_train_val(trainval: Dataset, config: DataConfig) -> tuple[list[int], list[int]]:
+    """trainval's indices, split into train and the seeded, stratified validation slice."""
+    train_idx, val_idx = stratified_split(_base_targets(trainval), [config.val_fraction], config.split_seed)
+    return train_idx, val_idx
+
+
 def load_pets(config: DataConfig) -> DataSplits:
     """Official trainval (minus a seeded, stratified validation slice) and test splits of Oxford-IIIT Pet."""
     trainval = pets_dataset(config.data_dir, "trainval", config.download)
     test = pets_dataset(config.data_dir, "test", download=False)
-    train_idx, val_idx = stratified_split(_base_targets(trainval), [config.val_fraction], config.split_seed)
+    train_idx, val_idx = _pets_train_val(trainval, config)
     return DataSplits(
         train=TransformedSubset(trainval, train_idx),
         val=TransformedSubset(trainval, val_idx),
@@ -239,6 +249,58 @@ def load_pets(config: DataConfig) -> DataSplits:
         species=list(PET_SPECIES),
         sizes={"train": len(train_idx), "val": len(val_idx), "test": len(test)},
     )
+
+
+# Oxford-IIIT Pet's trimaps: 1 = pet, 2 = background, 3 = the boundary between them (annotations/trimaps/*.png).
+TRIMAP_PET, TRIMAP_BACKGROUND, TRIMAP_BOUNDARY = 1, 2, 3
+
+
+class PetsWithMasks(Dataset):
+    """Pets images with their pet masks, both through one geometric transform: (image, mask (S, S) bool, label).
+
+    The mask is the trimap's pet and boundary pixels (the boundary is the pet's outline, drawn by the annotators
+    on the fur's edge). It travels with the image as a tv_tensors.Mask, so the eval transform resizes and crops it
+    with the image's own geometry (nearest neighbour for a mask) and leaves its values alone.
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable) -> None:
+        self.base = base  # OxfordIIITPet with target_types ["category", "segmentation"]
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image, (label, trimap) = self.base[self.indices[i]]
+        trimap = tv_tensors.Mask(torch.from_numpy(np.array(trimap, dtype=np.uint8)))  # (H, W) values 1, 2, 3
+        image, trimap = self.transform(image, trimap)
+        pet = (trimap == TRIMAP_PET) | (trimap == TRIMAP_BOUNDARY)
+        return image.as_subclass(torch.Tensor), pet.as_subclass(torch.Tensor), int(label)
+
+    def subset(self, positions: Sequence[int]) -> PetsWithMasks:
+        """The items at these positions of this view (e.g. an evenly spaced sample)."""
+        return PetsWithMasks(self.base, [self.indices[p] for p in positions], self.transform)
+
+
+def pets_with_masks(config: DataConfig, split: str) -> PetsWithMasks:
+    """The same images as load_pets(config)'s `split` ("test" or "val"), in the same order, with their pet masks
+    through the eval transform at config.image_size. DatasetUnavailable when the trimaps are not there."""
+    if split not in ("test", "val"):
+        raise ValueError(f"masks are read for the held-out splits 'test' and 'val', got {split!r}")
+    trimaps = pets_root(config.data_dir) / PETS_FOLDER / "annotations" / "trimaps"
+    if not trimaps.is_dir():
+        raise DatasetUnavailable(
+            f"no trimaps in {trimaps}: heatmap evaluation needs Oxford-IIIT Pet's pet masks, which annotations.tar.gz "
+            f"holds ({PETS_ARCHIVES[1]}); extract it into {trimaps.parent.parent}/"
+        )
+    targets = ["category", "segmentation"]
+    transform = eval_transform(config.image_size)
+    if split == "test":
+        test = pets_dataset(config.data_dir, "test", download=False, target_types=targets)
+        return PetsWithMasks(test, range(len(test)), transform)
+    trainval = pets_dataset(config.data_dir, "trainval", download=False, target_types=targets)
+    return PetsWithMasks(trainval, _pets_train_val(trainval, config)[1], transform)
 
 
 # ---------------------------------------------------------------------------------------------- ImageFolder

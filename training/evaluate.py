@@ -1,5 +1,6 @@
 """`petvit evaluate`: top-1/top-5, per-class and cat-vs-dog accuracy, confusion matrix and curves PNGs, a JSON
-report, and (with --write-metadata) the summary stored in the artifact the service shows at /v1/model.
+report, and (with --write-metadata) the summary stored in the artifact the service shows at /v1/model. With
+heatmaps=True (Pets only) it also scores the heatmap methods against the pets' masks (training/heatmaps.py).
 
 Evaluation always uses the deterministic eval transform and, for folder trees, the same seeded split the
 model was trained with (read from the artifact), so the test images are ones training never saw.
@@ -23,6 +24,7 @@ from model.artifact import ArtifactMetadata, file_sha256, load_artifact, save_ar
 from model.precision import autocast_dtype, dtype_name
 from model.vit import ViT
 from training.data import DataConfig, eval_transform, load_splits
+from training.heatmaps import evaluate_heatmaps
 from training.plots import plot_confusion_matrix, plot_training_curves
 
 REPORT_FILE = "report.json"
@@ -119,7 +121,10 @@ def metadata_summary(report: dict[str, Any]) -> dict[str, Any]:
         "dataset",
         "dtype",
     )
-    return {k: report[k] for k in keys if k in report} | {"evaluated_at": report.get("evaluated_at")}
+    summary = {k: report[k] for k in keys if k in report} | {"evaluated_at": report.get("evaluated_at")}
+    if "heatmaps" in report:  # the numbers, not where this machine wrote its PNG
+        summary["heatmaps"] = {k: v for k, v in report["heatmaps"].items() if k != "file"}
+    return summary
 
 
 def write_report(
@@ -138,6 +143,8 @@ def write_report(
     plot_confusion_matrix(report["confusion_matrix"], labels, paths["confusion_matrix"], title=title)
     if history:
         paths["curves"] = plot_training_curves(history, output_dir / CURVES_FILE, title=report.get("name", ""))
+    if report.get("heatmaps", {}).get("file"):
+        paths["heatmap_examples"] = Path(report["heatmaps"]["file"])
     report = {**report, "files": {k: str(v) for k, v in paths.items()}}
     paths["report"].write_text(json.dumps(report, indent=2))
     return paths
@@ -168,9 +175,12 @@ def evaluate_artifact(
     num_workers: int = 0,
     write_metadata: bool = False,
     dtype: str = "auto",
+    heatmaps: bool = False,
+    heatmap_images: int = 0,
 ) -> dict[str, Any]:
     """Evaluate an artifact on a split in `dtype` (model.precision's names and its "auto" rule); writes the report
-    files; optionally stores the summary in the artifact."""
+    files; optionally stores the summary in the artifact. heatmaps=True adds the heatmap scores on Pets' masks
+    (on an evenly spaced sample of heatmap_images images when > 0)."""
     model, meta = load_artifact(checkpoint, device=device)
     # Autocast, as training scores its test split: the weights stay float32 (so --write-metadata saves them as they
     # are) and the report equals the one `petvit train` stored. The service casts its weights instead, a little
@@ -202,6 +212,10 @@ def evaluate_artifact(
         "labels": labels,
         **compute_metrics(logits, targets, labels, list(meta.species)),
     }
+    if heatmaps:
+        report["heatmaps"] = evaluate_heatmaps(
+            model, data, split, output_dir, batch_size, device, num_workers, amp, heatmap_images
+        )
     if write_metadata:
         meta = meta.replace(evaluation=metadata_summary(report))
         save_artifact(model.cpu(), checkpoint, meta)

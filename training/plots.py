@@ -70,3 +70,42 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, ti
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_heatmap_examples(
+    photos: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    maps: dict[str, Sequence[np.ndarray]],
+    path: str | Path,
+    notes: dict[str, Sequence[str]] | None = None,
+    title: str = "",
+) -> Path:
+    """One row per image: the photo, its object mask, then each method's heatmap over the photo.
+
+    photos: (S, S, 3) uint8; masks: (S, S) bool; maps: {column title: (S, S) heat in [0, 1] per image}, already
+    upsampled to the photo; notes: {column title: a caption per image} (e.g. the pointing result). The mask's
+    outline is drawn on every heatmap, so the eye can judge what the numbers judge.
+    """
+    notes = notes or {}
+    rows, cols = len(photos), 2 + len(maps)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.3 * max(rows, 1)), squeeze=False)
+    for r, (photo, mask) in enumerate(zip(photos, masks, strict=True)):
+        axes[r, 0].imshow(photo)
+        # The mask column: the photo with everything off the object dimmed, so the outline's shape reads.
+        axes[r, 1].imshow(np.where(mask[..., None], photo, (photo * 0.25).astype(np.uint8)))
+        for c, (name, heats) in enumerate(maps.items(), start=2):
+            ax = axes[r, c]
+            ax.imshow(photo)
+            ax.imshow(heats[r], cmap="inferno", alpha=0.6, vmin=0.0, vmax=1.0)
+            if mask.any() and not mask.all():
+                ax.contour(mask.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+            if name in notes:
+                ax.set_xlabel(notes[name][r], fontsize=7)
+    for c, name in enumerate(["photo", "mask", *maps]):
+        axes[0, c].set_title(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

@@ -28,7 +28,16 @@ from app.heatmap import overlay_png_base64
 from app.lifecycle import ImageBatcher, ImageJob, ImageOutcome, ServiceLifecycle
 from app.predictor import ImagePrediction, Predictor
 from app.preprocess import PreparedImage, Preprocessing, prepare
-from app.schemas import ERROR_RESPONSES, ClassifyResponse, Heatmap, ImageResult, Prediction, Timings
+from app.schemas import (
+    DEFAULT_HEATMAP_METHOD,
+    ERROR_RESPONSES,
+    ClassifyResponse,
+    Heatmap,
+    HeatmapMethodName,
+    ImageResult,
+    Prediction,
+    Timings,
+)
 from app.uploads import FILE_FIELD, Upload, read_uploads
 
 router = APIRouter(tags=["classify"])
@@ -75,8 +84,9 @@ class _Overlay:
     description=(
         "Send images as multipart fields named `file` (repeat the field for several, up to PETVIT_MAX_FILES) or one "
         "image as the raw body with an `image/*` Content-Type. Each image gets its top-k breeds, sorted by score; "
-        "`heatmap=true` adds the attention-rollout grid and a transparent PNG overlay at the image's own size (heat "
-        "over the crop the model saw, a dark veil outside it) for the client to lay over the photo."
+        "`heatmap=true` adds the heatmap grid and a transparent PNG overlay at the image's own size (heat "
+        "over the crop the model saw, a dark veil outside it) for the client to lay over the photo; `heatmap_method` "
+        "chooses the heatmap."
     ),
     responses=ERROR_RESPONSES,
     dependencies=[ApiKeyDep],
@@ -94,19 +104,28 @@ async def classify(
             "draw it themselves)"
         ),
     ] = True,
+    heatmap_method: Annotated[
+        HeatmapMethodName,
+        Query(
+            description="with heatmap=true, which heatmap: `rollout` (default: attention rollout, heads averaged, the "
+            "weakest 90% of each token's links dropped per block; the best measured) or `gradient` (gradient "
+            "rollout, specific to the top breed; adds a backward pass, about 2-3x the heatmap's inference time)"
+        ),
+    ] = DEFAULT_HEATMAP_METHOD,
 ) -> ClassifyResponse:
     arrived = time.monotonic()
     settings = service.settings
     try:
         with service.serving() as (predictor, batcher):
             k = _top_k(top_k, settings.default_top_k, len(predictor.labels))
+            _check_heatmap_method(heatmap and heatmap_method == HeatmapMethodName.gradient, predictor)
             uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
             images = await _prepare(service, predictor.preprocessing, uploads)
-            jobs = [ImageJob(image.prepared.pixels, heatmap) for image in images]
+            jobs = [ImageJob(image.prepared.pixels, heatmap, heatmap_method.value) for image in images]
             results = _decoded(images, await _run(batcher, jobs, arrived, settings.request_timeout_s))
             overlays = await _overlays(service, images, results, heatmap, heatmap_png)
             answers = [
-                _answer(predictor, k, image, result, overlay)
+                _answer(predictor, k, image, result, overlay, heatmap_method.value)
                 for image, result, overlay in zip(images, results, overlays, strict=True)
             ]
             service.metrics.images.inc(len(answers))
@@ -128,6 +147,16 @@ def _top_k(requested: int | None, default: int, labels: int) -> int:
     if requested > labels:
         raise invalid_parameters(f"top_k must be between 1 and {labels}, got {requested}")
     return requested
+
+
+def _check_heatmap_method(gradient: bool, predictor: Predictor) -> None:
+    """Gradient rollout needs a backward pass; torchao's int8 layers have none, so say so before reading the body
+    rather than fail the batch later."""
+    if gradient and predictor.dtype_name == "int8":
+        raise invalid_parameters(
+            "heatmap_method=gradient needs gradients, which this int8 model does not have; "
+            "use heatmap_method=rollout, or serve with PETVIT_DTYPE=float32 or bfloat16"
+        )
 
 
 async def _prepare(service: ServiceLifecycle, pre: Preprocessing, uploads: list[Upload]) -> list[_Image]:
@@ -213,7 +242,12 @@ def _timed_overlay(prepared: PreparedImage, grid: torch.Tensor) -> _Overlay:
 
 
 def _answer(
-    predictor: Predictor, k: int, image: _Image, result: BatchResult[ImagePrediction], overlay: _Overlay | None
+    predictor: Predictor,
+    k: int,
+    image: _Image,
+    result: BatchResult[ImagePrediction],
+    overlay: _Overlay | None,
+    method: str,
 ) -> ImageResult:
     grid = result.value.grid
     width, height = image.prepared.size
@@ -223,7 +257,7 @@ def _answer(
         height=height,
         predictions=[Prediction(**p) for p in predictor.top_k(result.value.probs, k)],
         heatmap=(
-            Heatmap(grid=grid.tolist(), png=overlay.png, rows=grid.shape[0], cols=grid.shape[1])
+            Heatmap(grid=grid.tolist(), method=method, png=overlay.png, rows=grid.shape[0], cols=grid.shape[1])
             if overlay is not None and grid is not None
             else None
         ),

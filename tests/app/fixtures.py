@@ -49,14 +49,16 @@ class RecordingPredictor(Predictor):
     delay_s: float = 0.0
     fail_when: Callable[[list[torch.Tensor]], BaseException | None] | None = None
 
-    def predict(self, images: list[torch.Tensor], heatmaps: list[bool] | None = None) -> list[ImagePrediction]:
+    def predict(
+        self, images: list[torch.Tensor], heatmaps: list[bool] | None = None, methods: list[str] | None = None
+    ) -> list[ImagePrediction]:
         self.batches = getattr(self, "batches", [])
         self.batches.append([img.clone() for img in images])
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.fail_when is not None and (error := self.fail_when(images)) is not None:
             raise error
-        return super().predict(images, heatmaps)
+        return super().predict(images, heatmaps, methods)
 
 
 def recording_loader(artifact: Path, delay_s: float = 0.0, fail_when=None) -> Loader:

@@ -108,6 +108,19 @@ async def test_heatmap_grid_and_png_at_the_uploads_size(client, chelsea, tiny_ar
         assert result["timings"]["heatmap_ms"] > 0
 
 
+def bilinear(grid: np.ndarray, y: float, x: float) -> float:
+    """The grid's bilinear value at pixel (y, x) of a box of grid.shape cells, pixel-centre aligned, edges clamped
+    (align_corners=False: what an image resize of the grid gives at that pixel), in box pixels per cell units."""
+    rows, cols = grid.shape
+    sy, sx = np.clip(y - 0.5, 0, rows - 1), np.clip(x - 0.5, 0, cols - 1)  # cell-centre coordinates
+    r0, c0 = int(sy), int(sx)
+    r1, c1 = min(r0 + 1, rows - 1), min(c0 + 1, cols - 1)
+    fy, fx = sy - r0, sx - c0
+    top = grid[r0, c0] * (1 - fx) + grid[r0, c1] * fx
+    bottom = grid[r1, c0] * (1 - fx) + grid[r1, c1] * fx
+    return float(top * (1 - fy) + bottom * fy)
+
+
 def assert_overlay_follows_the_grid(pixels: np.ndarray, grid: np.ndarray, box: tuple[float, ...]) -> None:
     """A transparent overlay, not a picture: the veil (black, alpha 140) outside the model's crop; inside it, heat
     colours that are brightest and most opaque where the grid is hottest."""
@@ -120,18 +133,27 @@ def assert_overlay_follows_the_grid(pixels: np.ndarray, grid: np.ndarray, box: t
     alpha = pixels[inside][:, 3]
     assert alpha.min() >= 76 and alpha.max() <= 178  # 30%..70%: the photo always shows through
     rows, cols = grid.shape
-    centres = [
-        pixels[int(top + (r + 0.5) * (bottom - top) / rows), int(left + (c + 0.5) * (right - left) / cols)]
+    points = [
+        (int(top + (r + 0.5) * (bottom - top) / rows), int(left + (c + 0.5) * (right - left) / cols))
         for r in range(rows)
         for c in range(cols)
+    ]
+    centres = [pixels[y, x] for y, x in points]
+    # The heat the overlay should show at each sampled pixel: the grid, bilinearly upsampled. A pixel near a cell's
+    # centre is not exactly on it, so next to a much colder cell (a peaked heatmap, small cells) it shows a little
+    # less than the cell's own value: 5% of the difference for the 10 px cells of a 40 px crop.
+    expected = [
+        bilinear(grid, (y + 0.5 - top) * rows / (bottom - top), (x + 0.5 - left) * cols / (right - left))
+        for y, x in points
     ]
     hottest = int(grid.argmax())
     brightness = [int(p[:3].sum()) for p in centres]
     assert brightness[hottest] == max(brightness)  # the hottest cell's square is the brightest and most yellow
     assert centres[hottest][3] == max(p[3] for p in centres)
-    assert centres[hottest][0] >= 240 and centres[hottest][1] >= 230  # yellow: red and green near full
-    # Colour and opacity rise with the grid: each centre's alpha is the grid value on the 30%..70% ramp.
-    np.testing.assert_allclose([p[3] for p in centres], 255 * (0.30 + 0.40 * grid.reshape(-1)), atol=4)
+    if expected[hottest] >= 0.98:
+        assert centres[hottest][0] >= 240 and centres[hottest][1] >= 230  # yellow: red and green near full
+    # Colour and opacity rise with the grid: each centre's alpha is its heat on the 30%..70% ramp.
+    np.testing.assert_allclose([p[3] for p in centres], 255 * (0.30 + 0.40 * np.array(expected)), atol=4)
 
 
 async def test_heatmap_and_plain_requests_get_the_same_predictions(client):

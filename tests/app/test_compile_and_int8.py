@@ -92,7 +92,11 @@ async def test_int8_is_served_named_and_close_to_float32(tiny_artifact) -> None:
         data = png_bytes(3)
         files = [("file", ("a.png", data, "image/png")), ("file", ("b.png", png_bytes(4), "image/png"))]
         response = await client.post("/classify", files=files, params={"top_k": 37, "heatmap": "true"})
+        gradient = await client.post("/classify", files=files, params={"heatmap": "true", "heatmap_method": "gradient"})
     assert ready["dtype"] == "int8" and info["dtype"] == "int8"
+    # int8 layers give no gradients: a 422 saying what to use instead, never the batch's 500.
+    assert gradient.status_code == 422 and gradient.json()["error"]["code"] == "invalid_parameters"
+    assert "heatmap_method=rollout" in gradient.json()["error"]["message"]
     assert service.predictor.compiled and service.predictor.buckets == [1, 2]
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]

@@ -94,6 +94,20 @@ def test_predict_serves_int8_and_training_refuses_it(chelsea_jpeg, tiny_artifact
     assert exit.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
 
 
+def test_predict_draws_the_heatmap_method_asked_for(chelsea_jpeg, tiny_artifact, tmp_path, capsys):
+    pictures = {}
+    for method in ("rollout", "gradient"):
+        out = tmp_path / f"{method}.png"
+        argv = ["predict", str(chelsea_jpeg), "--checkpoint", str(tiny_artifact), "--dtype", "float32",
+                "--heatmap", str(out), "--heatmap-method", method]  # fmt: skip
+        assert petvit(argv) == 0
+        pictures[method] = np.asarray(Image.open(out), dtype=float)
+    assert np.abs(pictures["rollout"] - pictures["gradient"]).mean() > 1  # two different maps over the same photo
+    with pytest.raises(SystemExit) as exit_info:
+        petvit(["predict", str(chelsea_jpeg), "--heatmap-method", "lrp"])
+    assert exit_info.value.code == 2 and "invalid choice: 'lrp'" in capsys.readouterr().err
+
+
 def test_predict_reports_a_missing_artifact(chelsea_jpeg, tmp_path, capsys):
     assert petvit(["predict", str(chelsea_jpeg), "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
     assert "petvit export" in capsys.readouterr().out
@@ -125,6 +139,15 @@ async def test_async_client_classifies_concurrently_and_raises_structured_errors
         np.testing.assert_allclose([p["score"] for p in result["predictions"]], expected.values.numpy(), rtol=1e-4)
         assert len(result["heatmap"]["grid"]) == 4  # tiny model: 32 px / 8 px patches
     assert info.value.status == 400 and info.value.code == "undecodable_image"
+
+
+def test_client_asks_for_a_heatmap_method(live_url, chelsea_jpeg):
+    with PetvitClient(live_url) as client:
+        answer = client.classify([chelsea_jpeg], heatmap=True, heatmap_method="gradient")
+        assert answer["results"][0]["heatmap"]["method"] == "gradient"
+        with pytest.raises(PetvitError) as info:
+            client.classify([chelsea_jpeg], heatmap=True, heatmap_method="lrp")
+    assert info.value.status == 422 and "'rollout' or 'gradient'" in info.value.message
 
 
 def test_classify_says_when_the_server_is_unreachable(chelsea_jpeg, capsys):

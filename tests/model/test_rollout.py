@@ -36,6 +36,16 @@ def test_rolled_out_rows_sum_to_one(fusion: str, ratio: float) -> None:
     assert not torch.allclose(rolled.sum(-2), torch.ones(2, 17))  # columns are not distributions
 
 
+@pytest.mark.parametrize(("fusion", "ratio"), [("mean", 0.0), ("max", 0.5), ("min", 0.9)])
+def test_the_cls_row_carried_down_equals_the_full_products_row(fusion: str, ratio: float) -> None:
+    """attention_rollout propagates only the CLS row (a vector per block); it must be rollout_matrix's row 0."""
+    attentions = random_attention(3, 4, 50, layers=5, seed=2)
+    rolled = rollout_matrix(attentions, head_fusion=fusion, discard_ratio=ratio)[:, 0, 1:]  # (B, 49)
+    expected = rolled / rolled.amax(dim=-1, keepdim=True)
+    got = attention_rollout(attentions, head_fusion=fusion, discard_ratio=ratio)
+    torch.testing.assert_close(got, expected.reshape(3, 7, 7), atol=1e-6, rtol=1e-5)
+
+
 def test_rows_not_columns_are_renormalised() -> None:
     """One layer, by hand: (A + I) divided by its row sums.
 
@@ -161,6 +171,20 @@ def test_rollout_of_a_real_model() -> None:
     heatmap = attention_rollout(attentions, grid=(7, 10))
     assert heatmap.shape == (2, 7, 10)
     assert heatmap.min() >= 0.0 and heatmap.amax(dim=(1, 2)).eq(1.0).all()
+
+
+def test_gradient_rollout_follows_its_rule_with_full_matrices() -> None:
+    """R <- R + mean_heads(relu(grad * A)) @ R from R = I, written out over whole (T, T) matrices; gradient_rollout
+    carries only the CLS row and must give that row."""
+    attentions = random_attention(2, 3, 17, layers=4, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    gradients = [torch.randn(a.shape, generator=generator) for a in attentions]
+    relevance = torch.eye(17).expand(2, 17, 17)
+    for attention, grad in zip(attentions, gradients, strict=True):
+        relevance = relevance + (grad * attention).clamp_min(0).mean(dim=1) @ relevance
+    row = relevance[:, 0, 1:]
+    expected = (row / row.amax(dim=-1, keepdim=True)).reshape(2, 4, 4)
+    torch.testing.assert_close(gradient_rollout(attentions, gradients), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_gradient_rollout_is_class_specific() -> None:
