@@ -156,6 +156,27 @@ def test_teacher_recipe_writes_a_convnet_teacher_artifact(pets_root: Path, tmp_p
     assert main(["predict", "--checkpoint", str(out), str(tmp_path)]) == 2  # the ViT commands refuse it, politely
 
 
+def test_teacher_from_imagenet_offline_says_where_to_put_the_weights(
+    pets_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import urllib.error
+
+    from torchvision.models import ResNet18_Weights
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+    monkeypatch.setattr("torch.hub.download_url_to_file", offline)
+    argv = ["train", "--recipe", "teacher", "--arch", "resnet18", "--dataset", "pets", "--data-dir", str(pets_root),
+            "--out", str(tmp_path / "t.safetensors"), "--output-dir", str(tmp_path / "run"), *QUIET]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert Path(ResNet18_Weights.DEFAULT.url).name in err
+    assert str(tmp_path / "empty_home" / "hub" / "checkpoints") in err
+    assert "--init random needs no pretrained weights" in err and "Traceback" not in err
+
+
 def test_distill_recipe_end_to_end_records_the_teacher(pets_root: Path, vit_teachers, tmp_path: Path) -> None:
     teacher = vit_teachers[0]
     out, run = tmp_path / "student.safetensors", tmp_path / "run"
