@@ -14,7 +14,10 @@ from collections.abc import Sequence
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cli.export", "write an untrained (or ImageNet-initialised) model artifact"),
-    "train": ("cli.train", "train on Oxford-IIIT Pet or an image folder (finetune, linear-probe, scratch)"),
+    "train": (
+        "cli.train",
+        "train on Oxford-IIIT Pet or an image folder (finetune, linear-probe, scratch, distill, teacher)",
+    ),
     "evaluate": ("cli.evaluate", "evaluate an artifact: top-1/5, per-class, cat-vs-dog, confusion matrix PNG"),
     "serve": ("cli.serve", "run the HTTP service (uvicorn, one worker; settings from PETVIT_* env)"),
     "predict": ("cli.predict", "classify local images with a local model, no server"),

@@ -2,6 +2,8 @@
 
 petvit train --recipe linear-probe --dataset pets --data-dir data --out artifacts/petvit.safetensors
 torchrun --nproc-per-node 8 -m cli train --recipe finetune --device cuda ...
+petvit train --recipe teacher --arch resnet50 --out artifacts/teacher-resnet50.safetensors
+petvit train --recipe distill --teacher artifacts/teacher-resnet50.safetensors --variant s16 --out ...
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 from model.precision import TRAINING_DTYPE_CHOICES
 from model.pretrained import PretrainedWeightsUnavailable
 from training.data import AUGMENTATIONS, DataConfig, DatasetUnavailable
+from training.distill import DISTILL_MODES
 from training.loop import RunConfig, default_recipe, pick_device, train
-from training.recipes import RECIPES, TrainConfig, recipe_config
+from training.recipes import INITS, RECIPES, TrainConfig, recipe_config
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -32,7 +35,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", choices=("auto", *RECIPES), default="auto", help="auto: finetune on CUDA, "
-                        "linear-probe otherwise")  # fmt: skip
+                        "linear-probe otherwise; distill: DeiT, a ViT with a distillation token taught by --teacher; "
+                        "teacher: a torchvision convnet (--arch) for distill")  # fmt: skip
     parser.add_argument("--dataset", choices=("pets", "folder"), default="pets")
     parser.add_argument("--data-dir", default="data", help="pets: the folder holding oxford-iiit-pet/")
     parser.add_argument("--out", default="artifacts/petvit.safetensors", help="artifact to write")
@@ -41,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=TRAINING_DTYPE_CHOICES, default="auto", help="autocast dtype; auto: bfloat16 on CUDA"
     )
-    parser.add_argument("--variant", help="model variant (recipe default: b16, scratch: ti16)")
+    parser.add_argument("--variant", help="model variant (recipe default: b16, scratch and distill: ti16)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, help="peak learning rate")
@@ -58,8 +62,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2, help="folder datasets only")
     parser.add_argument(
         "--set", dest="overrides", action="append", type=_parse_override, default=[], metavar="KEY=VALUE",
-        help="scratch: override a ViTConfig field, e.g. --set depth=6 --set image_size=128",
+        help="scratch, distill: override a ViTConfig field, e.g. --set depth=6 --set image_size=128 (teacher: "
+        "image_size only)",
     )  # fmt: skip
+    parser.add_argument(
+        "--teacher",
+        metavar="ARTIFACT",
+        help="distill: the teacher, a petvit ViT artifact or a convnet teacher artifact",
+    )
+    parser.add_argument("--distill", choices=DISTILL_MODES, help="distill: hard (the teacher's argmax; default) or "
+                        "soft (its tempered distribution)")  # fmt: skip
+    parser.add_argument("--distill-tau", type=float, help="distill: soft distillation's temperature (default 3)")
+    parser.add_argument("--distill-alpha", type=float, help="distill: the teacher term's weight (default 0.5)")
+    parser.add_argument("--arch", help="teacher: a torchvision convnet, e.g. resnet18, resnet50, regnet_y_400mf "
+                        "(default resnet50)")  # fmt: skip
+    parser.add_argument("--init", choices=INITS, help="teacher: start from torchvision's ImageNet weights (default) "
+                        "or random ones")  # fmt: skip
     parser.add_argument("--output-dir", help="run directory (default: <artifact folder>/runs/<artifact name>)")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's last state")
     parser.add_argument("--stop-after", type=int, help="run at most N epochs now; continue later with --resume")
@@ -85,6 +103,12 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, DataConfig
         mixup=args.mixup,
         seed=args.seed,
         model_overrides=dict(args.overrides) or None,
+        teacher=args.teacher,
+        distill=args.distill,
+        distill_tau=args.distill_tau,
+        distill_alpha=args.distill_alpha,
+        arch=args.arch,
+        init=args.init,
     )
     data = DataConfig(
         dataset=args.dataset,
@@ -122,7 +146,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"petvit train: {err}", file=sys.stderr)
         return 2
     except PretrainedWeightsUnavailable as err:
-        print(f"petvit train: {err}\n(--recipe scratch needs no pretrained weights)", file=sys.stderr)
+        hint = "--init random" if args.recipe == "teacher" else "--recipe scratch"
+        print(f"petvit train: {err}\n({hint} needs no pretrained weights)", file=sys.stderr)
         return 2
     except (ValueError, KeyError) as err:  # bad settings: unknown variant, wrong recipe for a variant, ...
         print(f"petvit train: {err.args[0] if err.args else err}", file=sys.stderr)

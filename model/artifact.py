@@ -31,6 +31,9 @@ from model.vit import ViT
 FORMAT_NAME = "petvit-artifact"
 FORMAT_VERSION = 1
 METADATA_KEY = "petvit"  # the safetensors __metadata__ entry holding our JSON document
+# What network a file holds. Absent means a ViT (every artifact before distillation teachers existed); a
+# torchvision convnet teacher (model/teachers.py) says {"kind": "torchvision", "name": ..., "num_classes": ...}.
+ARCHITECTURE_KEY = "architecture"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own ceiling on header size
 
 
@@ -40,6 +43,24 @@ class ArtifactError(ValueError):
 
 class ArtifactNotFoundError(ArtifactError, FileNotFoundError):
     pass
+
+
+class NotAViTArtifactError(ArtifactError):
+    """The file is a petvit artifact of another network (a convnet distillation teacher), not a ViT."""
+
+
+def check_vit_architecture(doc: Mapping[str, Any], source: str) -> None:
+    """Refuse a document whose `architecture` is not a ViT, saying what the file is and what it is for."""
+    architecture = doc.get(ARCHITECTURE_KEY)
+    if architecture is None or (isinstance(architecture, Mapping) and architecture.get("kind") == "vit"):
+        return
+    if not isinstance(architecture, Mapping):
+        raise ArtifactError(f"{source} has damaged petvit metadata (architecture {architecture!r} is not an object)")
+    raise NotAViTArtifactError(
+        f"{source} holds a {architecture.get('kind')} {architecture.get('name')} network, not a ViT: it is a "
+        f"distillation teacher (`petvit train --recipe distill --teacher {source}`); serving, predicting and "
+        "evaluating take ViT artifacts"
+    )
 
 
 def default_labels(num_classes: int) -> tuple[list[str], list[str]]:
@@ -152,11 +173,8 @@ class ArtifactMetadata:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], source: str = "the artifact") -> ArtifactMetadata:
         """Parse and check a stored metadata document; ArtifactError says what is wrong with it."""
-        if doc.get("format") != FORMAT_NAME or doc.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{source} has artifact format {doc.get('format')!r} version {doc.get('format_version')!r}; "
-                f"this petvit reads {FORMAT_NAME!r} version {FORMAT_VERSION}. Re-export it with this version of petvit."
-            )
+        check_format(doc, source)
+        check_vit_architecture(doc, source)
         try:
             config = ViTConfig.from_dict(doc["config"])
         except (KeyError, TypeError, ValueError) as err:
@@ -171,6 +189,7 @@ class ArtifactMetadata:
                 )
         records = {k: dict(doc.get(k) or {}) for k in ("training", "evaluation", "provenance")}
         modelled = {"format", "format_version", "config", "labels", "species", "preprocessing", "name", "variant"}
+        modelled.add(ARCHITECTURE_KEY)  # only ever "vit" here, and implied by the config
         return cls(
             config=config,
             labels=[str(label) for label in doc["labels"]],
@@ -203,6 +222,15 @@ class ArtifactMetadata:
 
     def replace(self, **changes: Any) -> ArtifactMetadata:
         return dataclasses.replace(self, **changes)
+
+
+def check_format(doc: Mapping[str, Any], source: str) -> None:
+    """Refuse another container format or version, saying what to do."""
+    if doc.get("format") != FORMAT_NAME or doc.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{source} has artifact format {doc.get('format')!r} version {doc.get('format_version')!r}; "
+            f"this petvit reads {FORMAT_NAME!r} version {FORMAT_VERSION}. Re-export it with this version of petvit."
+        )
 
 
 def save_file_atomically(
@@ -294,6 +322,11 @@ def _read_header(path: Path) -> dict[str, Any]:
 
 def read_metadata(path: str | os.PathLike) -> ArtifactMetadata:
     """The artifact's metadata alone (cheap: reads only the header)."""
+    return ArtifactMetadata.from_dict(read_metadata_document(path), source=str(Path(path)))
+
+
+def read_metadata_document(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw JSON document in an artifact's header, checked to be one (any architecture; not yet validated)."""
     path = Path(path)
     header = _read_header(path)
     raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
@@ -305,7 +338,7 @@ def read_metadata(path: str | os.PathLike) -> ArtifactMetadata:
         raise ArtifactError(f"{path} has damaged petvit metadata (not JSON: {err})") from None
     if not isinstance(doc, dict):
         raise ArtifactError(f"{path} has damaged petvit metadata (a JSON {type(doc).__name__}, not an object)")
-    return ArtifactMetadata.from_dict(doc, source=str(path))
+    return doc
 
 
 def load_artifact(path: str | os.PathLike, device: str | torch.device | None = None) -> tuple[ViT, ArtifactMetadata]:

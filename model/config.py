@@ -38,6 +38,9 @@ class ViTConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation applied inside the model
     std: tuple[float, float, float] = IMAGENET_STD
     layer_norm_eps: float = 1e-6  # torchvision and the original JAX ViT use 1e-6, not PyTorch's default 1e-5
+    # DeiT (Touvron et al. 2021): a distillation token right after CLS, with its own position embedding and its
+    # own head (head_dist) that learns from a teacher; at inference the two heads' logits are averaged.
+    distilled: bool = False
 
     def __post_init__(self) -> None:
         sizes = ("image_size", "patch_size", "in_channels", "hidden_dim", "depth", "num_heads", "mlp_dim")
@@ -55,6 +58,8 @@ class ViTConfig:
             raise ValueError(f"mean and std need {self.in_channels} values each, got {self.mean}, {self.std}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {self.num_classes}")
+        if not isinstance(self.distilled, bool):  # --set distilled=yes would otherwise be truthy and half-work
+            raise ValueError(f"distilled must be true or false, got {self.distilled!r}")
 
     @property
     def grid_size(self) -> int:
@@ -72,8 +77,19 @@ class ViTConfig:
     def replace(self, **changes: Any) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Special tokens before the patches: CLS, and the distillation token when distilled."""
+        return 2 if self.distilled else 1
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields()}
+        data = {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields()}
+        # `distilled` is stored only when set: a plain ViT's config stays the document petvit always wrote, so
+        # older releases (which refuse unknown fields) still read every non-distilled artifact, and the linear
+        # probe's feature-cache keys (a hash of this dict) stay valid.
+        if not self.distilled:
+            del data["distilled"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:

@@ -163,6 +163,19 @@ def load_pretrained(name: str, num_classes: int | None = None, weights: str | No
     the exact file name and folder when neither works.
     """
     entry = weights_enum(name, weights)
+    state_dict = fetch_state_dict(entry)
+    min_size = entry.meta.get("min_size", (None,))[0]
+    # The architecture comes from the file's tensor shapes (heads from the width), not from the name.
+    config, converted = convert_torchvision_state_dict(state_dict, image_size=min_size)
+    model = ViT.from_weights(config, converted)
+    if num_classes is not None and num_classes != config.num_classes:
+        model.reset_head(num_classes)
+    return model
+
+
+def fetch_state_dict(entry: WeightsEnum) -> dict[str, torch.Tensor]:
+    """A torchvision weights entry's state dict, from the hub cache or downloaded (weights_only: no arbitrary
+    unpickling). Raises PretrainedWeightsUnavailable with the exact file name and folder when neither works."""
     target = hub_checkpoint_path(entry.url)
     try:
         state_dict = entry.get_state_dict(progress=True, weights_only=True)
@@ -181,10 +194,4 @@ def load_pretrained(name: str, num_classes: int | None = None, weights: str | No
             f"{target} is not a readable weights file ({reason}). Delete it and download {entry.url} again "
             "(compare the hash in its name with `sha256sum`)."
         ) from None
-    min_size = entry.meta.get("min_size", (None,))[0]
-    # The architecture comes from the file's tensor shapes (heads from the width), not from the name.
-    config, converted = convert_torchvision_state_dict(state_dict, image_size=min_size)
-    model = ViT.from_weights(config, converted)
-    if num_classes is not None and num_classes != config.num_classes:
-        model.reset_head(num_classes)
-    return model
+    return state_dict

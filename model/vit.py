@@ -4,6 +4,10 @@ Pipeline, each stage a named method of ViT:
     normalize -> patchify -> patch_embed -> prepend_cls -> + position_embedding -> dropout
     -> pre-norm blocks -> final LayerNorm -> CLS head
 
+A distilled ViT (ViTConfig.distilled; DeiT, Touvron et al. 2021) has a second special token right after CLS,
+dist_token, with its own position embedding row and its own head, head_dist. Training reads both heads
+(forward_train: the CLS head learns the labels, head_dist the teacher); inference averages their logits.
+
 Parameter names follow timm (cls_token, pos_embed, blocks.N.attn.qkv, ...); model/pretrained.py maps
 torchvision's names onto them.
 """
@@ -96,12 +100,15 @@ class ViT(nn.Module):
         # float32) and no caller can forget it or apply it twice. Not persistent: the config carries the values.
         self._set_normalisation()
         self.patch_embed = nn.Linear(P * P * C, D)
+        self.num_prefix_tokens = config.num_prefix_tokens  # CLS (+ the distillation token), then the patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, D))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if config.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + config.num_patches, D))
         self.pos_drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.head = nn.Linear(D, config.num_classes)
+        self.head_dist = nn.Linear(D, config.num_classes) if config.distilled else None
         self.reset_parameters()
 
     @classmethod
@@ -141,6 +148,8 @@ class ViT(nn.Module):
         """Initialisation for training from scratch (timm / DeiT recipe)."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)  # timm's DeiT: the two tokens must start apart
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -150,15 +159,27 @@ class ViT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         # A zero head starts every class at equal logits, so early gradients shape features, not a random head.
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        for head in self.classifiers():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def classifiers(self) -> list[nn.Linear]:
+        """The classifiers: [head], or [head, head_dist] for a distilled model."""
+        return [self.head] if self.head_dist is None else [self.head, self.head_dist]
 
     def reset_head(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh zero-initialised one (transfer to a new label set)."""
+        """Replace the classifier(s) with fresh zero-initialised ones (transfer to a new label set)."""
         ref = self.head.weight
-        self.head = nn.Linear(self.config.hidden_dim, num_classes, device=ref.device, dtype=ref.dtype)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+
+        def fresh() -> nn.Linear:
+            head = nn.Linear(self.config.hidden_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            return head
+
+        self.head = fresh()
+        if self.head_dist is not None:
+            self.head_dist = fresh()
         self.config = self.config.replace(num_classes=num_classes)
 
     # ------------------------------------------------------------------ pipeline stages
@@ -196,25 +217,32 @@ class ViT(nn.Module):
         return x.reshape(B, (H // P) * (W // P), P * P * C)
 
     def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
-        cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # (1, 1, D) -> (B, 1, D)
-        return torch.cat([cls, tokens], dim=1)  # (B, N, D) -> (B, 1 + N, D)
+        """CLS (and, distilled, the distillation token right after it) before the patch tokens."""
+        special = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+        special = [token.expand(tokens.shape[0], -1, -1) for token in special]  # each (1, 1, D) -> (B, 1, D)
+        return torch.cat([*special, tokens], dim=1)  # (B, N, D) -> (B, prefix + N, D), prefix = 1 or 2
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Learned position embedding for a (rows, cols) patch grid, bicubic-resampled off the native grid."""
+        """Learned position embedding for a (rows, cols) patch grid, bicubic-resampled off the native grid.
+
+        Only the patch rows are resampled: the special tokens' rows (CLS, and the distillation token) have no
+        place in the grid and are kept as they are.
+        """
         native = self.config.grid_size
         if grid == (native, native):
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        prefix = self.num_prefix_tokens
+        cls_pos, patch_pos = self.pos_embed[:, :prefix], self.pos_embed[:, prefix:]  # (1, prefix, D), (1, N, D)
         D = patch_pos.shape[-1]
         # (1, native*native, D) -> (1, D, native, native) so interpolate sees a D-channel image
         patch_pos = patch_pos.reshape(1, native, native, D).permute(0, 3, 1, 2)
         patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
         # (1, D, rows, cols) -> (1, rows*cols, D)
         patch_pos = patch_pos.to(cls_pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return torch.cat([cls_pos, patch_pos], dim=1)  # (1, prefix + rows*cols, D)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> the token sequence the first block sees, (B, 1 + N, D)."""
+        """Images -> the token sequence the first block sees, (B, prefix + N, D)."""
         grid = self.check_input(x)
         x = self.normalize(x)
         tokens = self.patch_embed(self.patchify(x))  # (B, N, P*P*C) -> (B, N, D)
@@ -224,22 +252,44 @@ class ViT(nn.Module):
 
     # ------------------------------------------------------------------ forward variants
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> final normalised tokens (B, 1 + N, D); token 0 is CLS."""
+        """Images -> final normalised tokens (B, prefix + N, D); token 0 is CLS, token 1 (distilled) the
+        distillation token."""
         tokens = self.embed(x)
         for block in self.blocks:
             tokens, _ = block(tokens)
         return self.norm(tokens)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens -> logits (B, classes), or the CLS feature (B, D) with pre_logits=True (linear probes)."""
-        cls = tokens[:, 0]
-        return cls if pre_logits else self.head(cls)
+        """Tokens -> logits (B, classes), or the feature (B, D) the head reads with pre_logits=True (linear probes).
+
+        A distilled model answers with the mean of its two heads' logits, DeiT's inference rule; its pre-logits
+        feature is the mean of the two tokens (timm's choice).
+        """
+        if self.head_dist is None:
+            cls = tokens[:, 0]
+            return cls if pre_logits else self.head(cls)
+        if pre_logits:
+            return (tokens[:, 0] + tokens[:, 1]) / 2
+        cls_logits, dist_logits = self.forward_heads(tokens)
+        return (cls_logits + dist_logits) / 2
+
+    def forward_heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A distilled model's two heads apart: (CLS head logits, distillation head logits), each (B, classes)."""
+        if self.head_dist is None:
+            raise ValueError("forward_heads needs a distilled model (ViTConfig(distilled=True)); this one has one head")
+        return self.head(tokens[:, 0]), self.head_dist(tokens[:, 1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distillation training: (CLS head logits, distillation head logits), each (B, classes). The CLS head
+        learns the true labels, the distillation head the teacher (training/distill.py)."""
+        return self.forward_heads(self.forward_features(x))
+
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits plus every block's attention weights, each (B, heads, 1 + N, 1 + N), via the explicit path."""
+        """Logits (as forward gives them) plus every block's attention weights, each (B, heads, T, T) with
+        T = prefix + N (CLS first, then the distillation token when distilled), via the explicit path."""
         tokens = self.embed(x)
         attentions = []
         for block in self.blocks:
@@ -255,10 +305,11 @@ class ViT(nn.Module):
         """Forward multiply-add FLOPs (2 per MAC) of the matmuls at a square image size; attention included."""
         c = self.config
         n = (image_size or c.image_size) // c.patch_size
-        T, D = n * n + 1, c.hidden_dim
+        T, D = n * n + c.num_prefix_tokens, c.hidden_dim
         per_block = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + 2 * 2 * T * D * c.mlp_dim
-        embed = 2 * (T - 1) * D * c.patch_size**2 * c.in_channels
-        return float(c.depth * per_block + embed + 2 * D * c.num_classes)
+        embed = 2 * n * n * D * c.patch_size**2 * c.in_channels
+        heads = c.num_prefix_tokens * 2 * D * c.num_classes  # one head per special token
+        return float(c.depth * per_block + embed + heads)
 
 
 __all__ = ["MLP", "Attention", "Block", "ViT"]

@@ -20,6 +20,9 @@ from training.recipes import TrainConfig, lr_at
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (inputs, integer targets (B,)) per batch
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# A distillation loss (training/distill.py's DistillationLoss): (module, inputs, targets, label_smoothing) ->
+# (loss, the logits accuracy is counted on).
+TeacherLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -57,21 +60,35 @@ class LRSchedule:
 
 @dataclass(frozen=True)
 class Optimization:
-    """What every training step applies: optional batch mixing, the label-smoothed loss, gradient clipping, and
-    an AdamW update at the scheduled LR."""
+    """What every training step applies: optional batch mixing, the label-smoothed loss (or a distillation loss
+    built around it), gradient clipping, and an AdamW update at the scheduled LR."""
 
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 disables
     mixer: Mixer | None = None  # MixUp/CutMix: the loss sees soft targets (B, C), accuracy the hard ones
+    distillation: TeacherLoss | None = None  # a teacher's loss in place of plain cross-entropy (recipe distill)
 
     @classmethod
     def for_recipe(
-        cls, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, mixer: Mixer | None = None
+        cls,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        steps_per_epoch: int,
+        mixer: Mixer | None = None,
+        distillation: TeacherLoss | None = None,
     ) -> Optimization:
         schedule = LRSchedule.for_recipe(cfg, steps_per_epoch)
-        return cls(optimizer, schedule, cfg.label_smoothing, cfg.grad_clip, mixer)
+        return cls(optimizer, schedule, cfg.label_smoothing, cfg.grad_clip, mixer, distillation)
+
+    def loss(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's (loss, logits (B, C) accuracy is counted on), from the module's forward on `inputs`."""
+        if self.distillation is not None:
+            return self.distillation(module, inputs, targets, self.label_smoothing)
+        logits = module(inputs)  # (B, C)
+        # Loss in fp32 even under bf16 autocast: log-softmax over 37 classes is cheap and precision-sensitive.
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing), logits
 
 
 def train_one_epoch(
@@ -96,9 +113,7 @@ def train_one_epoch(
         if opt.mixer is not None:
             inputs, targets = opt.mixer(inputs, targets)  # targets become soft (B, C)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = module(inputs)  # (B, C)
-        # Loss in fp32 even under bf16 autocast: log-softmax over 37 classes is cheap and precision-sensitive.
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=opt.label_smoothing)
+            loss, logits = opt.loss(module, inputs, targets)  # (), (B, C)
         loss_value = loss.item()  # the one host sync per step: the NaN guard, the bar and the epoch mean share it
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr")

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -32,9 +33,26 @@ CONFUSION_FILE = "confusion_matrix.png"
 CURVES_FILE = "training_curves.png"
 
 
+def batch_outputs(
+    model: ViT | nn.Module, images: torch.Tensor, amp: torch.dtype | None, pre_logits: bool
+) -> torch.Tensor:
+    """One batch's logits (B, C), or a ViT's pre-logits features (B, D), in float32.
+
+    For a ViT the backbone runs under autocast and the head(s) in float32 outside it: they cost nothing next to
+    the blocks, logits keep float32's resolution (bfloat16's 3 digits flip near-ties), and a linear probe's head
+    over cached features computes exactly these numbers. Other networks (a convnet teacher) answer directly.
+    """
+    with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
+        if not isinstance(model, ViT):
+            return model(images).float()
+        tokens = model.forward_features(images)  # (B, prefix + N, D)
+    special = tokens[:, : model.num_prefix_tokens].to(model.head.weight.dtype)  # (B, prefix, D): what heads read
+    return model.forward_head(special, pre_logits=pre_logits).float()
+
+
 @torch.no_grad()
 def predict(
-    model: ViT,
+    model: ViT | nn.Module,
     dataset: Dataset,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
@@ -45,23 +63,21 @@ def predict(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, C) float32, targets (N,)) for the whole dataset, in order, with a tqdm bar.
 
-    pre_logits=True returns the CLS features (N, D) instead: the linear probe's inputs.
+    pre_logits=True returns the CLS features (N, D) instead: the linear probe's inputs. A distilled ViT's logits are
+    its two heads' mean (ViT.forward_head), a convnet's its own.
     """
     model.eval()
     device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     logits, targets = [], []
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            feats = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)  # (B, D)
-        # The head in float32, outside autocast: it costs nothing next to the blocks, logits keep float32's
-        # resolution (bfloat16's 3 digits flip near-ties), and a linear probe's head over cached features computes
-        # exactly these numbers.
-        out = feats.float() if pre_logits else model.head(feats.to(model.head.weight.dtype))
-        logits.append(out.float().cpu())
+        logits.append(batch_outputs(model, images.to(device), autocast_dtype, pre_logits).cpu())
         targets.append(torch.as_tensor(labels, dtype=torch.long))
     if not logits:
-        width = model.config.hidden_dim if pre_logits else model.config.num_classes
+        if isinstance(model, ViT):
+            width = model.config.hidden_dim if pre_logits else model.config.num_classes
+        else:
+            width = model.num_classes  # a convnet teacher
         return torch.zeros(0, width), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(targets)
 

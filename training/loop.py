@@ -1,4 +1,4 @@
-"""The training loop for the three recipes (training/recipes.py), with resume, best-epoch
+"""The training loop for the recipes (training/recipes.py), with resume, best-epoch
 selection on held-out data, per-epoch JSON log, tqdm bars, DDP under torchrun and an exported artifact.
 
 train() reads as prepare -> epochs -> finish. What differs between recipes (a head over cached features, or the
@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from model.artifact import ArtifactMetadata, save_artifact
 from model.device import resolve_device
 from model.precision import autocast_dtype
+from model.teachers import ConvNet
 from model.vit import ViT
 from training.data import DataConfig, DatasetUnavailable, DataSplits, load_splits
 from training.distributed import (
@@ -145,14 +144,25 @@ def epoch_line(rec: dict[str, Any], epochs: int) -> str:
     )
 
 
-def check_resumable(state_path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
-    """Refuse to continue a run with settings that change what is trained (ValueError saying what differs)."""
+def check_resumable(
+    state_path: Path, info: dict[str, Any], cfg: TrainConfig, fingerprint: dict[str, Any] | None = None
+) -> None:
+    """Refuse to continue a run with settings that change what is trained (ValueError saying what differs).
+
+    info: the saved state's JSON info; fingerprint: what the recipe's plan also requires (Plan.fingerprint: the
+    teacher's sha256 and the loss settings of a distillation), compared with the one saved beside it.
+    """
+    saved, saved_plan = info.get("train") or {}, info.get("plan") or {}
     keys = ("recipe", "variant", "model_overrides", "seed")
     differ = [f"{k} {saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
+    current = fingerprint or {}
+    for key in sorted(set(current) | set(saved_plan)):
+        if saved_plan.get(key) != current.get(key):
+            differ.append(f"{key} {saved_plan.get(key)!r} (now {current.get(key)!r})")
     if differ:
         raise ValueError(
             f"{state_path} was saved by a run with {', '.join(differ)}; resume it with the same "
-            "--recipe/--variant/--set/--seed or choose another --output-dir"
+            "--recipe/--variant/--set/--seed (and --teacher/--distill*/--arch/--init) or choose another --output-dir"
         )
 
 
@@ -176,7 +186,7 @@ class TrainJob:
     run: RunConfig
     env: Runtime
     splits: DataSplits
-    model: ViT
+    model: ViT | ConvNet  # ConvNet: a convnet teacher (recipe teacher)
     plan: Plan  # what the recipe trains of `model`, on which batches
     opt: Optimization
     log: RunLog  # every epoch so far, those of earlier invocations of a resumed run included
@@ -218,31 +228,31 @@ def prepare(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo) 
         splits = load_splits(data)
         require_examples(splits, data)
         model = build_model(cfg, len(splits.labels)).to(device)
-    data = replace(data, image_size=model.config.image_size)
-    plan = plan_for(model, cfg, env)  # what trains: the whole ViT, or (linear probe) only its head
+    plan = plan_for(model, cfg, env)  # what trains: the whole network, or (linear probe) only its head
+    data = replace(data, image_size=plan.image_size)
     optimizer = torch.optim.AdamW(parameter_groups(plan.trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    start_epoch, best, history = resume_point(cfg, run, plan.trained, optimizer, env)
+    start_epoch, best, history = resume_point(cfg, run, plan, optimizer, env)
     log = RunLog(Path(run.output_dir) / LOG_FILE, run_header(cfg, data, run, env, splits), history, info.is_main)
     # Batches last: a --resume that does not fit is refused before a probe spends minutes extracting features.
     plan.prepare(splits, data, Path(run.output_dir), with_test=run.evaluate)
-    opt = Optimization.for_recipe(optimizer, cfg, plan.steps_per_epoch, plan.mixer)
+    opt = Optimization.for_recipe(optimizer, cfg, plan.steps_per_epoch, plan.mixer, plan.distillation)
     return TrainJob(cfg, data, run, env, splits, model, plan, opt, log, start_epoch, best)
 
 
 def resume_point(
-    cfg: TrainConfig, run: RunConfig, trained: nn.Module, optimizer: torch.optim.Optimizer, env: Runtime
+    cfg: TrainConfig, run: RunConfig, plan: Plan, optimizer: torch.optim.Optimizer, env: Runtime
 ) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
     """(first epoch to train, best epoch so far, history so far). With --resume and a state in the run directory,
-    `trained` and the optimizer are restored from it; otherwise the run starts fresh."""
+    the plan's `trained` part and the optimizer are restored from it; otherwise the run starts fresh."""
     state_path = Path(run.output_dir) / STATE_FILE
     if not (run.resume and state_path.exists()):
         if run.resume and env.show:
             print(f"--resume: no state in {run.output_dir}, starting from scratch")
         return 0, {"epoch": None, "val_top1": -1.0}, []
     # Check before loading: a state of another recipe or model would otherwise die in load_state_dict.
-    check_resumable(state_path, read_train_state_info(state_path)["train"], cfg)
+    check_resumable(state_path, read_train_state_info(state_path), cfg, plan.fingerprint())
     try:
-        saved = load_train_state(state_path, trained, optimizer, env.device)
+        saved = load_train_state(state_path, plan.trained, optimizer, env.device)
     except ValueError as err:  # e.g. another dataset: the head has another number of classes
         raise ValueError(f"{err}; resume with the same settings or choose another --output-dir") from None
     if env.show:
@@ -308,9 +318,8 @@ def record_epoch(job: TrainJob, record: dict[str, Any]) -> None:
     if is_main:
         tqdm.write(epoch_line(record, job.cfg.epochs))
         progress = {"next_epoch": record["epoch"], "best": job.best, "history": job.log.history}
-        save_train_state(
-            job.run_dir / STATE_FILE, job.plan.trained, job.opt.optimizer, {**progress, "train": job.cfg.to_dict()}
-        )
+        info = {**progress, "train": job.cfg.to_dict(), "plan": job.plan.fingerprint()}
+        save_train_state(job.run_dir / STATE_FILE, job.plan.trained, job.opt.optimizer, info)
 
 
 # ---------------------------------------------------------------------------------------------- finish
@@ -328,22 +337,23 @@ def finish(job: TrainJob, started: float) -> dict[str, Any]:
     # The exported model is the best epoch's weights, not the last epoch's.
     load_weights(job.run_dir / BEST_FILE, job.plan.trained)
     job.model.eval()
-    metadata = artifact_metadata(job, started)
+    fields = artifact_fields(job, started)
     if job.run.evaluate:
-        metadata = metadata.replace(evaluation=evaluate_test(job, metadata.name, metadata.training["history"]))
-        summary["test"] = metadata.evaluation
-    path = save_artifact(job.model.cpu(), job.run.out, metadata)
+        fields["evaluation"] = evaluate_test(job, fields["name"], fields["training"]["history"])
+        summary["test"] = fields["evaluation"]
+    path = job.plan.write_artifact(job.run.out, fields)
     print(f"wrote {path} (best epoch {job.best['epoch']}, held-out top-1 {job.best['val_top1']:.4f})")
     summary["artifact"] = str(path)
     return summary
 
 
-def artifact_metadata(job: TrainJob, started: float) -> ArtifactMetadata:
-    """The artifact's metadata: the labels the service shows and how the weights were trained."""
+def artifact_fields(job: TrainJob, started: float) -> dict[str, Any]:
+    """The artifact's metadata fields: the labels the service shows and how the weights were trained (the plan
+    adds its own records, e.g. a distillation's teacher)."""
     cfg, data, splits = job.cfg, job.data, job.splits
-    fields = {
-        "name": f"petvit-{cfg.variant}-{cfg.recipe}-{data.dataset}",
-        "variant": cfg.variant,
+    return {
+        "name": f"petvit-{job.plan.model_name}-{cfg.recipe}-{data.dataset}",
+        "variant": job.plan.model_name,
         "trained": True,
         "labels": splits.labels,
         "species": splits.species,
@@ -363,10 +373,10 @@ def artifact_metadata(job: TrainJob, started: float) -> ArtifactMetadata:
             "device": str(job.env.device),
             "duration_s": round(time.time() - started, 1),
             "history": [{k: v for k, v in r.items() if k != "is_best"} for r in job.log.history],
+            **job.plan.training_record(),
         },
         "provenance": {"source": f"petvit train --recipe {cfg.recipe}", "run_dir": str(job.run_dir)},
     }
-    return ArtifactMetadata.create(job.model.config, fields)
 
 
 def evaluate_test(job: TrainJob, name: str, history: list[dict[str, Any]]) -> dict[str, Any]:

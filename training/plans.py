@@ -4,10 +4,15 @@ HeadOnFeatures  linear-probe: the backbone is frozen, so its CLS features are ex
                 disk) and only model.head trains, on those features; an epoch is a few matrix multiplies.
 WholeNetwork    finetune and scratch: every weight trains on augmented images (optionally MixUp/CutMix-ed),
                 each DDP rank on its own shard of the train split, DDP averaging the gradients.
+Distillation    distill (DeiT): WholeNetwork for a ViT with a distillation token; the step calls both heads and
+                the loss brings in a frozen teacher's answers on the same batch (training/distill.py).
+ConvNetTeacher  teacher: WholeNetwork for a torchvision convnet, written as a convnet teacher artifact.
 
 The loop only talks to a plan: `trained` (the part of the model that learns: its parameters go to AdamW, its
 weights to the run directory's state and best-weights files), `step_module` (what a training step calls),
-prepare(), epoch_runtime(), epoch_batches(), `val_batches`, test_logits().
+`mixer` and `distillation` (what the steps apply), prepare(), epoch_runtime(), epoch_batches(), `val_batches`,
+test_logits(), and for the run's records `image_size`, `model_name`, fingerprint(), training_record() and
+write_artifact().
 """
 
 from __future__ import annotations
@@ -17,15 +22,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
+from model.artifact import ArtifactMetadata, save_artifact
+from model.teachers import ConvNet, load_teacher, save_convnet_artifact
 from model.vit import ViT
 from training.data import DataConfig, DataSplits, batch_mixer, eval_transform, train_transform
+from training.distill import DistillationLoss, TwoHeads
 from training.distributed import DistInfo
-from training.epoch import Batches, Mixer, Runtime
+from training.epoch import Batches, Mixer, Runtime, TeacherLoss
 from training.evaluate import predict
 from training.features import cached_features
 from training.recipes import TrainConfig
@@ -53,13 +62,38 @@ class Plan(ABC):
     """How a recipe trains `model`: the part that learns, the batches it sees, which ranks train it, and how the
     test split is scored at the end."""
 
-    def __init__(self, model: ViT, trained: nn.Module, cfg: TrainConfig, env: Runtime) -> None:
+    def __init__(self, model: ViT | ConvNet, trained: nn.Module, cfg: TrainConfig, env: Runtime) -> None:
         self.model, self.cfg, self.env = model, cfg, env
         self.trained = trained  # the part that learns: AdamW's parameters, the state and best-weights files
         self.step_module: nn.Module = trained  # what a training step calls (WholeNetwork: DDP-wrapped under torchrun)
         self.mixer: Mixer | None = None  # MixUp/CutMix with --mixup (whole-network recipes only)
+        self.distillation: TeacherLoss | None = None  # the teacher's loss (Distillation only)
         self.steps_per_epoch = 0  # on this rank
         self.val_batches: Batches = ()
+
+    @property
+    def image_size(self) -> int:
+        """The side the train and held-out images are cropped to: the model's native size."""
+        return self.model.config.image_size
+
+    @property
+    def model_name(self) -> str:
+        """The network's short name in the artifact's name and `variant` ("ti16", "b16", "resnet50")."""
+        return self.cfg.variant
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed run must share with the saved one besides the recipe, variant, overrides and seed (the
+        teacher, for a distillation); stored in the resumable state, compared by training.loop.check_resumable."""
+        return {}
+
+    def training_record(self) -> dict[str, Any]:
+        """Entries this plan adds to the artifact's metadata.training (the teacher's identity, for a distillation)."""
+        return {}
+
+    def write_artifact(self, out: str | Path, fields: dict[str, Any]) -> Path:
+        """Save the model (on the CPU) with its metadata `fields` as the run's artifact."""
+        model = self.model.cpu()
+        return save_artifact(model, out, ArtifactMetadata.create(model.config, fields))
 
     @abstractmethod
     def prepare(self, splits: DataSplits, data: DataConfig, run_dir: Path, with_test: bool) -> None:
@@ -134,16 +168,21 @@ class WholeNetwork(Plan):
         super().__init__(model, model, cfg, env)
         self.sampler: DistributedSampler | RandomSampler | None = None
 
+    def step_target(self) -> nn.Module:
+        """The module a step calls (DDP wraps it under torchrun): the model itself."""
+        return self.model
+
     def prepare(self, splits: DataSplits, data: DataConfig, run_dir: Path, with_test: bool) -> None:
         cfg, env, info = self.cfg, self.env, self.env.info
-        image_size = self.model.config.image_size
+        image_size = self.image_size
         train_view = splits.train.with_transform(
             train_transform(image_size, cfg.augment, data.hflip, data.min_crop_scale)
         )
+        self.step_module = self.step_target()
         if info.enabled:
             self.sampler = DistributedSampler(train_view, info.world_size, info.rank, shuffle=True, seed=cfg.seed)
             device_ids = [env.device.index] if env.device.type == "cuda" else None
-            self.step_module = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            self.step_module = nn.parallel.DistributedDataParallel(self.step_module, device_ids=device_ids)
         else:
             self.sampler = RandomSampler(train_view)
         self.train_loader = DataLoader(
@@ -173,14 +212,78 @@ class WholeNetwork(Plan):
         return self.train_loader
 
     def test_logits(self, splits: DataSplits) -> tuple[torch.Tensor, torch.Tensor]:
-        test_view = splits.test.with_transform(eval_transform(self.model.config.image_size))
+        test_view = splits.test.with_transform(eval_transform(self.image_size))
         env = self.env
         return predict(self.model, test_view, self.cfg.batch_size, env.device, env.workers, env.amp, desc="test")
 
 
-PLANS: dict[str, type[Plan]] = {"linear-probe": HeadOnFeatures, "finetune": WholeNetwork, "scratch": WholeNetwork}
+class Distillation(WholeNetwork):
+    """distill (DeiT): a ViT with a distillation token trains like scratch; every step calls both its heads, and
+    a frozen teacher (a petvit ViT artifact or a convnet teacher artifact, on this rank's device) answers the same
+    augmented, mixed batch for the distillation head. Held-out and test scores are the averaged heads', as the
+    model answers at inference."""
+
+    def __init__(self, model: ViT, cfg: TrainConfig, env: Runtime) -> None:
+        super().__init__(model, cfg, env)
+        self.teacher = load_teacher(str(cfg.teacher), device=env.device)
+        self.distillation = DistillationLoss(self.teacher.module, cfg.distill, cfg.distill_alpha, cfg.distill_tau)
+
+    def step_target(self) -> nn.Module:
+        return TwoHeads(self.model)  # forward -> (CLS logits, distillation logits)
+
+    def prepare(self, splits: DataSplits, data: DataConfig, run_dir: Path, with_test: bool) -> None:
+        if self.teacher.labels != list(splits.labels):  # its class i must be ours, or its argmax teaches nonsense
+            raise ValueError(
+                f"the teacher {self.teacher.path} knows the classes {self.teacher.labels[:5]}... "
+                f"({len(self.teacher.labels)}), this data has {list(splits.labels)[:5]}... ({len(splits.labels)}); "
+                "train the teacher on the same dataset"
+            )
+        super().prepare(splits, data, run_dir, with_test)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "distill": self.cfg.distill,
+            "distill_alpha": self.cfg.distill_alpha,
+            "distill_tau": self.cfg.distill_tau,
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"teacher_sha256": self.teacher.sha256, **self.settings()}
+
+    def training_record(self) -> dict[str, Any]:
+        return {"teacher": self.teacher.identity(), "distillation": self.settings()}
 
 
-def plan_for(model: ViT, cfg: TrainConfig, env: Runtime) -> Plan:
+class ConvNetTeacher(WholeNetwork):
+    """teacher: a torchvision convnet (ImageNet or random weights) trained whole like finetune, then written as a
+    convnet teacher artifact (model/teachers.py) for distill."""
+
+    model: ConvNet
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def model_name(self) -> str:
+        return self.model.arch
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"arch": self.cfg.arch, "init": self.cfg.init}
+
+    def write_artifact(self, out: str | Path, fields: dict[str, Any]) -> Path:
+        return save_convnet_artifact(self.model.cpu(), out, fields)
+
+
+PLANS: dict[str, type[Plan]] = {
+    "linear-probe": HeadOnFeatures,
+    "finetune": WholeNetwork,
+    "scratch": WholeNetwork,
+    "distill": Distillation,
+    "teacher": ConvNetTeacher,
+}
+
+
+def plan_for(model: ViT | ConvNet, cfg: TrainConfig, env: Runtime) -> Plan:
     """The plan of cfg.recipe over `model` (a linear probe freezes the backbone here, before the optimizer sees it)."""
     return PLANS[cfg.recipe](model, cfg, env)

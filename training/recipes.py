@@ -1,4 +1,4 @@
-"""The three training recipes as data: hyper-parameters per recipe, the model each starts from, the LR schedule.
+"""The training recipes as data: hyper-parameters per recipe, the model each starts from, the LR schedule.
 
 finetune      whole ImageNet ViT-B/16 trained end to end (AdamW, warmup + cosine, label smoothing, clipping,
               bf16 autocast on CUDA): the GPU recipe behind published Pets accuracies.
@@ -6,6 +6,10 @@ linear-probe  frozen ImageNet backbone; CLS features extracted once and cached; 
               recipe (one forward pass per image in total, then seconds per epoch).
 scratch       a small ViT from random init with strong augmentation + MixUp/CutMix: ViTs lack convolutional
               priors, so without pre-training they need heavy regularisation (DeiT, Touvron et al. 2021).
+distill       DeiT: scratch's recipe for a ViT with a distillation token, whose second head learns a frozen
+              teacher's answers on every augmented (and mixed) batch (training/distill.py).
+teacher       a torchvision convnet (resnet50, regnet_y_400mf, ...) trained like finetune, from ImageNet or random
+              weights, written as a teacher artifact for distill (model/teachers.py).
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from model.config import VARIANTS, canonical_variant, get_config
 from model.pretrained import load_pretrained
+from model.teachers import ConvNet, build_convnet, check_convnet_name
 from model.vit import ViT
+from training.distill import DISTILL_MODES
 
-RECIPES = ("finetune", "linear-probe", "scratch")
+RECIPES = ("finetune", "linear-probe", "scratch", "distill", "teacher")
+INITS = ("imagenet", "random")  # the teacher recipe's starting weights
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,14 @@ class TrainConfig:
     seed: int = 0
     # ViTConfig field overrides on top of the variant (e.g. a tiny model for tests: depth=2, hidden_dim=32).
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # distill: the teacher artifact and DeiT's loss (training/distill.py).
+    teacher: str | None = None
+    distill: str = "hard"  # "hard" | "soft"
+    distill_tau: float = 3.0  # soft distillation's temperature
+    distill_alpha: float = 0.5  # the teacher term's weight (both modes)
+    # teacher: which torchvision convnet, from which weights.
+    arch: str | None = None
+    init: str = "imagenet"
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -77,6 +93,23 @@ RECIPE_DEFAULTS: dict[str, TrainConfig] = {
         augment="randaugment",
         mixup=True,
     ),
+    # DeiT: scratch's schedule and regularisation; the distillation head learns the teacher's argmax (hard), the
+    # setting with which DeiT-Ti/S beat their teacher-less selves on ImageNet.
+    "distill": TrainConfig(
+        recipe="distill",
+        variant="ti16",
+        epochs=100,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_epochs=5.0,
+        augment="randaugment",
+        mixup=True,
+        distill="hard",
+    ),
+    # A convnet teacher fine-tuned from ImageNet: finetune's schedule, a larger LR (convnets with batch norm take
+    # it), no MixUp so the teacher's answers stay sharp.
+    "teacher": TrainConfig(recipe="teacher", epochs=10, batch_size=64, lr=1e-3, arch="resnet50", init="imagenet"),
 }
 
 
@@ -84,15 +117,42 @@ def recipe_config(recipe: str, **overrides: Any) -> TrainConfig:
     """The recipe's defaults with any non-None override applied."""
     if recipe not in RECIPE_DEFAULTS:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    return RECIPE_DEFAULTS[recipe].replace(**{k: v for k, v in overrides.items() if v is not None})
+    cfg = RECIPE_DEFAULTS[recipe].replace(**{k: v for k, v in overrides.items() if v is not None})
+    check_recipe_settings(cfg)
+    return cfg
 
 
-def build_model(config: TrainConfig, num_classes: int) -> ViT:
-    """The recipe's starting model: ImageNet weights with a fresh head, or random init for scratch."""
+def check_recipe_settings(cfg: TrainConfig) -> None:
+    """Refuse settings the recipe would ignore or cannot run with, before any data or weights are read."""
+    if cfg.recipe == "distill":
+        if not cfg.teacher:
+            raise ValueError("--recipe distill needs --teacher ARTIFACT (a petvit ViT or a convnet teacher artifact)")
+        if cfg.distill not in DISTILL_MODES:
+            raise ValueError(f"--distill must be one of {DISTILL_MODES}, got {cfg.distill!r}")
+    elif cfg.teacher:
+        raise ValueError(f"--teacher applies to --recipe distill only, not {cfg.recipe}")
+    if cfg.recipe == "teacher":
+        check_convnet_name(cfg.arch or "")
+        if cfg.init not in INITS:
+            raise ValueError(f"--init must be one of {INITS}, got {cfg.init!r}")
+        if set(cfg.model_overrides) - {"image_size"}:
+            raise ValueError(f"--recipe teacher takes only --set image_size=N, not {cfg.model_overrides}")
+    elif cfg.arch:
+        raise ValueError(f"--arch applies to --recipe teacher only, not {cfg.recipe}")
+
+
+def build_model(config: TrainConfig, num_classes: int) -> ViT | ConvNet:
+    """The recipe's starting model: ImageNet weights with a fresh head, random init for scratch (distill: with a
+    distillation token), or a torchvision convnet for a teacher."""
+    if config.recipe == "teacher":
+        torch.manual_seed(config.seed)  # the random init (the new head, at least) is part of what a seed repeats
+        image_size = int(config.model_overrides.get("image_size", 224))
+        return build_convnet(str(config.arch), num_classes, config.init, image_size)
     variant = canonical_variant(config.variant)
-    if config.recipe == "scratch":
+    if config.recipe in ("scratch", "distill"):
         torch.manual_seed(config.seed)  # random init is part of what a seed makes repeatable
-        return ViT(get_config(variant, num_classes=num_classes, **config.model_overrides))
+        distilled = {"distilled": True} if config.recipe == "distill" else {}
+        return ViT(get_config(variant, num_classes=num_classes, **{**config.model_overrides, **distilled}))
     if VARIANTS[variant].torchvision_builder is None:
         raise ValueError(
             f"recipe {config.recipe} needs ImageNet weights, which torchvision has only for "
@@ -105,13 +165,16 @@ def build_model(config: TrainConfig, num_classes: int) -> ViT:
     return load_pretrained(variant, num_classes=num_classes)  # a fresh num_classes head on the ImageNet backbone
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices only; biases, LayerNorm gains, cls token and pos_embed are left alone."""
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices only; biases, norm gains, the cls and distillation tokens and pos_embed are
+    left alone."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(param)
+        (no_decay if param.ndim <= 1 or name.endswith(("cls_token", "dist_token", "pos_embed")) else decay).append(
+            param
+        )
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
