@@ -1,12 +1,16 @@
-"""Load test: `petvit serve` under concurrency 1..64 vs the raw model in-process, batching on/off, heatmaps on/off.
+"""Load test: `petvit serve` under concurrency 1..64 vs the raw model in-process, batching on/off, heatmaps on/off,
+in one or several dtypes, compiled or not.
 
     .venv/bin/python bench/service_load.py                       # short default run (CPU box shared: ~1-2 min)
     .venv/bin/python bench/service_load.py --variant b16 --concurrency 1 8 32 64 --seconds 15
+    .venv/bin/python bench/service_load.py --variant b16 --dtypes float32 bfloat16 int8 --concurrency 16 --seconds 6
 
-Starts the service as a subprocess on a loopback port with a random-init artifact, sends real JPEGs (chelsea,
-resized/cropped to realistic phone-export sizes around 500x375), and prints img/s, p50/p95/p99 latency and the mean
-batch size (from /metrics). In the same run it times the model alone at the same max batch size, which is the
-ceiling the service is measured against. Writes results/service_load.png and results/service_load.json.
+Starts the service as a subprocess on a loopback port with a random-init artifact (PETVIT_DTYPE and PETVIT_COMPILE
+set from --dtypes and --compile), sends real JPEGs (chelsea, resized/cropped to realistic phone-export sizes around
+500x375), and prints img/s, p50/p95/p99 latency and the mean batch size (from /metrics). In the same run it times the
+model alone at the same max batch size, in the same dtype and compiled the same way (the service's own Predictor),
+which is the ceiling the service is measured against. With several dtypes, each is run in turn and compared with the
+first. Writes results/service_load.png and results/service_load.json.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.predictor import Predictor  # noqa: E402
 from model.export import export_artifact  # noqa: E402
+from model.precision import INFERENCE_DTYPE_CHOICES, canonical_dtype  # noqa: E402
 
 
 def make_jpegs(count: int = 24, seed: int = 0) -> list[bytes]:
@@ -60,12 +65,22 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, artifact: Path, max_batch_size: int, max_wait_ms: float, torch_threads: int = 0) -> None:
+    def __init__(
+        self,
+        artifact: Path,
+        max_batch_size: int,
+        max_wait_ms: float,
+        torch_threads: int = 0,
+        dtype: str = "auto",
+        compile: bool = False,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ,
             "PETVIT_CHECKPOINT": str(artifact),
+            "PETVIT_DTYPE": dtype,
+            "PETVIT_COMPILE": "1" if compile else "0",
             "PETVIT_MAX_BATCH_SIZE": str(max_batch_size),
             "PETVIT_MAX_WAIT_MS": str(max_wait_ms),
             "PETVIT_QUEUE_LIMIT": "1024",
@@ -76,15 +91,19 @@ class Server:
         cmd = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         self.process = subprocess.Popen(cmd, cwd=ROOT, env=env)
 
-    def wait_ready(self, timeout: float = 300) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+    def wait_ready(self, timeout: float = 3600) -> float:
+        """Seconds until /readyz said 200 (compiling b16 with a cold cache on 2 cores takes many minutes)."""
+        start = time.monotonic()
+        while time.monotonic() < start + timeout:
             if self.process.poll() is not None:
                 raise RuntimeError(f"petvit serve exited with {self.process.returncode}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
+                ready = httpx.get(f"{self.url}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    return time.monotonic() - start
+                if ready.json().get("error", {}).get("message", "").startswith("could not load"):
+                    raise RuntimeError(ready.json()["error"]["message"])
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.2)
         raise TimeoutError("petvit serve did not become ready")
@@ -184,33 +203,42 @@ def raw_model_throughput(
     return count / (time.perf_counter() - start), count / (time.process_time() - cpu_start)
 
 
-def plot(results: dict, out: Path) -> None:
+def plot(runs: dict[str, dict], out: Path) -> None:
+    """One row of three panels per dtype: wall-clock and per-CPU-second throughput against the raw model, latency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, grid = plt.subplots(len(runs), 3, figsize=(16, 4.2 * len(runs)), squeeze=False)
+    for axes, (dtype, results) in zip(grid, runs.items(), strict=True):
+        plot_row(axes, dtype, results)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def plot_row(axes, dtype: str, results: dict) -> None:
     sweep = results["sweep"]
     c = [r["concurrency"] for r in sweep]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    name = f"{results['variant']} {dtype}{' compiled' if results['compiled'] else ''}, {results['threads']} thread(s)"
     for ax, key, raw_key, title in (
         (axes[0], "img_per_s", "raw_img_per_s", "wall-clock (what a client sees)"),
         (axes[1], "img_per_cpu_s", "raw_img_per_cpu_s", "per CPU-second (contention-proof)"),
     ):
         ax.plot(c, [r[key] for r in sweep], "o-", label="service, batching on")
         ax.axhline(results[raw_key], color="k", ls="--", label=f"raw model, batch {results['max_batch_size']}")
-        for name, marker, label in (
+        for extra, marker, label in (
             ("batching_off", "s", "batching off"),
             ("heatmap_on", "^", "heatmap + PNG"),
             ("heatmap_grid_only", "v", "heatmap grid only"),
         ):
-            r = results[name]
-            ax.plot([r["concurrency"]], [r[key]], marker, label=f"service, {label}")
+            if (r := results.get(extra)) is not None:
+                ax.plot([r["concurrency"]], [r[key]], marker, label=f"service, {label}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("images / s" if key == "img_per_s" else "images / CPU-second")
         ax.set_ylim(bottom=0)
-        ax.set_title(f"{results['variant']}, {results['threads']} torch thread(s): {title}", fontsize=9)
+        ax.set_title(f"{name}: {title}", fontsize=9)
         ax.legend(fontsize=7)
     for q in ("p50_ms", "p95_ms", "p99_ms"):
         axes[2].plot(c, [r[q] for r in sweep], "o-", label=q.removesuffix("_ms"))
@@ -218,10 +246,8 @@ def plot(results: dict, out: Path) -> None:
     axes[2].set_yscale("log")
     axes[2].set_xlabel("concurrent clients")
     axes[2].set_ylabel("latency (ms)")
-    axes[2].set_title("latency, batching on (shared CPU: noisy)", fontsize=9)
+    axes[2].set_title(f"{name}: latency, batching on (shared CPU: noisy)", fontsize=9)
     axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
 
 
 def describe(name: str, r: dict) -> str:
@@ -232,7 +258,7 @@ def describe(name: str, r: dict) -> str:
     )
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="b32")
     parser.add_argument("--max-batch-size", type=int, default=16)
@@ -246,70 +272,106 @@ def main() -> int:
         default=0,
         help="intra-op threads for the model, here and in the service (0: default)",
     )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=INFERENCE_DTYPE_CHOICES,
+        default=["auto"],
+        help="PETVIT_DTYPE for each run, in turn; the first is the baseline the others are compared with",
+    )
+    parser.add_argument("--compile", action="store_true", help="PETVIT_COMPILE=1 (int8 always compiles)")
+    parser.add_argument(
+        "--no-comparisons",
+        dest="comparisons",
+        action="store_false",
+        help="only the concurrency sweep: skip the heatmap and batching-off runs (several dtypes on a slow CPU)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results")
-    args = parser.parse_args()
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    jpegs = make_jpegs()
+    return parser.parse_args()
+
+
+def serve_and_load(args: argparse.Namespace, artifact: Path, jpegs: list[bytes], dtype: str) -> dict:
+    """The service in `dtype`: the concurrency sweep, then (unless --no-comparisons) heatmaps and batching off."""
+    results: dict = {"sweep": []}
+    server = Server(artifact, args.max_batch_size, args.max_wait_ms, args.torch_threads, dtype, args.compile)
+    try:
+        results["start_s"] = server.wait_ready()
+        print(f"{dtype}: service ready in {results['start_s']:.1f} s (load + warm-up, compiling when compiled)")
+        for c in args.concurrency:
+            r = asyncio.run(load(server, jpegs, c, args.seconds, heatmap=False))
+            results["sweep"].append(r)
+            print(describe(f"concurrency {c}", r))
+        if not args.comparisons:
+            return results
+        at = args.compare_at
+        results["heatmap_off"] = asyncio.run(load(server, jpegs, at, args.seconds, heatmap=False))
+        print(describe(f"plain @{at}", results["heatmap_off"]))
+        results["heatmap_on"] = asyncio.run(load(server, jpegs, at, args.seconds, heatmap=True))
+        print(describe(f"heatmap @{at}", results["heatmap_on"]))
+        results["heatmap_grid_only"] = asyncio.run(load(server, jpegs, at, args.seconds, heatmap=True, png=False))
+        print(describe(f"grid only @{at}", results["heatmap_grid_only"]))
+    finally:
+        server.stop()
+    server = Server(artifact, 1, 0, args.torch_threads, dtype, args.compile)
+    try:
+        server.wait_ready()
+        results["batching_off"] = asyncio.run(load(server, jpegs, args.compare_at, args.seconds, heatmap=False))
+        print(describe(f"no batching @{args.compare_at}", results["batching_off"]))
+    finally:
+        server.stop()
+    return results
+
+
+def run_dtype(args: argparse.Namespace, artifact: Path, jpegs: list[bytes], dtype: str) -> dict:
+    """The raw model and the service, both in `dtype` (and compiled alike), with their ratios."""
+    # The service's own Predictor, in the same dtype and compiled the same way, loaded once for the raw timings.
+    predictor = Predictor.from_artifact(artifact, "auto", dtype, args.compile, args.max_batch_size)
     results: dict = {"variant": args.variant, "max_batch_size": args.max_batch_size, "threads": torch.get_num_threads()}
-    with tempfile.TemporaryDirectory() as tmp:
-        artifact = export_artifact(args.variant, Path(tmp) / f"{args.variant}.safetensors", "random")
-        predictor = Predictor.from_artifact(artifact)  # loaded once for the three raw timings
-        raw = [raw_model_throughput(predictor, args.max_batch_size, args.seconds)]
-        raw_map = raw_model_throughput(predictor, args.max_batch_size, args.seconds, heatmap=True)
-        server = Server(artifact, args.max_batch_size, args.max_wait_ms, args.torch_threads)
-        try:
-            server.wait_ready()
-            results["sweep"] = []
-            for c in args.concurrency:
-                r = asyncio.run(load(server, jpegs, c, args.seconds, heatmap=False))
-                results["sweep"].append(r)
-                print(describe(f"concurrency {c}", r))
-            plain = asyncio.run(load(server, jpegs, args.compare_at, args.seconds, heatmap=False))
-            print(describe(f"plain @{args.compare_at}", plain))
-            results["heatmap_off"] = plain
-            results["heatmap_on"] = asyncio.run(load(server, jpegs, args.compare_at, args.seconds, heatmap=True))
-            print(describe(f"heatmap @{args.compare_at}", results["heatmap_on"]))
-            grid = asyncio.run(load(server, jpegs, args.compare_at, args.seconds, heatmap=True, png=False))
-            results["heatmap_grid_only"] = grid
-            print(describe(f"grid only @{args.compare_at}", grid))
-        finally:
-            server.stop()
-        server = Server(artifact, 1, 0, args.torch_threads)
-        try:
-            server.wait_ready()
-            results["batching_off"] = asyncio.run(load(server, jpegs, args.compare_at, args.seconds, heatmap=False))
-            print(describe(f"no batching @{args.compare_at}", results["batching_off"]))
-        finally:
-            server.stop()
-        # The CPU is shared: time the model alone again after the sweep and keep the better figures (the ceiling).
-        raw.append(raw_model_throughput(predictor, args.max_batch_size, args.seconds))
+    results |= {"dtype": predictor.dtype_name, "compiled": predictor.compiled}
+    raw = [raw_model_throughput(predictor, args.max_batch_size, args.seconds)]
+    raw_map = raw_model_throughput(predictor, args.max_batch_size, args.seconds, heatmap=True)
+    results |= serve_and_load(args, artifact, jpegs, dtype)
+    # The CPU is shared: time the model alone again after the sweep and keep the better figures (the ceiling).
+    raw.append(raw_model_throughput(predictor, args.max_batch_size, args.seconds))
     results["raw_img_per_s"] = max(r[0] for r in raw)
     results["raw_img_per_cpu_s"] = max(r[1] for r in raw)
     results["raw_heatmap_img_per_s"], results["raw_heatmap_img_per_cpu_s"] = raw_map
+    results["ratios"] = ratios(results)
+    report(args, results)
+    return results
+
+
+def ratios(results: dict) -> dict[str, float]:
     best = max(results["sweep"], key=lambda r: r["img_per_s"])
     best_cpu = max(results["sweep"], key=lambda r: r["img_per_cpu_s"])
-    on, off, maps = plain, results["batching_off"], results["heatmap_on"]
-    results["ratios"] = {
+    q = {
         "service_over_raw_wall": best["img_per_s"] / results["raw_img_per_s"],
         "service_over_raw_cpu": best_cpu["img_per_cpu_s"] / results["raw_img_per_cpu_s"],
-        "heatmap_over_plain_wall": maps["img_per_s"] / on["img_per_s"],
-        "heatmap_over_plain_cpu": maps["img_per_cpu_s"] / on["img_per_cpu_s"],
-        "heatmap_grid_only_over_plain_wall": grid["img_per_s"] / on["img_per_s"],
-        "heatmap_grid_only_over_plain_cpu": grid["img_per_cpu_s"] / on["img_per_cpu_s"],
-        "batching_on_over_off_wall": on["img_per_s"] / off["img_per_s"],
-        "batching_on_over_off_cpu": on["img_per_cpu_s"] / off["img_per_cpu_s"],
     }
-    q = results["ratios"]
+    if "batching_off" not in results:
+        return q
+    on, off = results["heatmap_off"], results["batching_off"]
+    for name, r in (("heatmap", results["heatmap_on"]), ("heatmap_grid_only", results["heatmap_grid_only"])):
+        q[f"{name}_over_plain_wall"] = r["img_per_s"] / on["img_per_s"]
+        q[f"{name}_over_plain_cpu"] = r["img_per_cpu_s"] / on["img_per_cpu_s"]
+    q["batching_on_over_off_wall"] = on["img_per_s"] / off["img_per_s"]
+    q["batching_on_over_off_cpu"] = on["img_per_cpu_s"] / off["img_per_cpu_s"]
+    return q
+
+
+def report(args: argparse.Namespace, results: dict) -> None:
+    q, best = results["ratios"], max(results["sweep"], key=lambda r: r["img_per_s"])
     print(
-        f"raw model {args.variant} at batch {args.max_batch_size}: {results['raw_img_per_s']:.2f} img/s, "
-        f"{results['raw_img_per_cpu_s']:.2f} img/cpu-s (explicit-attention path {raw_map[0]:.2f} img/s)"
+        f"raw model {args.variant} {results['dtype']}{' compiled' if results['compiled'] else ''} at batch "
+        f"{args.max_batch_size}: {results['raw_img_per_s']:.2f} img/s, {results['raw_img_per_cpu_s']:.2f} img/cpu-s "
+        f"(explicit-attention path {results['raw_heatmap_img_per_s']:.2f} img/s)"
     )
     print(
         f"service / raw model: {q['service_over_raw_wall']:.2f}x wall-clock (best level, concurrency "
         f"{best['concurrency']}), {q['service_over_raw_cpu']:.2f}x per CPU-second (goal >= 0.90)"
     )
+    if "batching_on_over_off_wall" not in q:
+        return
     print(
         f"heatmap on / off: {q['heatmap_over_plain_wall']:.2f}x wall, {q['heatmap_over_plain_cpu']:.2f}x per "
         f"CPU-second (goal >= 0.85)"
@@ -321,9 +383,50 @@ def main() -> int:
     print(
         f"batching on / off: {q['batching_on_over_off_wall']:.2f}x wall, {q['batching_on_over_off_cpu']:.2f}x per CPU-s"
     )
+
+
+def compare_dtypes(runs: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Each dtype against the first: raw model and best service level, wall-clock and per CPU-second."""
+    base_name, base = next(iter(runs.items()))
+    table = {}
+    print(f"\n{'dtype':>10} {'start s':>8} {'raw img/s':>10} {'raw /cpu-s':>10} {'svc img/s':>10} {'svc /cpu-s':>10} "
+          f"{'svc/raw':>8} {'raw x ' + base_name:>16} {'svc x ' + base_name:>16}")  # fmt: skip
+    for name, r in runs.items():
+        svc = max(s["img_per_s"] for s in r["sweep"])
+        svc_cpu = max(s["img_per_cpu_s"] for s in r["sweep"])
+        base_svc = max(s["img_per_s"] for s in base["sweep"])
+        row = {
+            "raw_over_baseline_wall": r["raw_img_per_s"] / base["raw_img_per_s"],
+            "raw_over_baseline_cpu": r["raw_img_per_cpu_s"] / base["raw_img_per_cpu_s"],
+            "service_over_baseline_wall": svc / base_svc,
+            "service_over_baseline_cpu": svc_cpu / max(s["img_per_cpu_s"] for s in base["sweep"]),
+        }
+        table[name] = row
+        print(
+            f"{name:>10} {r['start_s']:8.1f} {r['raw_img_per_s']:10.2f} {r['raw_img_per_cpu_s']:10.2f} {svc:10.2f} "
+            f"{svc_cpu:10.2f} {r['ratios']['service_over_raw_wall']:8.2f} {row['raw_over_baseline_wall']:16.2f} "
+            f"{row['service_over_baseline_wall']:16.2f}"
+        )
+    return table
+
+
+def main() -> int:
+    args = parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    jpegs = make_jpegs()
+    runs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = export_artifact(args.variant, Path(tmp) / f"{args.variant}.safetensors", "random")
+        for dtype in dict.fromkeys(canonical_dtype(d) for d in args.dtypes):  # each once, in the order given
+            print(f"--- {args.variant}, PETVIT_DTYPE={dtype}{', PETVIT_COMPILE=1' if args.compile else ''}")
+            runs[dtype] = run_dtype(args, artifact, jpegs, dtype)
+    results = {"variant": args.variant, "max_batch_size": args.max_batch_size, "compile": args.compile, "runs": runs}
+    results["dtype_ratios"] = compare_dtypes(runs)
     print("figures are noisy: the CPU is shared; the per-CPU-second ratios are the contention-proof ones")
     (args.out / "service_load.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.out / "service_load.png")
+    plot(runs, args.out / "service_load.png")
     print(f"wrote {args.out / 'service_load.png'} and {args.out / 'service_load.json'}")
     return 0
 
