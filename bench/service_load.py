@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -73,6 +74,7 @@ class Server:
         torch_threads: int = 0,
         dtype: str = "auto",
         compile: bool = False,
+        cpus: str | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -89,6 +91,8 @@ class Server:
             "PETVIT_REQUEST_TIMEOUT_S": "600",  # measure throughput, not the deadline, on a slow shared CPU
         }
         cmd = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        if cpus:  # keep the service off the load generators' cores (GPU runs: --server-cpus / --client-cpus)
+            cmd = ["taskset", "-c", cpus, *cmd]
         self.process = subprocess.Popen(cmd, cwd=ROOT, env=env)
 
     def wait_ready(self, timeout: float = 3600) -> float:
@@ -128,15 +132,13 @@ def batch_stats(url: str) -> tuple[float, float]:
     return values.get("petvit_batch_size_sum", 0.0), values.get("petvit_batch_size_count", 0.0)
 
 
-async def load(
-    server: Server, jpegs: list[bytes], concurrency: int, seconds: float, heatmap: bool, png: bool = True
-) -> dict:
-    url = server.url
+async def _drive(
+    url: str, jpegs: list[bytes], concurrency: int, seconds: float, heatmap: bool, png: bool
+) -> tuple[list[float], dict[int, int], float]:
+    """`concurrency` closed-loop clients posting JPEGs for `seconds`: (latencies of 200s, errors by status, elapsed)."""
     latencies: list[float] = []
     errors: dict[int, int] = {}
     stop_at = time.monotonic() + seconds
-    before = batch_stats(url)
-    cpu_before = cpu_seconds(server.process.pid)
 
     async def worker(client: httpx.AsyncClient, offset: int) -> None:
         i = offset
@@ -159,18 +161,81 @@ async def load(
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client, k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - start
+        return latencies, errors, time.perf_counter() - start
+
+
+def _client_process(
+    url: str, jpegs: list[bytes], concurrency: int, seconds: float, heatmap: bool, png: bool, cpus: list[int] | None
+) -> tuple[list[float], dict[int, int], float, float]:
+    """One load-generator process (one Python event loop tops out near a thousand requests a second): its results
+    and the CPU seconds it used, so a report can show the generators did not starve the server."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    cpu_start = time.process_time()
+    latencies, errors, elapsed = asyncio.run(_drive(url, jpegs, concurrency, seconds, heatmap, png))
+    return latencies, errors, elapsed, time.process_time() - cpu_start
+
+
+def parse_cpus(text: str | None) -> list[int] | None:
+    """ "6-15" or "0,2,4-7" -> the CPU numbers; None stays None."""
+    if not text:
+        return None
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+async def load(
+    server: Server,
+    jpegs: list[bytes],
+    concurrency: int,
+    seconds: float,
+    heatmap: bool,
+    png: bool = True,
+    clients: int = 1,
+    client_cpus: list[int] | None = None,
+) -> dict:
+    """The service under `concurrency` closed-loop clients, spread over `clients` processes (1: this one)."""
+    url = server.url
+    before = batch_stats(url)
+    cpu_before = cpu_seconds(server.process.pid)
+    if clients <= 1:
+        client_cpu_start = time.process_time()
+        latencies, errors, elapsed = await _drive(url, jpegs, concurrency, seconds, heatmap, png)
+        client_cpu = time.process_time() - client_cpu_start
+    else:
+        shares = [concurrency // clients + (k < concurrency % clients) for k in range(clients)]
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(clients) as pool:
+            parts = await asyncio.gather(
+                *(
+                    loop.run_in_executor(pool, _client_process, url, jpegs, n, seconds, heatmap, png, client_cpus)
+                    for n in shares
+                    if n > 0
+                )
+            )
+        latencies = [x for part in parts for x in part[0]]
+        errors = {}
+        for part in parts:
+            for status, count in part[1].items():
+                errors[status] = errors.get(status, 0) + count
+        elapsed, client_cpu = max(part[2] for part in parts), sum(part[3] for part in parts)
     after = batch_stats(url)
     cpu = cpu_seconds(server.process.pid) - cpu_before
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
     batches = after[1] - before[1]
     return {
         "concurrency": concurrency,
+        "clients": clients,
         "heatmap": heatmap,
         "images": len(latencies),
         "errors": errors,
         "img_per_s": len(latencies) / elapsed,
         "img_per_cpu_s": len(latencies) / cpu if cpu > 0 else float("nan"),
+        "server_cpu_s": cpu,
+        "client_cpu_s": client_cpu,
         "p50_ms": float(np.percentile(lat, 50)),
         "p95_ms": float(np.percentile(lat, 95)),
         "p99_ms": float(np.percentile(lat, 99)),
@@ -254,7 +319,8 @@ def describe(name: str, r: dict) -> str:
     errors = ", ".join(f"{n}x{code}" for code, n in r["errors"].items()) or "none"
     return (
         f"{name:>16}: {r['img_per_s']:6.2f} img/s  {r['img_per_cpu_s']:5.2f} img/cpu-s  p50 {r['p50_ms']:8.0f}  "
-        f"p95 {r['p95_ms']:8.0f}  p99 {r['p99_ms']:8.0f} ms  mean batch {r['mean_batch']:5.1f}  errors {errors}"
+        f"p95 {r['p95_ms']:8.0f}  p99 {r['p99_ms']:8.0f} ms  mean batch {r['mean_batch']:5.1f}  errors {errors}  "
+        f"cpu s server {r['server_cpu_s']:.1f} load generator {r['client_cpu_s']:.1f}"
     )
 
 
@@ -286,6 +352,9 @@ def parse_args() -> argparse.Namespace:
         action="store_false",
         help="only the concurrency sweep: skip the heatmap and batching-off runs (several dtypes on a slow CPU)",
     )
+    parser.add_argument("--clients", type=int, default=1, help="load-generator processes sharing the concurrency")
+    parser.add_argument("--server-cpus", help="taskset CPU list for the service, e.g. 0-5")
+    parser.add_argument("--client-cpus", help="CPU list for the load-generator processes, e.g. 6-15")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     return parser.parse_args()
 
@@ -293,12 +362,16 @@ def parse_args() -> argparse.Namespace:
 def serve_and_load(args: argparse.Namespace, artifact: Path, jpegs: list[bytes], dtype: str) -> dict:
     """The service in `dtype`: the concurrency sweep, then (unless --no-comparisons) heatmaps and batching off."""
     results: dict = {"sweep": []}
-    server = Server(artifact, args.max_batch_size, args.max_wait_ms, args.torch_threads, dtype, args.compile)
+    server = Server(
+        artifact, args.max_batch_size, args.max_wait_ms, args.torch_threads, dtype, args.compile, args.server_cpus
+    )
     try:
         results["start_s"] = server.wait_ready()
         print(f"{dtype}: service ready in {results['start_s']:.1f} s (load + warm-up, compiling when compiled)")
         for c in args.concurrency:
-            r = asyncio.run(load(server, jpegs, c, args.seconds, heatmap=False))
+            r = asyncio.run(
+                load(server, jpegs, c, args.seconds, False, True, args.clients, parse_cpus(args.client_cpus))
+            )
             results["sweep"].append(r)
             print(describe(f"concurrency {c}", r))
         if not args.comparisons:
