@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     # (the [int8] extra) and always compiles the forward: model/inference.py.
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     # torch.compile the forward; warm-up then compiles each bucket of batch sizes (pow2_batch_sizes) before /readyz
-    # turns 200. Off by default: on CPU it adds seconds to minutes of start-up for little or no float gain
-    # (docs/service.md has the measurements).
+    # turns 200. Off by default: on CPU it adds minutes of start-up with a cold cache and no float32 speed, while the
+    # padding to buckets costs work (docs/service.md has the measurements).
     compile: bool = Field(False, description="torch.compile the forward (int8 always compiles)")
     max_batch_size: int = Field(16, ge=1, le=1024, description="images per forward pass at most")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits for company")
