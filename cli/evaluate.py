@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from model.artifact import ArtifactError
-from model.precision import TRAINING_DTYPE_CHOICES
+from model.precision import QUANTISED_DTYPES, TRAINING_DTYPE_CHOICES
 from training.data import DatasetUnavailable
 from training.evaluate import evaluate_artifact
 from training.heatmaps import format_table
@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument(
         "--dtype",
-        choices=TRAINING_DTYPE_CHOICES,
+        choices=(*TRAINING_DTYPE_CHOICES, *QUANTISED_DTYPES),
         default="auto",
-        help="score in this dtype, by autocast as training does (auto: bfloat16 on CUDA and on CPUs with native "
-        "bf16, float32 elsewhere)",
+        help="score in this dtype: float dtypes by autocast as training does (auto: bfloat16 on CUDA and on CPUs "
+        "with native bf16, float32 elsewhere); int8 quantised as PETVIT_DTYPE=int8 serves it",
     )
     parser.add_argument(
         "--write-metadata", action="store_true", help="store the summary in the artifact (shown at /v1/model)"

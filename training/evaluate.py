@@ -8,6 +8,7 @@ model was trained with (read from the artifact), so the test images are ones tra
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -22,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.artifact import ArtifactMetadata, file_sha256, load_artifact, save_artifact
-from model.precision import autocast_dtype, dtype_name
+from model.inference import prepare_for_inference
+from model.precision import autocast_dtype, dtype_name, is_quantised
 from model.vit import ViT
 from training.data import DataConfig, eval_transform, load_splits
 from training.heatmaps import evaluate_heatmaps
@@ -48,6 +50,17 @@ def batch_outputs(
         tokens = model.forward_features(images)  # (B, prefix + N, D)
     special = tokens[:, : model.num_prefix_tokens].to(model.head.weight.dtype)  # (B, prefix, D): what heads read
     return model.forward_head(special, pre_logits=pre_logits).float()
+
+
+def _scored_model(model: ViT, dtype: str, device: torch.device) -> tuple[ViT, torch.dtype | None, str]:
+    """(the model to score, its autocast dtype, the dtype's name). Floating dtypes autocast, as training scores its
+    test split: the weights stay float32 (so --write-metadata saves them as they are) and the report equals the one
+    `petvit train` stored; the service casts its weights instead, and the digits agreement tests hold both to
+    float32's top-1. int8 scores a copy quantised exactly as the service quantises it (model.inference)."""
+    if is_quantised(dtype):
+        return prepare_for_inference(copy.deepcopy(model), dtype, device).model, None, "int8"
+    amp = autocast_dtype(dtype, device)
+    return model, amp, dtype_name(amp or torch.float32)
 
 
 @torch.no_grad()
@@ -198,11 +211,7 @@ def evaluate_artifact(
     files; optionally stores the summary in the artifact. heatmaps=True adds the heatmap scores on Pets' masks
     (on an evenly spaced sample of heatmap_images images when > 0)."""
     model, meta = load_artifact(checkpoint, device=device)
-    # Autocast, as training scores its test split: the weights stay float32 (so --write-metadata saves them as they
-    # are) and the report equals the one `petvit train` stored. The service casts its weights instead, a little
-    # less precise; the digits agreement tests hold both to float32's top-1.
-    amp = autocast_dtype(dtype, torch.device(device))
-    compute_dtype = amp or torch.float32
+    scored, amp, dtype_label = _scored_model(model, dtype, torch.device(device))
     data = data_config_from_metadata(meta, dataset, data_dir)
     splits = load_splits(data)
     labels = list(meta.labels)
@@ -214,8 +223,8 @@ def evaluate_artifact(
             "the model was trained for"
         )
     view = getattr(splits, split).with_transform(eval_transform(model.config.image_size))
-    desc = f"evaluate {split} ({dtype_name(compute_dtype)})"
-    logits, targets = predict(model, view, batch_size, device, num_workers, amp, desc=desc)
+    desc = f"evaluate {split} ({dtype_label})"
+    logits, targets = predict(scored, view, batch_size, device, num_workers, amp, desc=desc)
     report = {
         "name": meta.name,
         "checkpoint": str(checkpoint),
@@ -223,7 +232,7 @@ def evaluate_artifact(
         "dataset": data.dataset,
         "data_dir": str(data.data_dir),
         "split": split,
-        "dtype": dtype_name(compute_dtype),
+        "dtype": dtype_label,
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "labels": labels,
         **compute_metrics(logits, targets, labels, list(meta.species)),
