@@ -1,11 +1,11 @@
 """One dtype vocabulary and one rule for choosing it: serving, training, evaluation and the benches all use this.
 
 Names are torch's own (`float32`, `bfloat16`, `float16`); the short forms people type (`fp32`, `bf16`, `fp16`)
-mean the same. `auto` is the rule: bfloat16 wherever the hardware executes it natively, float32 elsewhere.
+mean the same. `auto` is the rule: bfloat16 wherever it is the faster dtype, float32 elsewhere.
 - CUDA: tensor cores run bfloat16 at several times float32's rate.
-- CPUs with AVX512-BF16 or AMX: bfloat16 matrix multiplies run natively (on the 2-core development machine, 395
-  GFLOP/s against 164 in float32; ViT-B/16 8.6 against 4.6 img/s). Without them PyTorch emulates bfloat16 through
-  float32 and it is slower, so float32 stays.
+- CPUs: only those with AVX512-BF16 or AMX execute bfloat16 natively (without them PyTorch emulates it through
+  float32), and even there the build's kernels decide: the flags are necessary, and a quarter-second matmul
+  measurement at first use decides (cpu_bf16_pays).
 - Anything else (MPS): float32.
 Classification accuracy does not notice: the tests require >= 99 % top-1 agreement with float32 on held-out data.
 
@@ -22,6 +22,7 @@ never a compute dtype: `resolve_dtype` and `autocast_dtype` refuse it, so traini
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import torch
@@ -80,9 +81,41 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
 
 
+# bfloat16 must beat float32 by this much on the CPU's own matmul before "auto" takes it: below it the casts and the
+# element-wise ops bfloat16 still runs in float32 eat the gain.
+BF16_MIN_SPEEDUP = 1.2
+
+
+def bf16_matmul_speedup(size: int = 512, repeats: int = 5) -> float:
+    """float32 / bfloat16 time of a (size x 768) @ (768 x 768) product on this CPU: a ViT-B block's shape. CPU time
+    of this thread, best of `repeats` interleaved runs, so other busy processes do not decide it."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, 768, generator=gen), torch.randn(768, 768, generator=gen)
+    operands = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+    best = dict.fromkeys(operands, float("inf"))
+    for _ in range(repeats):
+        for dtype, (x, w) in operands.items():
+            torch.mm(x, w)  # a first call builds oneDNN's primitive: not what is being timed
+            start = time.thread_time()
+            for _ in range(4):
+                torch.mm(x, w)
+            best[dtype] = min(best[dtype], time.thread_time() - start)
+    return best[torch.float32] / max(best[torch.bfloat16], 1e-9)
+
+
+@functools.cache
+def cpu_bf16_pays() -> bool:
+    """bfloat16 is the faster dtype on this CPU: native bfloat16 flags (necessary, not sufficient) and a measured
+    matmul speed-up of at least BF16_MIN_SPEEDUP (about a quarter of a second, once per process).
+
+    Measured, not assumed: on the 2-core development machine (AVX512-BF16, torch 2.14.1) bfloat16 matmuls ran at
+    0.6-0.7x float32 and ViT-B/16 at 0.63x per CPU-second, so "auto" stays float32 there."""
+    return cpu_has_native_bf16() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
+
+
 def auto_dtype(device: torch.device) -> torch.dtype:
-    """The rule behind "auto": bfloat16 where the device runs it natively, float32 elsewhere."""
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+    """The rule behind "auto": bfloat16 on CUDA and on CPUs where it measures faster, float32 elsewhere."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_pays()):
         return torch.bfloat16
     return torch.float32
 

@@ -46,7 +46,7 @@ def test_bfloat16_predictor_keeps_float32_normalisation_and_matches_float32(tiny
 async def test_default_dtype_follows_the_cpu_and_is_shown_everywhere(monkeypatch, tiny_artifact, native, expected):
     """PETVIT_DTYPE=auto: bfloat16 on a CPU that runs it natively, float32 on one that would only emulate it; the
     choice is in /readyz, /v1/model and petvit_model_info{dtype}."""
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_bf16_pays", lambda: native)
     async with running_app(make_settings(tiny_artifact, dtype="auto")) as (client, service):
         assert service.ready, service.message
         assert service.predictor.model.pos_embed.dtype == getattr(torch, expected)

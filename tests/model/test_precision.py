@@ -21,10 +21,10 @@ from model.precision import (
 
 @pytest.fixture
 def native_bf16(monkeypatch):
-    """Pretend the CPU does or does not execute bfloat16 natively: set(True) / set(False)."""
+    """Pretend bfloat16 is (True) or is not (False) the faster dtype on this CPU."""
 
     def set_capability(native: bool) -> None:
-        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(precision, "cpu_bf16_pays", lambda: native)
 
     return set_capability
 
@@ -88,3 +88,27 @@ def test_int8_is_an_inference_choice_that_no_compute_rule_accepts():
     for refuse in (resolve_dtype, autocast_dtype):  # training asks autocast_dtype, so it cannot train in int8
         with pytest.raises(ValueError, match="int8 is a quantised dtype for inference only"):
             refuse("int8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "speedup", "pays"),
+    [(False, 3.0, False), (True, 2.0, True), (True, 1.19, False), (True, 0.65, False)],
+    ids=["no-native-bf16", "measured-faster", "barely-faster", "measured-slower"],
+)
+def test_cpu_bf16_needs_the_flags_and_a_measured_win(monkeypatch, flags, speedup, pays):
+    """The flags alone are not enough: on the development machine (AVX512-BF16, torch 2.14.1) bfloat16 matmuls
+    measured 0.6-0.7x float32, so "auto" must not pick it there."""
+    measured = []
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: flags)
+    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: measured.append(1) or speedup)
+    precision.cpu_bf16_pays.cache_clear()
+    try:
+        assert precision.cpu_bf16_pays() is pays
+        assert precision.cpu_bf16_pays() is pays and len(measured) == (1 if flags else 0)  # measured once, if at all
+    finally:
+        precision.cpu_bf16_pays.cache_clear()
+
+
+def test_the_bf16_measurement_returns_a_plausible_ratio():
+    speedup = precision.bf16_matmul_speedup(size=64, repeats=2)
+    assert 0.05 < speedup < 50  # a ratio of two real timings of the same product

@@ -280,7 +280,7 @@ def test_recipe_auto_follows_the_device(tmp_path) -> None:
 def test_bf16_autocast_only_on_cuda_by_default(monkeypatch) -> None:
     from model import precision
 
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # a CPU without native bfloat16
+    monkeypatch.setattr(precision, "cpu_bf16_pays", lambda: False)  # a CPU without native bfloat16
     assert autocast_dtype("auto", torch.device("cpu")) is None
     assert autocast_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
