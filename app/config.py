@@ -21,8 +21,8 @@ class Settings(BaseSettings):
 
     checkpoint: Path = Field(Path("artifacts/petvit.safetensors"), description="model artifact (.safetensors)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto tries cuda, then mps, then cpu")
-    # "auto" is model.precision's rule (bfloat16 on CUDA and on CPUs where it measures faster, float32 elsewhere), the one
-    # training and the benches use; the short forms fp32/bf16/fp16 are accepted and stored as torch's names.
+    # "auto" is model.precision's rule (bfloat16 on CUDA and on CPUs where it measures faster, float32 elsewhere),
+    # the one training and the benches use; the short forms fp32/bf16/fp16 are accepted and stored as torch's names.
     # "int8" (opt-in, never chosen by auto) quantises a float32 artifact's Linear layers at load time through torchao
     # (the [int8] extra) and always compiles the forward: model/inference.py.
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
