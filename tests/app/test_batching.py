@@ -62,7 +62,10 @@ async def test_partial_batch_is_released_after_max_wait(tiny_artifact):
         assert [r.status_code for r in responses] == [200] * 3
         assert [len(b) for b in service.predictor.batches] == [3]
         assert flushes(service, "timeout") == 1 and flushes(service, "full") == 0
-        assert all(r.json()["results"][0]["timings"]["queue_ms"] >= 140 for r in responses)
+        # The first image queued waits out max_wait; the others joined it later (their uploads are prepared in a
+        # thread pool, milliseconds apart on a quiet machine, tens of ms on a busy one) and wait less.
+        waits = [r.json()["results"][0]["timings"]["queue_ms"] for r in responses]
+        assert max(waits) >= 140 and max(waits) - min(waits) < 140, waits
     assert elapsed >= 0.15
 
 
