@@ -65,6 +65,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+_SCRATCH = TrainConfig(
+    recipe="scratch",
+    variant="ti16",
+    epochs=100,
+    batch_size=128,
+    lr=1e-3,
+    weight_decay=0.05,
+    warmup_epochs=5.0,
+    augment="randaugment",
+    mixup=True,
+)
+
 RECIPE_DEFAULTS: dict[str, TrainConfig] = {
     # Fine-tuning at batch 64: lr 1e-4 is the usual AdamW transfer LR for ViT-B (timm / HF fine-tunes).
     "finetune": TrainConfig(recipe="finetune"),
@@ -82,31 +94,10 @@ RECIPE_DEFAULTS: dict[str, TrainConfig] = {
         augment="none",
     ),
     # DeiT-Tiny shape from random init: long schedule, strong augmentation and mixing.
-    "scratch": TrainConfig(
-        recipe="scratch",
-        variant="ti16",
-        epochs=100,
-        batch_size=128,
-        lr=1e-3,
-        weight_decay=0.05,
-        warmup_epochs=5.0,
-        augment="randaugment",
-        mixup=True,
-    ),
+    "scratch": _SCRATCH,
     # DeiT: scratch's schedule and regularisation; the distillation head learns the teacher's argmax (hard), the
     # setting with which DeiT-Ti/S beat their teacher-less selves on ImageNet.
-    "distill": TrainConfig(
-        recipe="distill",
-        variant="ti16",
-        epochs=100,
-        batch_size=128,
-        lr=1e-3,
-        weight_decay=0.05,
-        warmup_epochs=5.0,
-        augment="randaugment",
-        mixup=True,
-        distill="hard",
-    ),
+    "distill": _SCRATCH.replace(recipe="distill", distill="hard"),
     # A convnet teacher fine-tuned from ImageNet: finetune's schedule, a larger LR (convnets with batch norm take
     # it), no MixUp so the teacher's answers stay sharp.
     "teacher": TrainConfig(recipe="teacher", epochs=10, batch_size=64, lr=1e-3, arch="resnet50", init="imagenet"),

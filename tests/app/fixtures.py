@@ -6,16 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
+import uvicorn
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
+from app.client import wait_until_ready
 from app.config import Settings
 from app.lifecycle import ServiceLifecycle
 from app.main import create_app
@@ -138,3 +142,22 @@ def direct_probs(artifact: Path, data: bytes) -> torch.Tensor:
     tensor = prepare(data, meta.preprocessing, 10**9).tensor
     with torch.inference_mode():
         return model(tensor[None]).float().softmax(-1)[0]  # (1, 3, S, S) -> (classes,)
+
+
+@contextlib.contextmanager
+def live_server(settings: Settings, ready_timeout_s: float = 30) -> Iterator[str]:
+    """A real uvicorn serving the app on a free loopback port, in a thread; yields its base URL once /readyz is 200."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready = wait_until_ready(url, timeout=ready_timeout_s, interval=0.01, still_running=thread.is_alive)
+        assert ready, "test server never ready"
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)

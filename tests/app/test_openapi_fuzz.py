@@ -10,22 +10,16 @@ not among those run.
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis import checks
 
-from app.client import wait_until_ready
-from app.main import create_app
-
-from .fixtures import make_settings
+from .fixtures import live_server, make_settings
 
 CHECKS = [
     checks.not_a_server_error,
@@ -38,18 +32,8 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def live_url(tiny_artifact: Path) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(make_settings(tiny_artifact)), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    assert wait_until_ready(url, timeout=30, interval=0.02, still_running=thread.is_alive), "test server never ready"
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    with live_server(make_settings(tiny_artifact)) as url:
+        yield url
 
 
 @pytest.mark.parametrize("mode", list(schemathesis.GenerationMode), ids=lambda mode: mode.value)

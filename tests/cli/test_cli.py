@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,13 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
 from app.client import AsyncPetvitClient, PetvitClient, PetvitError, wait_until_ready
-from app.main import create_app
 from cli.main import main as petvit
-from tests.app.fixtures import direct_probs, make_settings
+from tests.app.fixtures import direct_probs, live_server, make_settings
 
 
 @pytest.fixture
@@ -31,18 +28,8 @@ def chelsea_jpeg(tmp_path: Path, chelsea: Image.Image) -> Path:
 
 @pytest.fixture
 def live_url(tiny_artifact: Path) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(make_settings(tiny_artifact)), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    assert wait_until_ready(url, timeout=10, interval=0.01, still_running=thread.is_alive), "test server never ready"
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    with live_server(make_settings(tiny_artifact), ready_timeout_s=10) as url:
+        yield url
 
 
 def test_predict_prints_the_models_top_k_and_writes_a_heatmap(chelsea_jpeg, tiny_artifact, tmp_path, capsys):
