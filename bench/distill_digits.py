@@ -113,7 +113,9 @@ class AugmentedBatches:
     """One epoch of shuffled batches, each image through its own RandomResizedCrop (drawn from the global RNG,
     which fit() seeds), the last partial batch dropped as the training loop's DataLoader does."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, setting: Setting, generator: torch.Generator):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, setting: Setting, generator: torch.Generator
+    ) -> None:
         self.images, self.labels, self.batch_size, self.generator = images, labels, setting.batch_size, generator
         size = setting.image_size
         self.crop = v2.RandomResizedCrop(size, scale=(setting.min_crop_scale, 1.0), antialias=True)
