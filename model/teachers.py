@@ -85,7 +85,7 @@ class ConvNet(nn.Module):
         super().__init__()
         self.arch, self.net, self.num_classes, self.image_size = arch, net, num_classes, image_size
         self.mean_std = (tuple(mean), tuple(std))
-        shape = (1, len(mean), 1, 1)
+        shape = (1, len(mean), 1, 1)  # (C,) -> (1, C, 1, 1): broadcast over (B, C, H, W)
         # Not persistent: the artifact's preprocessing carries the values, the weights file stays torchvision's.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape), persistent=False)

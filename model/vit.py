@@ -149,7 +149,7 @@ class ViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.dist_token is not None:
-            nn.init.trunc_normal_(self.dist_token, std=0.02)  # timm's DeiT: the two tokens must start apart
+            nn.init.trunc_normal_(self.dist_token, std=0.02)  # as timm initialises DeiT's distillation token
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -232,14 +232,14 @@ class ViT(nn.Module):
         if grid == (native, native):
             return self.pos_embed
         prefix = self.num_prefix_tokens
-        cls_pos, patch_pos = self.pos_embed[:, :prefix], self.pos_embed[:, prefix:]  # (1, prefix, D), (1, N, D)
+        special_pos, patch_pos = self.pos_embed[:, :prefix], self.pos_embed[:, prefix:]  # (1, prefix, D), (1, N, D)
         D = patch_pos.shape[-1]
         # (1, native*native, D) -> (1, D, native, native) so interpolate sees a D-channel image
         patch_pos = patch_pos.reshape(1, native, native, D).permute(0, 3, 1, 2)
         patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
         # (1, D, rows, cols) -> (1, rows*cols, D)
-        patch_pos = patch_pos.to(cls_pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D)
-        return torch.cat([cls_pos, patch_pos], dim=1)  # (1, prefix + rows*cols, D)
+        patch_pos = patch_pos.to(special_pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D)
+        return torch.cat([special_pos, patch_pos], dim=1)  # (1, prefix + rows*cols, D)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> the token sequence the first block sees, (B, prefix + N, D)."""

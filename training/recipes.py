@@ -152,7 +152,9 @@ def build_model(config: TrainConfig, num_classes: int) -> ViT | ConvNet:
     if config.model_overrides:
         # The architecture of a pretrained model is whatever the weights file holds. Checked before loading:
         # a bad flag should not cost a ViT-B download first.
-        raise ValueError(f"model overrides ({config.model_overrides}) apply to --recipe scratch only")
+        raise ValueError(
+            f"model overrides ({config.model_overrides}) apply to --recipe scratch only (and to distill's student)"
+        )
     return load_pretrained(variant, num_classes=num_classes)  # a fresh num_classes head on the ImageNet backbone
 
 
