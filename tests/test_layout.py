@@ -201,3 +201,20 @@ def long_functions(root: Path) -> list[str]:
 @pytest.mark.parametrize("package", PACKAGES)
 def test_every_function_reads_on_one_screen(package: str) -> None:
     assert not long_functions(REPO / package), f"split these into named steps: {long_functions(REPO / package)}"
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    """Shared helpers live in conftest.py or fixture modules; a test module importing another couples their fates."""
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.rsplit(".", 1)[-1].startswith("test_"):
+                    offenders.append(f"{path.relative_to(REPO)} imports {node.module}")
+            elif isinstance(node, ast.Import):
+                offenders += [
+                    f"{path.relative_to(REPO)} imports {a.name}"
+                    for a in node.names
+                    if a.name.rsplit(".", 1)[-1].startswith("test_")
+                ]
+    assert not offenders, offenders

@@ -26,6 +26,7 @@ from app.main import create_app
 from app.predictor import ImagePrediction, Predictor
 from app.preprocess import prepare
 from model.artifact import load_artifact
+from model.labels import PET_LABELS, PET_SPECIES
 
 Loader = Callable[[Settings], Predictor]
 
@@ -161,3 +162,12 @@ def live_server(settings: Settings, ready_timeout_s: float = 30) -> Iterator[str
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def assert_matches_model(result: dict, expected: torch.Tensor, k: int) -> None:
+    """A /classify result is the model's own top-k: indices, scores, labels and species."""
+    scores, indices = torch.topk(expected, k)
+    assert [p["index"] for p in result["predictions"]] == indices.tolist()
+    np.testing.assert_allclose([p["score"] for p in result["predictions"]], scores.numpy(), rtol=1e-5, atol=1e-6)
+    for p in result["predictions"]:
+        assert p["label"] == PET_LABELS[p["index"]] and p["species"] == PET_SPECIES[p["index"]]

@@ -19,8 +19,18 @@ from app.batcher import (
 )
 from app.metrics import Metrics
 
-from .fixtures import encode, flushes, make_settings, png_bytes, recording_loader, rejected, running_app, until
-from .test_classify import assert_matches_model, direct_probs
+from .fixtures import (
+    assert_matches_model,
+    direct_probs,
+    encode,
+    flushes,
+    make_settings,
+    png_bytes,
+    recording_loader,
+    rejected,
+    running_app,
+    until,
+)
 
 
 def post_png(client, data: bytes, **params):

@@ -7,22 +7,12 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from app.preprocess import crop_box
 from model.artifact import load_artifact
-from model.labels import PET_LABELS, PET_SPECIES
 
-from .fixtures import direct_probs, encode, make_settings, noise_image, png_bytes, running_app
-
-
-def assert_matches_model(result: dict, expected: torch.Tensor, k: int) -> None:
-    scores, indices = torch.topk(expected, k)
-    assert [p["index"] for p in result["predictions"]] == indices.tolist()
-    np.testing.assert_allclose([p["score"] for p in result["predictions"]], scores.numpy(), rtol=1e-5, atol=1e-6)
-    for p in result["predictions"]:
-        assert p["label"] == PET_LABELS[p["index"]] and p["species"] == PET_SPECIES[p["index"]]
+from .fixtures import assert_matches_model, direct_probs, encode, make_settings, noise_image, png_bytes, running_app
 
 
 async def test_one_multipart_image_matches_the_models_direct_output(client, tiny_artifact, chelsea):
