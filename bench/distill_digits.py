@@ -3,17 +3,19 @@ alone and distilled from that teacher (hard and soft), same epochs, same seeds, 
 
 Data: scikit-learn's 1,797 real 8x8 handwritten digits, split by petvit itself (training.data.load_splits on an
 ImageFolder tree, per class, seeded): --test-fraction (60 %) held out for the score, 10 % validation (unused here),
-the rest trains: ~540 images, "little data". Images are decoded once through petvit's eval transform (upscaled to
---image-size); every epoch then draws a fresh RandomResizedCrop per image (the crop `--augment light` applies), and
-the teacher sees exactly the augmented batch the student sees (DeiT).
+the rest trains: ~540 images, "little data". The images are decoded once; every epoch, petvit's own train transform
+(`--augment light --no-hflip`: a RandomResizedCrop of the 8x8 original to --image-size, down to --min-crop-scale
+of its area: strong augmentation for digits) crops each training image anew, and the teacher sees exactly the
+augmented batch the student sees (DeiT). Test images go through petvit's eval transform.
 
 The training step is petvit's own (training/epoch.py's train_one_epoch with an Optimization: AdamW, warmup + cosine,
 label smoothing, clipping; training/distill.py's DistillationLoss and TwoHeads for the distilled student); only the
-data loading is replaced by in-memory tensors, because decoding and transforming every tiny PNG through the
-DataLoader (~1.5 ms an image) would cost ten times the model's own compute here. The student is scored after its
-last epoch. `petvit train --recipe distill` runs the same step through the full loop (tests/training/test_distill.py).
+data loading is replaced by in-memory tensors (each PNG decoded once, not every epoch through a DataLoader: the
+loading costs more than these tiny models' own compute). The student is scored after its last epoch (`petvit train`
+would export the best epoch on the validation split). `petvit train --recipe distill` runs the same step through the
+full loop (tests/training/test_distill.py).
 
-    PYTHONPATH=. .venv/bin/python bench/distill_digits.py                        # the docs' table (~30 min, 1 core)
+    PYTHONPATH=. .venv/bin/python bench/distill_digits.py                        # the docs' table (~4 min, 1 core)
     PYTHONPATH=. .venv/bin/python bench/distill_digits.py --epochs 60 --seeds 0 1 2 3 4 --modes soft
 
 Prints a table, writes results/distill_digits.png and .json (git-ignored). tests/training/test_distill_digits.py
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from model.config import get_config
 from model.teachers import build_convnet
 from model.vit import ViT
-from training.data import DataConfig, batch_mixer, eval_transform, load_splits
+from training.data import DataConfig, batch_mixer, eval_transform, load_splits, train_transform
 from training.distill import DistillationLoss, TwoHeads
 from training.epoch import LRSchedule, Optimization, Runtime, train_one_epoch
 from training.recipes import parameter_groups
@@ -69,7 +71,7 @@ class Setting:
     mixup: bool = False  # MixUp/CutMix on top (the teacher then sees the mixed images)
     alpha: float = 0.5
     tau: float = 3.0
-    arch: str = "resnet18"  # a torchvision convnet (random init), or "twoconv": two conv layers and a linear head
+    arch: str = "twoconv"  # two conv layers and a linear head, or a torchvision convnet (random init): "resnet18"
     teacher_epochs: int = 10
     teacher_lr: float = 2e-3
 
@@ -77,7 +79,9 @@ class Setting:
 # ---------------------------------------------------------------------------------------------- data
 @dataclass
 class Digits:
-    """petvit's split of the digits tree, decoded once: uint8 (N, 3, S, S) images and (N,) labels per split."""
+    """petvit's split of the digits tree, decoded once: the training images as they are on disk, uint8
+    (N, 3, 8, 8), for petvit's train transform to crop every epoch; the test images through its eval transform,
+    uint8 (N, 3, S, S); (N,) labels each."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -101,30 +105,32 @@ def make_digits_tree(root: Path) -> Path:
 
 def load_digits_split(root: Path, setting: Setting) -> Digits:
     splits = load_splits(DataConfig(dataset="folder", data_dir=str(root), test_fraction=setting.test_fraction))
+    as_is = v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)])  # PIL -> uint8 (3, 8, 8)
     decoded = []
-    for split in (splits.train, splits.test):
-        view = split.with_transform(eval_transform(setting.image_size))
+    for split, transform in ((splits.train, as_is), (splits.test, eval_transform(setting.image_size))):
+        view = split.with_transform(transform)
         images, labels = zip(*(view[i] for i in range(len(view))), strict=True)
-        decoded += [torch.stack(images), torch.tensor(labels)]  # list of (3, S, S) -> (N, 3, S, S); (N,)
+        decoded += [torch.stack(images), torch.tensor(labels)]  # list of (3, H, W) -> (N, 3, H, W); (N,)
     return Digits(*decoded)
 
 
 class AugmentedBatches:
-    """One epoch of shuffled batches, each image through its own RandomResizedCrop (drawn from the global RNG,
-    which fit() seeds), the last partial batch dropped as the training loop's DataLoader does."""
+    """One epoch of shuffled batches, each image through petvit's train transform (`--augment light --no-hflip`:
+    a RandomResizedCrop of the 8x8 original to S px, drawn from the global RNG, which fit() seeds), the last partial
+    batch dropped as the training loop's DataLoader does."""
 
     def __init__(
         self, images: torch.Tensor, labels: torch.Tensor, setting: Setting, generator: torch.Generator
     ) -> None:
         self.images, self.labels, self.batch_size, self.generator = images, labels, setting.batch_size, generator
-        size = setting.image_size
-        self.crop = v2.RandomResizedCrop(size, scale=(setting.min_crop_scale, 1.0), antialias=True)
+        self.transform = train_transform(setting.image_size, "light", False, setting.min_crop_scale)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self.labels), generator=self.generator)
         for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
             index = order[start : start + self.batch_size]
-            yield torch.stack([self.crop(image) for image in self.images[index]]), self.labels[index]  # (B, 3, S, S)
+            images = torch.stack([self.transform(image) for image in self.images[index]])  # (B, 3, S, S) uint8
+            yield images.as_subclass(torch.Tensor), self.labels[index]
 
 
 # ---------------------------------------------------------------------------------------------- models and training
