@@ -141,10 +141,11 @@ def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
 
 
 def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float, float, float]:
-    """The centre crop in (width, height) pixels that resize-shorter-side + centre-crop keeps, with torchvision's
+    """The centre crop in (width, height) pixels that the artifact's resize + centre crop keeps, with torchvision's
     rounding (Resize truncates the longer side, CenterCrop rounds its offsets) so serving sees the pixels the
-    evaluation (training.data.eval_transform) saw. A resize_size below image_size (odd metadata) resizes the shorter
-    side to image_size instead: the crop never leaves the image."""
+    evaluation (training.data.eval_transform) saw. A resize_size below image_size (odd metadata) resizes to
+    image_size instead: the crop never leaves the image. A squash policy with resize_size = image_size (Hugging
+    Face's ViT processor) keeps the whole upload."""
     side = pre.image_size
     (resized_w, resized_h), (left, top) = resized_crop(width, height, pre)
     sx, sy = width / resized_w, height / resized_h  # resized pixels -> upload pixels
@@ -155,7 +156,11 @@ def resized_crop(width: int, height: int, pre: Preprocessing) -> tuple[tuple[int
     """The same geometry in the resized image's own pixels: ((resized width, height), (crop left, top)), the crop
     being image_size square. The GPU path resizes whole images with it when that is small (app/gpu_decode.py)."""
     side = pre.image_size
-    resized_w, resized_h = _resized_size(width, height, max(pre.resize_size, side))
+    target = max(pre.resize_size, side)
+    if pre.resize_mode == "squash":
+        resized_w, resized_h = target, target  # both sides, whatever the aspect ratio
+    else:
+        resized_w, resized_h = _resized_size(width, height, target)
     return (resized_w, resized_h), (round((resized_w - side) / 2), round((resized_h - side) / 2))
 
 

@@ -73,11 +73,15 @@ def default_labels(num_classes: int) -> tuple[list[str], list[str]]:
 
 _INPUT_NOTE = "RGB (B, 3, H, W), uint8 0..255 or float 0..1; the model normalises with mean/std itself"
 _INTERPOLATIONS = ("bilinear", "bicubic")
+# How a photo is resized before the centre crop. shorter_side: the shorter side becomes resize_size and the aspect
+# ratio is kept (torchvision's and timm's "center" eval transform). squash: both sides become resize_size, the
+# aspect ratio is not kept (Hugging Face's ViTImageProcessor, with resize_size = image_size: no crop at all).
+RESIZE_MODES = ("shorter_side", "squash")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a photo becomes the model's input: resize the shorter side to resize_size, centre-crop image_size, and
+    """How a photo becomes the model's input: resize (resize_mode) to resize_size, centre-crop image_size, and
     (inside the model) normalise with mean/std. The service and evaluation both follow what the artifact states."""
 
     image_size: int = 224
@@ -85,6 +89,11 @@ class Preprocessing:
     interpolation: str = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    resize_mode: str = "shorter_side"  # absent from artifacts written before imports existed: what they all did
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
 
     @classmethod
     def for_config(cls, config: ViTConfig) -> Preprocessing:
@@ -100,10 +109,11 @@ class Preprocessing:
             interpolation=str(doc.get("interpolation") or "bilinear"),
             mean=tuple(doc.get("mean") or config.mean),
             std=tuple(doc.get("std") or config.std),
+            resize_mode=str(doc.get("resize_mode") or "shorter_side"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "image_size": self.image_size,
             "resize_size": self.resize_size,
             "interpolation": self.interpolation,
@@ -111,6 +121,9 @@ class Preprocessing:
             "std": list(self.std),
             "input": _INPUT_NOTE,
         }
+        if self.resize_mode != "shorter_side":  # stored only when it differs: older readers ignore unknown keys
+            doc["resize_mode"] = self.resize_mode
+        return doc
 
 
 @dataclass(frozen=True)

@@ -45,4 +45,16 @@ def species_of(label: str) -> str:
     return _SPECIES_BY_LABEL.get(label, "unknown")
 
 
+def breed_key(label: str) -> str:
+    """A label reduced to its words, lower case: 'American_Pit_Bull_Terrier', 'american pit bull terrier' and
+    'american-pit-bull-terrier' are one breed, however a published checkpoint spelt it."""
+    return " ".join(label.replace("_", " ").replace("-", " ").lower().split())
+
+
+def breed_species(label: str) -> str:
+    """species_of for labels spelt any way a checkpoint's id2label spells the Pet breeds; 'unknown' otherwise."""
+    return _SPECIES_BY_KEY.get(breed_key(label), "unknown")
+
+
 _SPECIES_BY_LABEL = dict(zip(PET_LABELS, PET_SPECIES, strict=True))
+_SPECIES_BY_KEY = {breed_key(b.file_prefix): b.species for b in BREEDS}

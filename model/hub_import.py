@@ -1,0 +1,179 @@
+"""Published ViT/DeiT checkpoints -> petvit artifacts: `petvit import SOURCE --out ARTIFACT`.
+
+SOURCE is a local folder in the Hugging Face hub's layout (config.json + model.safetensors [+ preprocessor_config.json],
+as transformers' save_pretrained and timm's save_for_hf write it) or `hf-hub:ORG/NAME[@REVISION]`, fetched through
+huggingface_hub (the `import` extra; imported only here, only for hub sources) into its usual cache, so a cache
+filled elsewhere works offline with HF_HUB_OFFLINE=1.
+
+Weights are read with safetensors only: a folder that has only pickle weights (pytorch_model.bin, *.pth) is refused
+before any of its bytes are read. config.json says which library wrote the folder; its converter
+(model/hf_convert.py, model/timm_convert.py) maps the tensors and refuses what our ViT does not compute exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from model.artifact import ArtifactMetadata, file_sha256, save_artifact
+from model.checkpoints import Converted, UnsupportedCheckpoint
+from model.hf_convert import convert_transformers, is_transformers_config
+from model.labels import breed_species
+from model.timm_convert import convert_timm, is_timm_config
+from model.vit import ViT
+
+HUB_PREFIX = "hf-hub:"
+WEIGHTS_FILE = "model.safetensors"
+HUB_FILES = ("config.json", WEIGHTS_FILE, "preprocessor_config.json")  # all that is ever fetched
+_PICKLES = ("pytorch_model.bin", "*.bin", "*.pth", "*.pt", "*.ckpt", "*.pkl")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class ImportSourceError(ValueError):
+    """The source cannot be read: no such folder or repo, offline without a cache, pickle-only weights, ..."""
+
+
+@dataclass(frozen=True)
+class Source:
+    folder: Path  # where config.json and model.safetensors are
+    provenance: dict[str, Any]  # repo/revision (hub) or folder (local)
+
+
+def import_checkpoint(source: str, out: str | os.PathLike, name: str | None = None) -> tuple[Path, ArtifactMetadata]:
+    """Fetch or find `source`, convert it, write the artifact at `out`; returns (path, its metadata)."""
+    found = resolve_source(source)
+    converted = convert_folder(found.folder)
+    model = ViT.from_weights(converted.config, converted.state_dict)
+    meta = artifact_metadata(converted, found, name or default_name(source))
+    return save_artifact(model, out, meta), meta
+
+
+def resolve_source(source: str) -> Source:
+    if source.startswith(HUB_PREFIX):
+        return fetch_hub(source[len(HUB_PREFIX) :])
+    folder = Path(source)
+    if not folder.is_dir():
+        raise ImportSourceError(
+            f"{source} is not a folder; give a folder with config.json and {WEIGHTS_FILE} "
+            f"(transformers' save_pretrained, timm's save_for_hf) or {HUB_PREFIX}ORG/NAME[@REVISION]"
+        )
+    return Source(folder, {"source": "folder", "folder": str(folder.resolve())})
+
+
+def fetch_hub(spec: str) -> Source:
+    """ORG/NAME[@REVISION] -> its snapshot folder in the hub cache (downloaded unless HF_HUB_OFFLINE=1)."""
+    repo, _, revision = spec.partition("@")
+    if not _REPO_ID.match(repo):
+        raise ImportSourceError(f"{HUB_PREFIX}{spec}: expected {HUB_PREFIX}ORG/NAME or {HUB_PREFIX}ORG/NAME@REVISION")
+    try:
+        from huggingface_hub import snapshot_download
+    except ModuleNotFoundError:
+        raise ImportSourceError(
+            f"importing {HUB_PREFIX}{repo} needs huggingface_hub: pip install 'petvit[import]' "
+            "(or download the repo's files into a folder and import that folder)"
+        ) from None
+    try:
+        folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(HUB_FILES)))
+    except Exception as err:  # offline, no such repo or revision, gated, network: each says so in its message
+        raise ImportSourceError(hub_unavailable_message(repo, revision, err)) from None
+    return Source(folder, {"source": "hf-hub", "repo": repo, "revision": folder.name, "requested": revision or "main"})
+
+
+def hub_unavailable_message(repo: str, revision: str, err: Exception) -> str:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    at = f"@{revision}" if revision else ""
+    return (
+        f"could not get {repo}{at} from the Hugging Face hub ({type(err).__name__}: {first}). Check the name; "
+        f"offline, fill the hub cache where the network is (`hf download {repo} {' '.join(HUB_FILES)}`"
+        f"{f' --revision {revision}' if revision else ''}), copy that cache here and run with HF_HOME=<the cache's "
+        "parent folder> HF_HUB_OFFLINE=1; or import a local folder holding those files"
+    )
+
+
+def convert_folder(folder: Path) -> Converted:
+    """A hub-layout folder -> Converted, by the library its config.json names."""
+    doc = read_json(folder / "config.json", required=True)
+    tensors = read_weights(folder)
+    processor = read_json(folder / "preprocessor_config.json", required=False)
+    if is_timm_config(doc):
+        return convert_timm(doc, tensors)
+    if is_transformers_config(doc):
+        return convert_transformers(doc, tensors, processor)
+    raise UnsupportedCheckpoint(
+        f"{folder / 'config.json'} is neither a transformers config (model_type) nor a timm one (architecture and "
+        "pretrained_cfg)"
+    )
+
+
+def read_json(path: Path, required: bool) -> dict[str, Any] | None:
+    if not path.exists():
+        if required:
+            raise ImportSourceError(f"{path.parent} has no {path.name}: not a hub-layout checkpoint folder")
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ImportSourceError(f"{path} is not JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ImportSourceError(f"{path} holds a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
+def read_weights(folder: Path) -> dict[str, Any]:
+    """model.safetensors' tensors; pickle-only folders are refused without opening the pickle."""
+    path = folder / WEIGHTS_FILE
+    if not path.exists():
+        if (folder / f"{WEIGHTS_FILE}.index.json").exists():
+            raise ImportSourceError(f"{folder} holds sharded safetensors; petvit reads one {WEIGHTS_FILE}")
+        pickles = sorted({p.name for pattern in _PICKLES for p in folder.glob(pattern)})
+        found = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights"
+        raise ImportSourceError(
+            f"{folder} has {found} and no {WEIGHTS_FILE}. petvit reads safetensors only and never unpickles a file "
+            "it is handed (a pickle can run any code). Ask the author for safetensors weights, or convert them where "
+            "you trust the file: transformers' save_pretrained(..., safe_serialization=True) or timm's "
+            "save_for_hf(..., safe_serialization=True)"
+        )
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ImportSourceError(f"{path} is not a readable safetensors file ({err}); fetch it again") from None
+
+
+def artifact_metadata(converted: Converted, found: Source, name: str) -> ArtifactMetadata:
+    """Labels (species where they name Pet breeds), the library's preprocessing, and where the weights came from."""
+    folder = found.folder
+    files = {f: file_sha256(folder / f) for f in HUB_FILES if (folder / f).exists()}
+    provenance = {
+        **found.provenance,
+        "library": converted.library,
+        "architecture": converted.architecture,
+        "files_sha256": files,
+        **({"conversion": converted.notes} if converted.notes else {}),
+    }
+    return ArtifactMetadata.create(
+        converted.config,
+        {
+            "name": name,
+            "variant": None,
+            "trained": True,
+            "labels": converted.labels,
+            "species": [breed_species(label) for label in converted.labels],
+            "preprocessing": converted.preprocessing,
+            "training": {"recipe": "imported", "source": provenance.get("repo") or provenance.get("folder")},
+            "provenance": provenance,
+        },
+    )
+
+
+def default_name(source: str) -> str:
+    """The artifact's name: the repo (ORG/NAME) or the folder's name."""
+    if source.startswith(HUB_PREFIX):
+        return source[len(HUB_PREFIX) :].partition("@")[0]
+    return Path(source).resolve().name
