@@ -20,7 +20,8 @@ MAY_IMPORT = {"model": set(), "training": {"model"}, "app": {"model"}, "cli": {"
 MODEL_THIRD_PARTY = {"torch", "torchvision", "numpy", "PIL", "safetensors"}
 # Optional extras model/ may import only lazily, inside the function that needs them: torchao is the `[int8]` extra
 # (model/inference.py quantises with it when int8 is asked for), so `import model` works without it.
-MODEL_LAZY_EXTRAS = {"torchao"}
+# huggingface_hub is the `[import]` extra: model/hub_import.py fetches `hf-hub:` sources with it, and nothing else does.
+MODEL_LAZY_EXTRAS = {"torchao", "huggingface_hub"}
 MAX_FUNCTION_LINES = 80
 
 
@@ -108,7 +109,7 @@ def test_importing_the_model_library_loads_no_service_or_training_code() -> None
         from model import ViT, load_artifact, attention_rollout
         from model.inference import prepare_for_inference
         # (tqdm is not checked: torch.hub imports it when it happens to be installed)
-        heavy = ("fastapi", "pydantic", "matplotlib", "training", "app", "cli", "torchao")
+        heavy = ("fastapi", "pydantic", "matplotlib", "training", "app", "cli", "torchao", "huggingface_hub")
         heavy = sorted(m for m in heavy if m in sys.modules)
         print("loaded:", heavy)
         """
