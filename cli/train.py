@@ -4,6 +4,7 @@ petvit train --recipe linear-probe --dataset pets --data-dir data --out artifact
 torchrun --nproc-per-node 8 -m cli train --recipe finetune --device cuda ...
 petvit train --recipe teacher --arch resnet50 --out artifacts/teacher-resnet50.safetensors
 petvit train --recipe distill --teacher artifacts/teacher-resnet50.safetensors --variant s16 --out ...
+petvit train --recipe finetune --init artifacts/imported.safetensors --out ...   # from `petvit import`'s backbone
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-alpha", type=float, help="distill: the teacher term's weight (default 0.5)")
     parser.add_argument("--arch", help="teacher: a torchvision convnet, e.g. resnet18, resnet50, regnet_y_400mf "
                         "(default resnet50)")  # fmt: skip
-    parser.add_argument("--init", choices=INITS, help="teacher: start from torchvision's ImageNet weights (default) "
-                        "or random ones")  # fmt: skip
+    parser.add_argument("--init", metavar="ARTIFACT|" + "|".join(INITS), help="finetune, linear-probe: start from "
+                        "this petvit artifact's backbone (e.g. one `petvit import` wrote) with a new head, keeping its "
+                        "preprocessing; teacher: torchvision's ImageNet weights (default) or random ones")  # fmt: skip
     parser.add_argument("--output-dir", help="run directory (default: <artifact folder>/runs/<artifact name>)")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's last state")
     parser.add_argument("--stop-after", type=int, help="run at most N epochs now; continue later with --resume")

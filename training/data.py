@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from model.artifact import Preprocessing
 from model.config import resize_size_for
 from model.labels import BREEDS, PET_LABELS, PET_SPECIES, species_of
 
@@ -74,16 +75,23 @@ def _to_output(dtype: torch.dtype) -> list[v2.Transform]:
     return steps
 
 
-def eval_transform(image_size: int, dtype: torch.dtype = torch.uint8) -> v2.Compose:
-    """Resize the shorter side to 256/224 of the crop, centre-crop: deterministic, no normalisation."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(resize_size_for(image_size), antialias=True),
-            v2.CenterCrop(image_size),
-            *_to_output(dtype),
-        ]
-    )
+_INTERPOLATION = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+def eval_transform(
+    image_size: int, dtype: torch.dtype = torch.uint8, policy: Preprocessing | None = None
+) -> v2.Compose:
+    """Resize the shorter side to 256/224 of the crop, centre-crop: deterministic, no normalisation.
+
+    policy: an artifact's preprocessing instead (an imported checkpoint's, e.g. Hugging Face's squash to the input
+    size): its resize mode, size and interpolation, as the service applies them (app/preprocess.py)."""
+    if policy is None:
+        resize = v2.Resize(resize_size_for(image_size), antialias=True)
+    else:
+        side = max(policy.resize_size, image_size)  # as the service: never smaller than the crop
+        size = [side, side] if policy.resize_mode == "squash" else side
+        resize = v2.Resize(size, interpolation=_INTERPOLATION[policy.interpolation], antialias=True)
+    return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(image_size), *_to_output(dtype)])
 
 
 def train_transform(
@@ -92,20 +100,28 @@ def train_transform(
     hflip: bool = True,
     min_crop_scale: float = 0.08,
     dtype: torch.dtype = torch.uint8,
+    policy: Preprocessing | None = None,
 ) -> v2.Compose:
     """Random crop + flip, then the chosen photometric/geometric policy; no normalisation.
 
     none: the eval transform (useful to check a loop learns at all); light: crop + flip;
     trivial: + TrivialAugmentWide (parameter-free, strong); randaugment: + RandAugment(2, 9) (DeiT-style).
+    policy: an artifact's preprocessing (see eval_transform): its interpolation for the random crop, its
+    deterministic view for augment="none".
     """
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     if augment == "none":
-        return eval_transform(image_size, dtype)
+        return eval_transform(image_size, dtype, policy)
     # The policies work on uint8 images, so they run before any conversion to float.
     steps: list[v2.Transform] = [
         v2.ToImage(),
-        v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
+        v2.RandomResizedCrop(
+            image_size,
+            scale=(min_crop_scale, 1.0),
+            interpolation=_INTERPOLATION[policy.interpolation if policy else "bilinear"],
+            antialias=True,
+        ),
     ]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())

@@ -222,7 +222,7 @@ def evaluate_artifact(
             f"same order (first difference: {_first_difference(labels, splits.labels)}); evaluate on the data "
             "the model was trained for"
         )
-    view = getattr(splits, split).with_transform(eval_transform(model.config.image_size))
+    view = getattr(splits, split).with_transform(eval_transform(model.config.image_size, policy=meta.preprocessing))
     desc = f"evaluate {split} ({dtype_label})"
     logits, targets = predict(scored, view, batch_size, device, num_workers, amp, desc=desc)
     report = {

@@ -37,7 +37,7 @@ from training.distributed import DistInfo
 from training.epoch import Batches, Mixer, Runtime, TeacherLoss
 from training.evaluate import predict
 from training.features import cached_features
-from training.recipes import TrainConfig
+from training.recipes import InitArtifact, TrainConfig, starts_from_artifact
 
 
 class FeatureBatches:
@@ -70,6 +70,10 @@ class Plan(ABC):
         self.distillation: TeacherLoss | None = None  # the teacher's loss (Distillation only)
         self.steps_per_epoch = 0  # on this rank
         self.val_batches: Batches = ()
+        # --init ARTIFACT: the artifact the backbone came from; its preprocessing is the run's eval view and the
+        # trained artifact's (mean/std travel in the model's config).
+        self.init = InitArtifact.read(cfg.init) if starts_from_artifact(cfg) else None
+        self.policy = self.init.preprocessing if self.init else None
 
     @property
     def image_size(self) -> int:
@@ -83,16 +87,21 @@ class Plan(ABC):
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the saved one besides the recipe, variant, overrides and seed (the
-        teacher, for a distillation); stored in the resumable state, compared by training.loop.check_resumable."""
-        return {}
+        teacher, for a distillation; the starting artifact, with --init); stored in the resumable state, compared by
+        training.loop.check_resumable."""
+        return {"init_sha256": self.init.sha256} if self.init else {}
 
     def training_record(self) -> dict[str, Any]:
-        """Entries this plan adds to the artifact's metadata.training (the teacher's identity, for a distillation)."""
-        return {}
+        """Entries this plan adds to the artifact's metadata.training (the teacher's identity, for a distillation;
+        the starting artifact's, with --init)."""
+        return {"init": self.init.identity()} if self.init else {}
 
     def write_artifact(self, out: str | Path, fields: dict[str, Any]) -> Path:
-        """Save the model (on the CPU) with its metadata `fields` as the run's artifact."""
+        """Save the model (on the CPU) with its metadata `fields` as the run's artifact; with --init, under the
+        starting artifact's preprocessing policy."""
         model = self.model.cpu()
+        if self.policy is not None:
+            fields = {**fields, "preprocessing": self.policy}
         return save_artifact(model, out, ArtifactMetadata.create(model.config, fields))
 
     @abstractmethod
@@ -126,7 +135,7 @@ class HeadOnFeatures(Plan):
             return  # the other ranks train nothing: they wait for rank 0's artifact
         # Features once, on the deterministic eval view; every epoch after this is a few matrix multiplies.
         image_size = self.model.config.image_size
-        eval_tf = eval_transform(image_size)
+        eval_tf = eval_transform(image_size, policy=self.policy)
         for name in ("train", "val", "test") if with_test else ("train", "val"):
             feats, targets, hit = cached_features(
                 run_dir / "features",
@@ -160,6 +169,13 @@ class HeadOnFeatures(Plan):
         feats, targets = self.features["test"]
         return self.model.head(feats).float().cpu(), targets.cpu()
 
+    def write_artifact(self, out: str | Path, fields: dict[str, Any]) -> Path:
+        # A distilled backbone (an imported DeiT) answers with (head(cls) + head_dist(dist)) / 2, and its features
+        # are (cls + dist) / 2: with head_dist = head, that is exactly the head over the features the probe trained on.
+        if self.model.head_dist is not None:
+            self.model.head_dist.load_state_dict(self.model.head.state_dict())
+        return super().write_artifact(out, fields)
+
 
 class WholeNetwork(Plan):
     """finetune and scratch: every weight trains on augmented images; DDP under torchrun."""
@@ -176,7 +192,7 @@ class WholeNetwork(Plan):
         cfg, env, info = self.cfg, self.env, self.env.info
         image_size = self.image_size
         train_view = splits.train.with_transform(
-            train_transform(image_size, cfg.augment, data.hflip, data.min_crop_scale)
+            train_transform(image_size, cfg.augment, data.hflip, data.min_crop_scale, policy=self.policy)
         )
         self.step_module = self.step_target()
         if info.enabled:
@@ -195,7 +211,7 @@ class WholeNetwork(Plan):
             persistent_workers=False,
         )
         # Every world_size-th held-out item from rank on: the ranks split evaluation without padding.
-        val_view = splits.val.with_transform(eval_transform(image_size))
+        val_view = splits.val.with_transform(eval_transform(image_size, policy=self.policy))
         val_shard = Subset(val_view, range(info.rank, len(val_view), info.world_size))
         self.val_batches = DataLoader(val_shard, batch_size=cfg.batch_size)
         self.mixer = batch_mixer(len(splits.labels)) if cfg.mixup else None
@@ -212,7 +228,7 @@ class WholeNetwork(Plan):
         return self.train_loader
 
     def test_logits(self, splits: DataSplits) -> tuple[torch.Tensor, torch.Tensor]:
-        test_view = splits.test.with_transform(eval_transform(self.image_size))
+        test_view = splits.test.with_transform(eval_transform(self.image_size, policy=self.policy))
         env = self.env
         return predict(self.model, test_view, self.cfg.batch_size, env.device, env.workers, env.amp, desc="test")
 

@@ -10,6 +10,10 @@ distill       DeiT: scratch's recipe for a ViT with a distillation token, whose 
               teacher's answers on every augmented (and mixed) batch (training/distill.py).
 teacher       a torchvision convnet (resnet50, regnet_y_400mf, ...) trained like finetune, from ImageNet or random
               weights, written as a teacher artifact for distill (model/teachers.py).
+
+finetune and linear-probe start from torchvision's ImageNet ViT unless `init` names a petvit artifact (one that
+`petvit import` made from a timm / Hugging Face checkpoint, or any other): then its backbone, with a new head for
+the data's classes, and its preprocessing (mean/std in the config, resize and crop policy in InitArtifact).
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from model.artifact import ArtifactMetadata, Preprocessing, file_sha256, load_artifact, read_metadata
 from model.config import VARIANTS, canonical_variant, get_config
 from model.pretrained import load_pretrained
 from model.teachers import ConvNet, build_convnet, check_convnet_name
@@ -29,7 +35,8 @@ from model.vit import ViT
 from training.distill import DISTILL_MODES
 
 RECIPES = ("finetune", "linear-probe", "scratch", "distill", "teacher")
-INITS = ("imagenet", "random")  # the teacher recipe's starting weights
+INITS = ("imagenet", "random")  # the teacher recipe's starting weights; finetune and linear-probe also take an artifact
+INIT_RECIPES = ("finetune", "linear-probe")  # the recipes that start from a given artifact's backbone
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,8 @@ class TrainConfig:
     distill_alpha: float = 0.5  # the teacher term's weight (both modes)
     # teacher: which torchvision convnet, from which weights.
     arch: str | None = None
+    # teacher: "imagenet" or "random"; finetune / linear-probe: "imagenet" or the path of a petvit artifact to start
+    # from (its backbone, a new head).
     init: str = "imagenet"
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -105,12 +114,47 @@ RECIPE_DEFAULTS: dict[str, TrainConfig] = {
 
 
 def recipe_config(recipe: str, **overrides: Any) -> TrainConfig:
-    """The recipe's defaults with any non-None override applied."""
+    """The recipe's defaults with any non-None override applied. With an artifact as `init`, the variant is the
+    artifact's (its architecture is what the run trains)."""
     if recipe not in RECIPE_DEFAULTS:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    cfg = RECIPE_DEFAULTS[recipe].replace(**{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = RECIPE_DEFAULTS[recipe].replace(**given)
     check_recipe_settings(cfg)
+    if starts_from_artifact(cfg):
+        if "variant" in given:
+            raise ValueError(f"--variant does not apply with --init {cfg.init}: the architecture is the artifact's")
+        cfg = cfg.replace(variant=read_metadata(cfg.init).variant or "custom")
     return cfg
+
+
+def starts_from_artifact(cfg: TrainConfig) -> bool:
+    """Whether `init` names an artifact to start from (anything but "imagenet" / "random")."""
+    return cfg.init not in INITS
+
+
+@dataclass(frozen=True)
+class InitArtifact:
+    """The artifact a finetune or linear probe starts from: its metadata (the preprocessing the run keeps) and
+    identity (for the trained artifact's record and for --resume)."""
+
+    path: str
+    sha256: str
+    meta: ArtifactMetadata
+
+    @classmethod
+    def read(cls, path: str) -> InitArtifact:
+        return cls(path, file_sha256(path), read_metadata(path))
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.meta.preprocessing
+
+    def identity(self) -> dict[str, Any]:
+        source = (
+            self.meta.provenance.get("repo") or self.meta.provenance.get("folder") or self.meta.training.get("source")
+        )
+        return {"artifact": self.path, "sha256": self.sha256, "name": self.meta.name, "source": source}
 
 
 def check_recipe_settings(cfg: TrainConfig) -> None:
@@ -122,10 +166,18 @@ def check_recipe_settings(cfg: TrainConfig) -> None:
             raise ValueError(f"--distill must be one of {DISTILL_MODES}, got {cfg.distill!r}")
     elif cfg.teacher:
         raise ValueError(f"--teacher applies to --recipe distill only, not {cfg.recipe}")
+    if starts_from_artifact(cfg):
+        if cfg.recipe not in INIT_RECIPES:
+            raise ValueError(
+                f"--init ARTIFACT starts {' or '.join(INIT_RECIPES)} from an artifact's backbone, not {cfg.recipe}"
+                + (f" (teacher: --init {' or '.join(INITS)})" if cfg.recipe == "teacher" else "")
+            )
+        if not Path(cfg.init).is_file():
+            raise ValueError(f"--init {cfg.init}: no such artifact (make one with `petvit import` or `petvit train`)")
+        if cfg.model_overrides:
+            raise ValueError(f"--set does not apply with --init {cfg.init}: the architecture is the artifact's")
     if cfg.recipe == "teacher":
         check_convnet_name(cfg.arch or "")
-        if cfg.init not in INITS:
-            raise ValueError(f"--init must be one of {INITS}, got {cfg.init!r}")
         if set(cfg.model_overrides) - {"image_size"}:
             raise ValueError(f"--recipe teacher takes only --set image_size=N, not {cfg.model_overrides}")
     elif cfg.arch:
@@ -139,6 +191,8 @@ def build_model(config: TrainConfig, num_classes: int) -> ViT | ConvNet:
         torch.manual_seed(config.seed)  # the random init (the new head, at least) is part of what a seed repeats
         image_size = int(config.model_overrides.get("image_size", 224))
         return build_convnet(str(config.arch), num_classes, config.init, image_size)
+    if starts_from_artifact(config):
+        return model_from_artifact(config.init, num_classes)
     variant = canonical_variant(config.variant)
     if config.recipe in ("scratch", "distill"):
         torch.manual_seed(config.seed)  # random init is part of what a seed makes repeatable
@@ -156,6 +210,13 @@ def build_model(config: TrainConfig, num_classes: int) -> ViT | ConvNet:
             f"model overrides ({config.model_overrides}) apply to --recipe scratch only (and to distill's student)"
         )
     return load_pretrained(variant, num_classes=num_classes)  # a fresh num_classes head on the ImageNet backbone
+
+
+def model_from_artifact(path: str, num_classes: int) -> ViT:
+    """The artifact's ViT with fresh zero-initialised head(s) for num_classes: its backbone starts the run."""
+    model, _ = load_artifact(path)
+    model.reset_head(num_classes)
+    return model
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
