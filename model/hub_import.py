@@ -50,7 +50,14 @@ def import_checkpoint(source: str, out: str | os.PathLike, name: str | None = No
     """Fetch or find `source`, convert it, write the artifact at `out`; returns (path, its metadata)."""
     found = resolve_source(source)
     converted = convert_folder(found.folder)
-    model = ViT.from_weights(converted.config, converted.state_dict)
+    try:
+        model = ViT.from_weights(converted.config, converted.state_dict)
+    except RuntimeError as err:  # load_state_dict: missing, unexpected or misshapen tensors
+        lines = str(err).strip().splitlines()
+        detail = "; ".join(line.strip() for line in lines[1:4]) or (lines[0] if lines else "")
+        raise UnsupportedCheckpoint(
+            f"the weights do not fit the architecture config.json describes: {detail}"
+        ) from None
     meta = artifact_metadata(converted, found, name or default_name(source))
     return save_artifact(model, out, meta), meta
 
@@ -102,10 +109,17 @@ def convert_folder(folder: Path) -> Converted:
     doc = read_json(folder / "config.json", required=True)
     tensors = read_weights(folder)
     processor = read_json(folder / "preprocessor_config.json", required=False)
-    if is_timm_config(doc):
-        return convert_timm(doc, tensors)
-    if is_transformers_config(doc):
-        return convert_transformers(doc, tensors, processor)
+    try:
+        if is_timm_config(doc):
+            return convert_timm(doc, tensors)
+        if is_transformers_config(doc):
+            return convert_transformers(doc, tensors, processor)
+    except UnsupportedCheckpoint:
+        raise
+    except KeyError as err:  # a config entry or a tensor every ViT of that library has
+        raise UnsupportedCheckpoint(f"{err.args[0]!r} is missing: not the ViT layout its library writes") from None
+    except (ValueError, TypeError, IndexError) as err:  # values our ViTConfig refuses, malformed entries
+        raise UnsupportedCheckpoint(f"its config does not describe a ViT petvit can build ({err})") from None
     raise UnsupportedCheckpoint(
         f"{folder / 'config.json'} is neither a transformers config (model_type) nor a timm one (architecture and "
         "pretrained_cfg)"

@@ -127,6 +127,15 @@ def test_transformers_with_another_activation_is_refused(tmp_path: Path, capsys)
     assert "hidden_act 'gelu_new'" in capsys.readouterr().err
 
 
+def test_a_config_that_does_not_match_its_weights_is_refused(tmp_path: Path, capsys) -> None:
+    hf_vit(tmp_path / "hf")
+    config = tmp_path / "hf" / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    assert petvit(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "layer 2 lacks its query/key/value" in err and "Traceback" not in err
+
+
 class _Tripwire:
     """Unpickling this creates a file: proof that someone unpickled."""
 
