@@ -4,6 +4,7 @@ petvit import hf-hub:ORG/NAME --out artifacts/imported.safetensors
 petvit import hf-hub:ORG/NAME@REVISION --out ...          # a branch, tag or commit
 petvit import path/to/folder --out ...                   # config.json + model.safetensors [+ preprocessor_config.json]
 HF_HOME=/cache HF_HUB_OFFLINE=1 petvit import hf-hub:ORG/NAME --out ...   # from a pre-filled hub cache, no network
+petvit import hf-hub:ORG/PETS-FINETUNE --labels pets --out ...   # petvit's breed names and class order
 """
 
 from __future__ import annotations
@@ -13,18 +14,25 @@ import sys
 from pathlib import Path
 
 from model.checkpoints import UnsupportedCheckpoint
-from model.hub_import import ImportSourceError, import_checkpoint
+from model.hub_import import LABEL_CHOICES, ImportSourceError, import_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE", help="hf-hub:ORG/NAME[@REVISION], or a hub-layout folder")
     parser.add_argument("--out", type=Path, required=True, help="artifact to write (.safetensors)")
     parser.add_argument("--name", help="the artifact's name (default: the repo or folder name)")
+    parser.add_argument(
+        "--labels",
+        choices=LABEL_CHOICES,
+        default="published",
+        help="published: the checkpoint's labels and class order (default); pets: a 37-breed Pets head renamed to "
+        "petvit's breed names in petvit's class order (exact), to evaluate it or distil from it like a petvit model",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        path, meta = import_checkpoint(args.source, args.out, args.name)
+        path, meta = import_checkpoint(args.source, args.out, args.name, args.labels)
     except UnsupportedCheckpoint as err:
         print(f"petvit import: {args.source} is not supported: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ before any of its bytes are read. config.json says which library wrote the folde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from model.artifact import ArtifactMetadata, file_sha256, save_artifact
 from model.checkpoints import Converted, UnsupportedCheckpoint
 from model.hf_convert import convert_transformers, is_transformers_config
-from model.labels import breed_species
+from model.labels import BREEDS, PET_LABELS, breed_key, breed_species
 from model.timm_convert import convert_timm, is_timm_config
 from model.vit import ViT
 
@@ -46,10 +48,21 @@ class Source:
     provenance: dict[str, Any]  # repo/revision (hub) or folder (local)
 
 
-def import_checkpoint(source: str, out: str | os.PathLike, name: str | None = None) -> tuple[Path, ArtifactMetadata]:
-    """Fetch or find `source`, convert it, write the artifact at `out`; returns (path, its metadata)."""
+LABEL_CHOICES = ("published", "pets")
+
+
+def import_checkpoint(
+    source: str, out: str | os.PathLike, name: str | None = None, labels: str = "published"
+) -> tuple[Path, ArtifactMetadata]:
+    """Fetch or find `source`, convert it, write the artifact at `out`; returns (path, its metadata).
+
+    labels="published" keeps the checkpoint's labels and class order; "pets" (a 37-breed head only) renames them
+    to petvit's breed names and reorders the head to petvit's class order, so the artifact can be evaluated on
+    Pets and teach a distillation like one petvit trained."""
     found = resolve_source(source)
     converted = convert_folder(found.folder)
+    if labels == "pets":
+        converted = in_pet_order(converted)
     try:
         model = ViT.from_weights(converted.config, converted.state_dict)
     except RuntimeError as err:  # load_state_dict: missing, unexpected or misshapen tensors
@@ -60,6 +73,26 @@ def import_checkpoint(source: str, out: str | os.PathLike, name: str | None = No
         ) from None
     meta = artifact_metadata(converted, found, name or default_name(source))
     return save_artifact(model, out, meta), meta
+
+
+def in_pet_order(converted: Converted) -> Converted:
+    """The head's rows permuted into petvit's Pet class order, labelled with petvit's breed names: logits are the
+    published ones, permuted (exact). Refused unless the labels name the 37 breeds, each once, in any spelling."""
+    keys = [breed_key(label) for label in converted.labels]
+    order = {breed_key(b.file_prefix): b.index for b in BREEDS}
+    if sorted(keys) != sorted(order):
+        unknown = [label for label, key in zip(converted.labels, keys, strict=True) if key not in order][:5]
+        raise UnsupportedCheckpoint(
+            f"--labels pets needs the 37 Oxford-IIIT Pet breeds, each once; this head has {len(keys)} classes"
+            + (f", among them {unknown} that are not breeds" if unknown else "")
+        )
+    rows = torch.tensor([keys.index(breed_key(b.file_prefix)) for b in BREEDS])  # petvit class i <- published row
+    state = dict(converted.state_dict)
+    for name in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+        if name in state:
+            state[name] = state[name][rows]  # (37, ...) rows in petvit's order
+    notes = {**converted.notes, "labels_as_published": list(converted.labels)}
+    return dataclasses.replace(converted, state_dict=state, labels=list(PET_LABELS), notes=notes)
 
 
 def resolve_source(source: str) -> Source:

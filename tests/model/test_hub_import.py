@@ -16,6 +16,7 @@ import torch
 
 from cli.main import main as petvit
 from model.artifact import load_artifact, read_metadata
+from model.labels import PET_LABELS, PET_SPECIES
 from tests.hub_checkpoints import (
     HF_PET_LABELS,
     fill_hub_cache,
@@ -59,6 +60,31 @@ def test_transformers_vit_imports_exactly(tmp_path: Path, chelsea, patch_size: i
     assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
     assert meta.provenance["architecture"] == "ViTForImageClassification"
     assert len(meta.provenance["files_sha256"]["model.safetensors"]) == 64
+
+
+def test_pets_labels_take_petvits_names_and_order_exactly(tmp_path: Path, chelsea) -> None:
+    """--labels pets: a Pets head published in another order and spelling becomes petvit's, logits permuted."""
+    shuffled = [HF_PET_LABELS[i] for i in torch.randperm(37, generator=torch.Generator().manual_seed(0)).tolist()]
+    shuffled = [label.replace("_", " ").upper() for label in shuffled]  # e.g. "AMERICAN BULLDOG"
+    reference = hf_vit(tmp_path / "hf", labels=shuffled)
+    out = tmp_path / "pets.safetensors"
+    assert petvit(["import", str(tmp_path / "hf"), "--labels", "pets", "--out", str(out)]) == 0
+    model, meta = load_artifact(out)
+    assert meta.labels == list(PET_LABELS) and meta.species == list(PET_SPECIES)
+    pixels = photo_pixels(chelsea, 64)
+    with torch.no_grad():
+        theirs = reference(pixel_values=normalized(pixels, [0.5] * 3, [0.5] * 3)).logits
+        ours = model(pixels)
+    for i, breed in enumerate(PET_LABELS):  # petvit's class i is the published class of the same breed
+        published = shuffled.index(breed.upper())
+        assert abs(ours[0, i] - theirs[0, published]) <= TOLERANCE
+    assert meta.provenance["conversion"]["labels_as_published"] == shuffled
+
+
+def test_pets_labels_need_the_37_breeds(tmp_path: Path, capsys) -> None:
+    hf_vit(tmp_path / "hf", labels=["cat", "dog", "bird"])
+    assert petvit(["import", str(tmp_path / "hf"), "--labels", "pets", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "37 Oxford-IIIT Pet breeds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("with_teacher", [True, False])
