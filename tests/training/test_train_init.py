@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cli.main import main as petvit
-from model.artifact import Preprocessing, file_sha256, load_artifact
+from model.artifact import Preprocessing, file_sha256, load_artifact, read_metadata
 from model.config import get_config
 from tests.hub_checkpoints import hf_deit, hf_vit
 from tests.training.pets_fixture import make_pets_tree
@@ -112,3 +112,18 @@ def test_without_init_the_recipes_start_where_they_did(chelsea) -> None:
     # A petvit-trained artifact's policy gives the very view the policy-free transform always gave.
     policy = Preprocessing.for_config(get_config("b16"))
     assert torch.equal(eval_transform(224)(chelsea), eval_transform(224, policy=policy)(chelsea))
+
+
+def test_an_imported_pets_head_teaches_a_distillation(pets_root: Path, tmp_path: Path) -> None:
+    """--labels pets makes a published Pets classifier a teacher like a petvit-trained one (same labels, in order)."""
+    hf_vit(tmp_path / "published")  # the 37 breeds, spelt as file prefixes
+    teacher = tmp_path / "teacher.safetensors"
+    assert petvit(["import", str(tmp_path / "published"), "--labels", "pets", "--out", str(teacher)]) == 0
+    student = tmp_path / "student.safetensors"
+    tiny = ["--set", "image_size=32", "--set", "patch_size=8", "--set", "hidden_dim=32", "--set", "depth=1", "--set",
+            "num_heads=2", "--set", "mlp_dim=64"]  # fmt: skip
+    args = ["train", "--recipe", "distill", "--teacher", str(teacher), "--data-dir", str(pets_root), "--epochs", "1",
+            *tiny, "--out", str(student), *QUIET]  # fmt: skip
+    assert petvit(args) == 0
+    meta = read_metadata(student)
+    assert meta.training["teacher"]["sha256"] == file_sha256(teacher) and meta.config.distilled
