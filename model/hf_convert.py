@@ -172,6 +172,17 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig, architec
     return out
 
 
+def _size_dict(value: Any) -> dict[str, int]:
+    """A processor's size as a dict: older feature extractors (ViTFeatureExtractor) wrote a bare int, which
+    transformers reads as a square (get_size_dict's default_to_square)."""
+    if value is None:
+        return {}
+    if isinstance(value, int):
+        return {"height": value, "width": value}
+    require(isinstance(value, dict), f"the processor's size {value!r} is neither a number nor a dict")
+    return {str(k): int(v) for k, v in value.items()}
+
+
 def _preprocessing(
     processor: Mapping[str, Any] | None, model_type: str, config: ViTConfig
 ) -> tuple[Preprocessing, str]:
@@ -186,8 +197,7 @@ def _preprocessing(
     require(doc.get("do_resize", True), "the processor does not resize (do_resize false): petvit always does")
     resample = int(doc.get("resample", 2))
     require(resample in _RESAMPLE, f"the processor resamples with PIL filter {resample}; petvit has bilinear/bicubic")
-    size = dict(doc.get("size") or {})
-    crop = dict(doc.get("crop_size") or {}) if doc.get("do_center_crop") else {}
+    size, crop = _size_dict(doc.get("size")), _size_dict(doc.get("crop_size")) if doc.get("do_center_crop") else {}
     side = square_side([crop["height"], crop["width"]], "crop_size") if crop else None
     if "shortest_edge" in size:
         require(side is not None, "the processor resizes the shortest edge without a crop: the input is not square")

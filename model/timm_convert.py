@@ -33,6 +33,7 @@ _REFUSED_TENSORS = (
     (re.compile(r"\.(attn|mlp)\.norm\."), "extra norms inside attention or the MLP (scale_attn_norm/scale_mlp_norm)"),
     (re.compile(r"\.mlp\.fc1_[gx]\."), "a gated (SwiGLU) MLP"),
     (re.compile(r"^patch_embed\.norm\."), "a LayerNorm after the patch embedding"),
+    (re.compile(r"^pre_logits\."), "a representation (pre-logits) layer before the head"),
 )  # fmt: skip
 # model_args that do not change the function at inference (dropouts, init) or that the tensors already show.
 _NEUTRAL_ARGS = {

@@ -162,6 +162,19 @@ def test_a_config_that_does_not_match_its_weights_is_refused(tmp_path: Path, cap
     assert "layer 2 lacks its query/key/value" in err and "Traceback" not in err
 
 
+def test_a_legacy_feature_extractor_config_is_read(tmp_path: Path) -> None:
+    """Checkpoints from the ViTFeatureExtractor days (google/vit-base-patch16-224's) store `size` as a bare int."""
+    import json
+
+    hf_vit(tmp_path / "hf")
+    legacy = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+              "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 2, "size": 64}  # fmt: skip
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(legacy))
+    _, meta = import_folder(tmp_path / "hf", tmp_path / "legacy.safetensors")
+    pre = meta.preprocessing
+    assert (pre.resize_mode, pre.resize_size, pre.image_size, pre.mean) == ("squash", 64, 64, (0.5, 0.5, 0.5))
+
+
 class _Tripwire:
     """Unpickling this creates a file: proof that someone unpickled."""
 
