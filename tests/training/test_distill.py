@@ -4,7 +4,6 @@ both recipes end to end, resume (and its refusal with another teacher), DDP, and
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from cli.main import main
 from model.artifact import file_sha256, load_artifact, read_metadata, read_metadata_document, save_artifact
 from model.teachers import load_convnet_artifact
 from tests.conftest import make_tiny_model
-from tests.training.pets_fixture import make_pets_tree
 from training.distill import DistillationLoss, TwoHeads
 from training.epoch import LRSchedule, Optimization, Runtime, train_one_epoch
 from training.recipes import recipe_config
@@ -26,11 +24,6 @@ TINY_VIT = ["--set", "image_size=32", "--set", "patch_size=8", "--set", "hidden_
 QUIET = ["--workers", "0", "--threads", "1", "--no-download", "--dtype", "fp32"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def pets_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pets_tree(tmp_path_factory.mktemp("pets"), trainval_per_class=3, test_per_class=2)
 
 
 @pytest.fixture(scope="module")
@@ -219,16 +212,9 @@ def test_distill_resumes_where_it_stopped_and_refuses_another_teacher(
         torch.testing.assert_close(b[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_distill_trains_under_a_torchrun_style_process_group(
-    pets_root: Path, vit_teachers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("torchrun_env")
+def test_distill_trains_under_a_torchrun_style_process_group(pets_root: Path, vit_teachers, tmp_path: Path) -> None:
     """DDP wraps the two-headed student (not the teacher): a 1-process gloo group as torchrun sets it up."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
     out, run = tmp_path / "ddp.safetensors", tmp_path / "run"
     argv = ["train", "--recipe", "distill", "--teacher", str(vit_teachers[0]), "--dataset", "pets", "--data-dir",
             str(pets_root), "--out", str(out), "--output-dir", str(run), "--epochs", "1", "--batch-size", "16",

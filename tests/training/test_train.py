@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,6 @@ from cli.train import configs_from_args
 from model.artifact import load_artifact, read_metadata
 from model.precision import autocast_dtype
 from model.pretrained import load_pretrained
-from tests.training.pets_fixture import make_pets_tree
 from training.recipes import lr_at
 from training.train_state import load_train_state, save_train_state
 
@@ -31,11 +29,6 @@ QUIET = ["--workers", "0", "--threads", "1", "--no-download"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def pets_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pets_tree(tmp_path_factory.mktemp("pets"), trainval_per_class=3, test_per_class=2)
 
 
 @pytest.fixture(scope="module")
@@ -241,16 +234,11 @@ def _offline_download(*args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-def test_trains_under_a_torchrun_style_process_group(pets_root, tmp_path, monkeypatch) -> None:
+@pytest.mark.usefixtures("torchrun_env")
+def test_trains_under_a_torchrun_style_process_group(pets_root, tmp_path) -> None:
     """RANK/WORLD_SIZE/LOCAL_RANK as torchrun sets them: a 1-process gloo group, DistributedSampler, DDP."""
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
     artifact, run = tmp_path / "ddp.safetensors", tmp_path / "run"
     argv = ["train", "--recipe", "scratch", "--dataset", "pets", "--data-dir", str(pets_root), "--out",
             str(artifact), "--output-dir", str(run), "--epochs", "1", "--batch-size", "16", "--device", "cpu",

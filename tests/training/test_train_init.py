@@ -12,18 +12,12 @@ from cli.main import main as petvit
 from model.artifact import Preprocessing, file_sha256, load_artifact, read_metadata
 from model.config import get_config
 from tests.hub_checkpoints import hf_deit, hf_vit
-from tests.training.pets_fixture import make_pets_tree
 from training.data import eval_transform, load_splits
 from training.recipes import recipe_config
 
 QUIET = ["--workers", "0", "--threads", "1", "--no-download"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def pets_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pets_tree(tmp_path_factory.mktemp("pets"), trainval_per_class=3, test_per_class=2)
 
 
 @pytest.fixture(scope="module")
