@@ -46,7 +46,8 @@ async def test_unseen_digits_are_unknown_as_often_as_measured(open_set_digits: O
     served = np.mean([r["unknown"] for r in unseen])
     accepted = 1 - np.mean([r["unknown"] for r in known])
     print(
-        f"unseen digits unknown over HTTP {served:.3f} (offline measured {measured:.3f}); held-out 0-4 accepted {accepted:.3f}"
+        f"unseen digits unknown over HTTP {served:.3f} (offline measured {measured:.3f}); "
+        f"held-out 0-4 accepted {accepted:.3f}"
     )
     assert served >= measured - 1e-9  # exactly the offline decision, image by image
     np.testing.assert_allclose([r["ood_score"] for r in unseen], offline.numpy(), rtol=1e-4)
