@@ -122,22 +122,24 @@ class Predictor:
         """
         if not with_attention:
             logits, features = self.logits_and_features(images)
-            return self._with_grid(logits, features, None)
+            return self._answers(logits, features, None)
         methods = methods or [explain.DEFAULT_METHOD] * images.shape[0]
         specs = {name: explain.SERVICE_METHODS[name] for name in methods}
         with _cls_feature_of(self.model, self.wants_features) as captured:
             logits, maps = explain.heatmaps(self.model, images, list(specs.values()))
         grid = torch.stack([maps[specs[name].key][i] for i, name in enumerate(methods)])  # (B, rows, cols)
-        return self._with_grid(logits, captured[0] if captured else None, grid)
+        return self._answers(logits, captured[0] if captured else None, grid)
 
-    def _with_grid(
+    def _answers(
         self, logits: torch.Tensor, features: torch.Tensor | None, grid: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Calibrated probabilities, the grid, and the open-set score, from one pass's logits and CLS features."""
+        """Calibrated probabilities, the grid, and the open-set scores (on the CPU, in float64 inside: a (B, D) copy
+        is cheap, and not every accelerator has float64), from one pass's logits and CLS features."""
         logits = calibrated(logits.float(), self.calibration)
         scores = None
         if self.open_set is not None:
-            scores = self.open_set.deciding_score(logits, None if features is None else features.float())
+            cpu_features = None if features is None else features.float().cpu()
+            scores = self.open_set.deciding_score(logits.cpu(), cpu_features)
         return logits.softmax(dim=-1), grid, scores
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -179,7 +181,7 @@ class Predictor:
         with self._lock:
             batch = stack_to_device(images, self.device)  # list of (3, S, S) -> (B, 3, S, S); pinned on CUDA
             probs = torch.empty(len(images), len(self.labels), dtype=torch.float32, device=self.device)
-            scores = torch.full((len(images),), float("nan"), dtype=torch.float32, device=self.device)
+            scores = torch.full((len(images),), float("nan"), dtype=torch.float32)  # on the CPU, as computed
             grids: list[torch.Tensor | None] = [None] * len(images)
             for with_attention in (False, True):
                 rows = [i for i, want in enumerate(heatmaps) if want == with_attention]
@@ -190,11 +192,11 @@ class Predictor:
                 p, g, s = self.forward(sub, with_attention, [methods[i] for i in rows])
                 probs[index] = p
                 if s is not None:
-                    scores[index] = s
+                    scores[rows] = s
                 if g is not None:
                     for i, grid in zip(rows, g.float().cpu(), strict=True):
                         grids[i] = grid
-            probs, scores = probs.cpu(), scores.cpu().tolist()
+            probs, scores = probs.cpu(), scores.tolist()
         return [ImagePrediction(probs[i], grids[i], _score(scores[i])) for i in range(len(images))]
 
     def unknown_threshold(self, override: float | None = None) -> float | None:

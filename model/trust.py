@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -49,14 +50,25 @@ def energy_score(logits: torch.Tensor) -> torch.Tensor:
     return -torch.logsumexp(logits.float(), dim=-1)
 
 
-def mahalanobis_score(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """(B, D) features -> (B,) squared Mahalanobis distance to the nearest of the (C, D) class means under the
-    (D, D) precision matrix."""
-    # Whiten once with the Cholesky factor (precision = L L^T), then plain distances: B x C x D work, not
-    # B x C x D^2, and no |f|^2 - 2 f.mu + |mu|^2 expansion to lose digits to cancellation.
+def whitening(means: torch.Tensor, precision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Cholesky factor L of the precision, precision = L L^T (D, D), the class means whitened by it (C, D)), in
+    float64: what mahalanobis_score needs, computed once per artifact."""
     factor = torch.linalg.cholesky(precision.double())  # (D, D)
+    return factor, means.double() @ factor  # (C, D) @ (D, D) -> (C, D)
+
+
+def mahalanobis_score(
+    features: torch.Tensor,
+    means: torch.Tensor,
+    precision: torch.Tensor,
+    whitened: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(B, D) features -> (B,) squared Mahalanobis distance to the nearest of the (C, D) class means under the
+    (D, D) precision matrix (`whitened`: their whitening(), when already computed)."""
+    # Whiten with the Cholesky factor, then plain distances: B x C x D work, not B x C x D^2, and no
+    # |f|^2 - 2 f.mu + |mu|^2 expansion to lose digits to cancellation.
+    factor, centres = whitened or whitening(means, precision)
     z = features.double() @ factor  # (B, D) @ (D, D) -> (B, D)
-    centres = means.double() @ factor  # (C, D)
     distances = (z[:, None, :] - centres[None, :, :]).square().sum(dim=-1)  # (B, 1, D) - (1, C, D) -> (B, C)
     return distances.amin(dim=-1).float()
 
@@ -135,7 +147,7 @@ class OpenSet:
         temperature); the Mahalanobis score needs the (B, D) CLS features and the fitted tensors."""
         out = {"msp": msp_score(logits), "energy": energy_score(logits)}
         if features is not None and self.has_mahalanobis:
-            out["mahalanobis"] = mahalanobis_score(features, self.tensors[CLASS_MEANS], self.tensors[PRECISION])
+            out["mahalanobis"] = self._mahalanobis(features)
         return out
 
     def deciding_score(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,7 +158,15 @@ class OpenSet:
             return energy_score(logits)
         if features is None or not self.has_mahalanobis:
             raise ValueError("the Mahalanobis score needs the CLS features and the artifact's class means")
-        return mahalanobis_score(features, self.tensors[CLASS_MEANS], self.tensors[PRECISION])
+        return self._mahalanobis(features)
+
+    def _mahalanobis(self, features: torch.Tensor) -> torch.Tensor:
+        return mahalanobis_score(features, self.tensors[CLASS_MEANS], self.tensors[PRECISION], self._whitened)
+
+    @cached_property
+    def _whitened(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Once per OpenSet (a frozen dataclass: cached_property writes the instance's __dict__ directly).
+        return whitening(self.tensors[CLASS_MEANS], self.tensors[PRECISION])
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> OpenSet:
@@ -203,4 +223,5 @@ __all__ = [
     "energy_score",
     "mahalanobis_score",
     "msp_score",
+    "whitening",
 ]

@@ -108,3 +108,35 @@ async def test_unknown_is_null_without_a_threshold(tiny_artifact: Path) -> None:
     (result,) = response.json()["results"]
     assert "unknown" in result and result["unknown"] is None and result["ood_score"] is None
     assert info["calibration"] is None and info["open_set"] is None and counted == 0
+
+
+def test_compiled_forward_with_features_pads_to_buckets_and_answers_as_eager(
+    open_set_digits: OpenSetDigits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an open set that reads the CLS feature, the compiled function is forward_with_features: one graph per
+    bucket serves logits and features, and the padding rows change neither (torch.compile stood in by the eager
+    function, recording what it was given)."""
+    from app.predictor import Predictor
+
+    compiled: list[object] = []
+    shapes: list[int] = []
+
+    def recording_compile(target, **options):
+        compiled.append(target)
+
+        def run(images: torch.Tensor):
+            shapes.append(images.shape[0])
+            return target(images)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    artifact = open_set_digits.artifact
+    eager = Predictor.from_artifact(artifact, "cpu", "float32")
+    bucketed = Predictor.from_artifact(artifact, "cpu", "float32", compile=True, max_batch_size=8)
+    assert getattr(compiled[0], "__name__", "") == "forward_with_features" and bucketed.wants_features
+    images = list(open_set_digits.unseen_images[:11])
+    for n in (1, 3, 11):  # 11: past the largest bucket, run as 8 + 3 (padded to 4)
+        for got, want in zip(bucketed.predict(images[:n]), eager.predict(images[:n]), strict=True):
+            assert torch.equal(got.probs, want.probs) and got.ood_score == want.ood_score
+    assert shapes == [1, 4, 8, 4]
