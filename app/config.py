@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # thread) when the model is on CUDA and torchvision's GPU decoder works there; "on" forces it (an error on a GPU
     # without it; on a CPU it runs torchvision's CPU decoder, which tests use); "off" = the CPU pool, always.
     gpu_decode: Literal["auto", "on", "off"] = "auto"
+    # Open set (docs/trust.md): an image whose open-set score is above this is `unknown` ("no pet recognised").
+    # Unset: the threshold the artifact stores (chosen on its validation split); on the artifact's own score's scale.
+    unknown_threshold: float | None = Field(None, description="override the artifact's open-set threshold")
     api_key: SecretStr | None = Field(None, description="when set, /classify needs header X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # names logging and uvicorn share

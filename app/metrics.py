@@ -43,6 +43,7 @@ class Metrics:
             "petvit_request_duration_seconds", "HTTP request latency", ["route"], buckets=_SECONDS, registry=r
         )
         self.images = Counter("petvit_images", "images classified", registry=r)
+        self.unknown = Counter("petvit_unknown", "images classified as none of the model's classes", registry=r)
         self.preprocess_duration = Histogram(
             "petvit_preprocess_duration_seconds", "decode + resize + crop per image", buckets=_SECONDS, registry=r
         )

@@ -7,9 +7,12 @@ model (dtype or int8 quantisation, device, torch.compile); a compiled forward on
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from model.artifact import ArtifactMetadata, file_sha256, load_artifact
 from model.device import resolve_device
 from model.inference import prepare_for_inference
 from model.precision import dtype_name
+from model.trust import calibrated
 from model.vit import ViT
 
 log = logging.getLogger("petvit.predictor")
@@ -30,8 +34,9 @@ log = logging.getLogger("petvit.predictor")
 
 @dataclass
 class ImagePrediction:
-    probs: torch.Tensor  # (classes,) float32 on the CPU
+    probs: torch.Tensor  # (classes,) float32 on the CPU, calibrated by the artifact's temperature when it has one
     grid: torch.Tensor | None  # (rows, cols) heatmap in [0, 1], only when a heatmap was asked for
+    ood_score: float | None = None  # the artifact's open-set score (higher: less like any class); None without one
 
 
 class Predictor:
@@ -48,7 +53,11 @@ class Predictor:
         """`dtype` is a torch dtype or a name from model.precision's vocabulary ("int8" included); int8 and
         `compile` give a compiled forward, fed only the bucket sizes of max_batch_size (pow2_batch_sizes)."""
         name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
-        self.runner = prepare_for_inference(model, name, device, compile)
+        # Trust (model/trust.py): logits / temperature before the softmax; the open-set score per image.
+        self.calibration = metadata.calibration
+        self.open_set = metadata.open_set
+        self.wants_features = self.open_set is not None and self.open_set.needs_features
+        self.runner = prepare_for_inference(model, name, device, compile, features=self.wants_features)
         self.model = self.runner.model
         self.metadata = metadata
         self.device = device
@@ -103,35 +112,57 @@ class Predictor:
 
     def forward(
         self, images: torch.Tensor, with_attention: bool, methods: list[str] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 3, S, S) uint8 on the device -> (probs (B, classes) float32, heatmap (B, rows, cols) or None).
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(B, 3, S, S) uint8 on the device -> (probs (B, classes) float32, heatmap (B, rows, cols) or None,
+        open-set scores (B,) or None).
 
         methods: each image's heatmap method, a key of model.explain.SERVICE_METHODS (default DEFAULT_METHOD).
         One forward pass serves them all; "gradient" adds a backward pass over these images (autograd switched on
         inside, even under predict's inference_mode); its cost is in docs/service.md, "Heatmaps".
         """
         if not with_attention:
-            return self.logits(images).float().softmax(dim=-1), None
+            logits, features = self.logits_and_features(images)
+            return self._answers(logits, features, None)
         methods = methods or [explain.DEFAULT_METHOD] * images.shape[0]
         specs = {name: explain.SERVICE_METHODS[name] for name in methods}
-        logits, maps = explain.heatmaps(self.model, images, list(specs.values()))
+        with _cls_feature_of(self.model, self.wants_features) as captured:
+            logits, maps = explain.heatmaps(self.model, images, list(specs.values()))
         grid = torch.stack([maps[specs[name].key][i] for i, name in enumerate(methods)])  # (B, rows, cols)
-        return logits.float().softmax(dim=-1), grid
+        return self._answers(logits, captured[0] if captured else None, grid)
+
+    def _answers(
+        self, logits: torch.Tensor, features: torch.Tensor | None, grid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Calibrated probabilities, the grid, and the open-set scores (on the CPU, in float64 inside: a (B, D) copy
+        is cheap, and not every accelerator has float64), from one pass's logits and CLS features."""
+        logits = calibrated(logits.float(), self.calibration)
+        scores = None
+        if self.open_set is not None:
+            cpu_features = None if features is None else features.float().cpu()
+            scores = self.open_set.deciding_score(logits.cpu(), cpu_features)
+        return logits.softmax(dim=-1), grid, scores
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, classes) on the fast path. A compiled forward gets the batch padded with blank images
-        up to the next bucket (larger batches in chunks of the largest), and the padding's rows are dropped: rows
-        never mix in a ViT (int8 activations are scaled per token), so the real rows' answers do not change."""
-        if self.buckets is None:
-            return self.runner(images)
-        largest = self.buckets[-1]
-        if len(images) > largest:  # only a direct caller can pass more: the batcher never forms such a batch
-            return torch.cat([self.logits(chunk) for chunk in images.split(largest)])
-        n, size = len(images), bucket_for(len(images), self.buckets)
-        if size > n:
+        """(B, 3, S, S) -> (B, classes) uncalibrated logits on the fast path (see logits_and_features)."""
+        return self.logits_and_features(images)[0]
+
+    def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, S, S) -> (logits (B, classes), CLS features (B, D) when the open set reads them, else None) on the
+        fast path. A compiled forward gets the batch padded with blank images up to the next bucket (larger batches
+        in chunks of the largest), and the padding's rows are dropped: rows never mix in a ViT (int8 activations are
+        scaled per token), so the real rows' answers do not change."""
+        if self.buckets is not None and len(images) > self.buckets[-1]:  # only a direct caller passes more
+            parts = [self.logits_and_features(chunk) for chunk in images.split(self.buckets[-1])]
+            features = [f for _, f in parts]
+            return torch.cat([lg for lg, _ in parts]), None if features[0] is None else torch.cat(features)
+        n = len(images)
+        if self.buckets is not None and (size := bucket_for(n, self.buckets)) > n:
             blank = images.new_zeros((size - n, *images.shape[1:]))
             images = torch.cat([images, blank])  # (n, 3, S, S) -> (size, 3, S, S)
-        return self.runner(images)[:n]
+        if not self.wants_features:
+            return self.runner(images)[:n], None
+        logits, features = self.runner.forward_with_features(images)
+        return logits[:n], features[:n]
 
     @torch.inference_mode()
     def predict(
@@ -150,6 +181,7 @@ class Predictor:
         with self._lock:
             batch = stack_to_device(images, self.device)  # list of (3, S, S) -> (B, 3, S, S); pinned on CUDA
             probs = torch.empty(len(images), len(self.labels), dtype=torch.float32, device=self.device)
+            scores = torch.full((len(images),), float("nan"), dtype=torch.float32)  # on the CPU, as computed
             grids: list[torch.Tensor | None] = [None] * len(images)
             for with_attention in (False, True):
                 rows = [i for i, want in enumerate(heatmaps) if want == with_attention]
@@ -157,13 +189,22 @@ class Predictor:
                     continue
                 index = torch.tensor(rows, device=self.device)
                 sub = batch if len(rows) == len(images) else batch[index]
-                p, g = self.forward(sub, with_attention, [methods[i] for i in rows])
+                p, g, s = self.forward(sub, with_attention, [methods[i] for i in rows])
                 probs[index] = p
+                if s is not None:
+                    scores[rows] = s
                 if g is not None:
                     for i, grid in zip(rows, g.float().cpu(), strict=True):
                         grids[i] = grid
-            probs = probs.cpu()
-        return [ImagePrediction(probs[i], grids[i]) for i in range(len(images))]
+            probs, scores = probs.cpu(), scores.tolist()
+        return [ImagePrediction(probs[i], grids[i], _score(scores[i])) for i in range(len(images))]
+
+    def unknown_threshold(self, override: float | None = None) -> float | None:
+        """The open-set threshold in force: PETVIT_UNKNOWN_THRESHOLD when set, else the artifact's; None when the
+        artifact has no open-set score (then `unknown` is null whatever the setting)."""
+        if self.open_set is None:
+            return None
+        return override if override is not None else self.open_set.threshold
 
     def warmup(self, batch_sizes: list[int]) -> float:
         """Run each batch size once (and the heatmap path once) so first requests don't pay for kernel selection,
@@ -176,6 +217,29 @@ class Predictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+
+def _score(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+@contextlib.contextmanager
+def _cls_feature_of(model: ViT, wanted: bool) -> Iterator[list[torch.Tensor]]:
+    """While inside, the CLS token the final LayerNorm puts out, detached: the open-set feature of the explicit-
+    attention pass, without a second forward or a change to that path's signature. Empty when not wanted."""
+    captured: list[torch.Tensor] = []
+    if not wanted:
+        yield captured
+        return
+
+    def keep(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
+        captured.append(output[:, 0].detach())  # (B, prefix + N, D) -> (B, D)
+
+    handle = model.norm.register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def warmup_sizes(max_batch_size: int, policy: str, device: torch.device, buckets: list[int] | None = None) -> list[int]:

@@ -54,6 +54,15 @@ class ImageResult(BaseModel):
     width: int
     height: int
     predictions: list[Prediction]
+    unknown: bool | None = Field(
+        None,
+        description='true: the image looks like none of the model\'s classes ("no pet recognised"), its open-set '
+        "score is above the threshold; the predictions are still the model's best guesses. null: the model has "
+        "no open-set threshold (docs/trust.md)",
+    )
+    ood_score: float | None = Field(
+        None, description="the open-set score (higher: less like any class; its kind and threshold are at /v1/model)"
+    )
     heatmap: Heatmap | None = None
     timings: Timings
 
@@ -73,6 +82,8 @@ class ClassifyResponse(BaseModel):
                                 {"label": "Egyptian Mau", "score": 0.71, "species": "cat", "index": 11},
                                 {"label": "Bengal", "score": 0.12, "species": "cat", "index": 5},
                             ],
+                            "unknown": False,
+                            "ood_score": 41.7,
                             "heatmap": None,
                             "timings": {"preprocess_ms": 3.1, "queue_ms": 4.8, "inference_ms": 38.0, "batch_size": 6},
                         }
@@ -119,6 +130,14 @@ class ModelInfo(BaseModel):
     image_size: int
     preprocessing: dict[str, Any]
     evaluation: dict[str, Any]
+    calibration: dict[str, Any] | None = Field(
+        None, description="temperature scaling: scores are softmax(logits / temperature); null: uncalibrated"
+    )
+    open_set: dict[str, Any] | None = Field(
+        None,
+        description="how `unknown` is decided: the score, the threshold in force and where it comes from "
+        "(artifact or PETVIT_UNKNOWN_THRESHOLD); null: the model has none and `unknown` is always null",
+    )
     sha256: str
     device: str
     dtype: str

@@ -12,6 +12,7 @@ from model.precision import QUANTISED_DTYPES, TRAINING_DTYPE_CHOICES
 from training.data import DatasetUnavailable
 from training.evaluate import evaluate_artifact
 from training.heatmaps import format_table
+from training.open_set import format_open_set_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --heatmaps, score an evenly spaced sample of N images of the split (default 0: all of them)",
     )
 
+    parser.add_argument(
+        "--ood-dir",
+        type=Path,
+        metavar="DIR",
+        help="a folder of images that are none of the model's classes (not pets): compare the open-set scores (max "
+        "softmax, energy, Mahalanobis) on them against the split's images: AUROC, FPR at 95%% TPR, acceptance at "
+        "the artifact's thresholds, and open_set_scores.png",
+    )
+
 
 def main(args: argparse.Namespace) -> int:
     try:
@@ -63,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
             args.dtype,
             args.heatmaps,
             args.heatmap_images,
+            args.ood_dir,
         )
     except (DatasetUnavailable, ArtifactError, ValueError) as err:  # ValueError: wrong classes, empty split
         print(f"petvit evaluate: {err}", file=sys.stderr)
@@ -73,6 +84,15 @@ def main(args: argparse.Namespace) -> int:
         f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}"
         + (f"  cat-vs-dog {cvd:.4f}" if cvd is not None else "")
     )
+    cal = report["calibration"]
+    temperature = "no temperature in the artifact" if cal["temperature"] is None else f"T {cal['temperature']:.3f}"
+    print(f"calibration ({temperature}): ECE ({cal['bins']} bins) {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}")
+    if "open_set" in report:
+        ood = report["open_set"]
+        print(
+            f"open set: {ood['num_in']} {report['split']} images vs {ood['num_out']} from {ood['ood_dir']} (* decides):"
+        )
+        print(format_open_set_table(ood))
     if "heatmaps" in report:
         maps = report["heatmaps"]
         print(f"heatmaps on {maps['num_images']} images (pointing game, heat mass on the pet):")

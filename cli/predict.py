@@ -69,7 +69,9 @@ def main(args: argparse.Namespace) -> int:
             continue
         [result] = predictor.predict([prepared.tensor], [want_map], [args.heatmap_method])
         predictions = [{**p, "score": round(p["score"], 6)} for p in predictor.top_k(result.probs, k)]
-        answer = {"image": str(path), "predictions": predictions}
+        threshold, score = predictor.unknown_threshold(settings.unknown_threshold), result.ood_score
+        unknown = None if threshold is None or score is None else score > threshold  # as POST /classify decides
+        answer = {"image": str(path), "predictions": predictions, "unknown": unknown, "ood_score": score}
         if want_map and result.grid is not None and prepared.image is not None:
             out = heatmap_path(args.heatmap, index, len(args.images))
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +81,8 @@ def main(args: argparse.Namespace) -> int:
         answers.append(answer)
         if not args.json:
             print(path)
+            if unknown:
+                print(f"  no pet recognised (open-set score {score:.4g} > threshold {threshold:.4g}); best guesses:")
             for p in predictions:
                 print(f"  {p['score']:7.2%}  {p['label']} ({p['species']})")
             if "heatmap" in answer:

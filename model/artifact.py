@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, resize_size_for
 from model.labels import PET_LABELS, PET_SPECIES, species_of
+from model.trust import TENSOR_PREFIX, Calibration, OpenSet
 from model.vit import ViT
 
 FORMAT_NAME = "petvit-artifact"
@@ -143,6 +144,10 @@ class ArtifactMetadata:
     evaluation: dict[str, Any] = field(default_factory=dict)  # the test summary shown at /v1/model
     provenance: dict[str, Any] = field(default_factory=dict)  # where the weights came from, when, with what torch
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not model, kept on re-save
+    # Trust (model/trust.py): a temperature for calibrated scores, and how to call an image unknown. None in an
+    # artifact without them, which then answers exactly as before (uncalibrated scores, `unknown` null).
+    calibration: Calibration | None = None
+    open_set: OpenSet | None = None
 
     def __post_init__(self) -> None:
         n = self.config.num_classes
@@ -173,6 +178,7 @@ class ArtifactMetadata:
         for key in ("format", "format_version", "config"):  # these describe the file itself: never the caller's
             doc.pop(key, None)
         known = {k: doc.pop(k) for k in ("name", "variant", "trained", "training", "evaluation") if k in doc}
+        known |= _trust_fields(doc.pop("calibration", None), doc.pop("open_set", None), "the metadata")
         return cls(
             config=config,
             labels=labels,
@@ -203,6 +209,7 @@ class ArtifactMetadata:
         records = {k: dict(doc.get(k) or {}) for k in ("training", "evaluation", "provenance")}
         modelled = {"format", "format_version", "config", "labels", "species", "preprocessing", "name", "variant"}
         modelled.add(ARCHITECTURE_KEY)  # only ever "vit" here, and implied by the config
+        modelled |= {"calibration", "open_set"}
         return cls(
             config=config,
             labels=[str(label) for label in doc["labels"]],
@@ -213,6 +220,7 @@ class ArtifactMetadata:
             trained=bool(doc.get("trained")),
             extra={k: v for k, v in doc.items() if k not in modelled | {"trained", *records}},
             **records,
+            **_trust_fields(doc.get("calibration"), doc.get("open_set"), source),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -230,11 +238,28 @@ class ArtifactMetadata:
             "evaluation": dict(self.evaluation),
             "provenance": dict(self.provenance),
             **self.extra,
+            **({"calibration": self.calibration.to_dict()} if self.calibration else {}),
+            **({"open_set": self.open_set.to_dict()} if self.open_set else {}),
             "config": self.config.to_dict(),
         }
 
     def replace(self, **changes: Any) -> ArtifactMetadata:
         return dataclasses.replace(self, **changes)
+
+
+def _trust_fields(calibration: Any, open_set: Any, source: str) -> dict[str, Any]:
+    """The typed calibration and open-set fields from stored JSON (or already typed values); absent stays absent."""
+    fields: dict[str, Any] = {}
+    try:
+        if calibration is not None:
+            fields["calibration"] = (
+                calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
+            )
+        if open_set is not None:
+            fields["open_set"] = open_set if isinstance(open_set, OpenSet) else OpenSet.from_dict(open_set)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ArtifactError(f"{source} has invalid calibration or open-set metadata: {err}") from None
+    return fields
 
 
 def check_format(doc: Mapping[str, Any], source: str) -> None:
@@ -281,6 +306,8 @@ def save_artifact(
     elif metadata.config != model.config:
         raise ValueError(f"the metadata describes {metadata.config}, not this model's {model.config}")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    if metadata.open_set is not None:  # the open set's class means and precision travel beside the weights
+        tensors |= {TENSOR_PREFIX + k: t.detach().to("cpu").contiguous() for k, t in metadata.open_set.tensors.items()}
     return save_file_atomically(tensors, path, metadata={METADATA_KEY: json.dumps(metadata.to_dict())})
 
 
@@ -363,6 +390,7 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device | None = N
         tensors = load_file(path, device="cpu")
     except SafetensorError as err:
         raise ArtifactError(f"{path} is a damaged safetensors file: {err}") from None
+    meta = _with_open_set_tensors(meta, tensors, path)
     with torch.device("meta"):  # shapes only: no memory, no random init
         expected = ViT(config).state_dict()
     problems = [f"missing {k}" for k in expected if k not in tensors]
@@ -379,6 +407,21 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device | None = N
     if device is not None:
         model = model.to(device)
     return model.eval(), meta
+
+
+def _with_open_set_tensors(meta: ArtifactMetadata, tensors: dict[str, torch.Tensor], path: Path) -> ArtifactMetadata:
+    """Move the open set's tensors (TENSOR_PREFIX...) out of `tensors` and into meta.open_set, checked."""
+    stored = {k.removeprefix(TENSOR_PREFIX): tensors.pop(k) for k in list(tensors) if k.startswith(TENSOR_PREFIX)}
+    if meta.open_set is None:
+        if stored:
+            raise ArtifactError(f"{path} holds open-set tensors {sorted(stored)} but no open-set metadata")
+        return meta
+    open_set = dataclasses.replace(meta.open_set, tensors={k: t.float() for k, t in stored.items()})
+    try:
+        open_set.check_tensors(str(path))
+    except ValueError as err:
+        raise ArtifactError(str(err)) from None
+    return meta.replace(open_set=open_set)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

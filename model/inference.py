@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -49,7 +50,8 @@ class InferenceModel:
     compute_dtype: torch.dtype  # what the floating-point parts compute in (float32 for int8)
     device: torch.device
     compile_mode: str | None = None  # torch.compile's mode, or None when the forward is eager
-    _forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    with_features: bool = False  # the compiled forward is forward_with_features (the open set reads the CLS feature)
+    _forward: Callable[[torch.Tensor], Any] | None = field(default=None, repr=False)
 
     @property
     def compiled(self) -> bool:
@@ -60,16 +62,29 @@ class InferenceModel:
         return self.forward(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images) if self._forward is None else self._forward(images)
+        if self._forward is None:
+            return self.model(images)
+        return self._forward(images)[0] if self.with_features else self._forward(images)
+
+    def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, classes), CLS features (B, D)) from one pass (ViT.forward_with_features); compiled when the
+        model was prepared with features=True and compiled."""
+        if self._forward is not None and self.with_features:
+            return self._forward(images)
+        return self.model.forward_with_features(images)
 
     def forward_with_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and every block's attention weights (B, heads, T, T), eagerly on the same weights."""
         return self.model.forward_with_attention(images)
 
 
-def prepare_for_inference(model: ViT, dtype: str, device: torch.device, compile: bool = False) -> InferenceModel:
+def prepare_for_inference(
+    model: ViT, dtype: str, device: torch.device, compile: bool = False, features: bool = False
+) -> InferenceModel:
     """`model` cast or quantised to `dtype`, moved to `device`, in eval mode; its forward compiled when `compile`
-    (or when `dtype` is int8, which is only worth serving compiled). The model is changed in place.
+    (or when `dtype` is int8, which is only worth serving compiled). The model is changed in place. features=True:
+    callers want the CLS feature with the logits, so the compiled function is forward_with_features (one graph
+    serves both; the plain forward of a model prepared without it is untouched).
 
     Raises ValueError for an unknown dtype and MissingExtraError when int8 is asked for without torchao.
     """
@@ -82,10 +97,10 @@ def prepare_for_inference(model: ViT, dtype: str, device: torch.device, compile:
         compute = resolve_dtype(name, device)
         model = model.to(device=device, dtype=compute).eval()
         name = str(compute).removeprefix("torch.")  # "auto" -> what it chose
-    prepared = InferenceModel(model, name, compute, device)
+    prepared = InferenceModel(model, name, compute, device, with_features=features)
     if compile:
         prepared.compile_mode = "reduce-overhead" if device.type == "cuda" else None
-        prepared._forward = compiled_forward(model, prepared.compile_mode)
+        prepared._forward = compiled_forward(model, prepared.compile_mode, features)
     return prepared
 
 
@@ -102,7 +117,7 @@ def quantise_int8(model: ViT) -> ViT:
     return model
 
 
-def compiled_forward(model: ViT, mode: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def compiled_forward(model: ViT, mode: str | None, features: bool = False) -> Callable[[torch.Tensor], Any]:
     """torch.compile of model.forward with static shapes. With CUDA graphs every call runs on one thread of its own:
     torch's CUDA graph trees are kept per thread, so graphs recorded by a warm-up on one thread would be recorded
     again on the serving thread; and a replay overwrites the previous outputs, so they are cloned before returning."""
@@ -110,14 +125,16 @@ def compiled_forward(model: ViT, mode: str | None) -> Callable[[torch.Tensor], t
     # past the limit (8) dynamo silently runs eager. The service's buckets reach 11 (1..1024), and a process may
     # prepare several models (tests, evaluation after serving), so the limit is raised, never lowered.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    compiled = torch.compile(model, mode=mode, dynamic=False)
+    target = model.forward_with_features if features else model
+    compiled = torch.compile(target, mode=mode, dynamic=False)
     if mode != "reduce-overhead":
         return compiled
     thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="petvit-cuda-graphs")
 
-    def run(images: torch.Tensor) -> torch.Tensor:
+    def run(images: torch.Tensor) -> Any:
         with torch.inference_mode():  # inference mode is per thread: enter it on the graphs' own thread
-            return compiled(images).clone()
+            out = compiled(images)
+            return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
     return lambda images: thread.submit(run, images).result()
 

@@ -282,6 +282,13 @@ class ViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, classes) as forward gives them, the CLS feature (B, D) after the final LayerNorm): what the
+        open-set score reads (model/trust.py), from the same single pass. A distilled model's feature is its CLS
+        token alone, the one its label-trained head reads."""
+        tokens = self.forward_features(x)
+        return self.forward_head(tokens), tokens[:, 0]
+
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distillation training: (CLS head logits, distillation head logits), each (B, classes). The CLS head
         learns the true labels, the distillation head the teacher (training/distill.py)."""

@@ -6,6 +6,7 @@ Area-specific fixtures live in tests/<area>/conftest.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 from model.artifact import save_artifact
 from model.config import ViTConfig
 from model.vit import ViT
+from training.open_set import Outputs, fit_trust
 
 
 def make_tiny_config(**overrides) -> ViTConfig:
@@ -94,20 +96,30 @@ def _train_digits(epochs: int, seed: int) -> tuple[ViT, torch.Tensor, torch.Tens
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)
     held_out, train = order[:360], order[360:]
+    model = fit_digits_vit(images[train], labels[train], 10, epochs, seed, generator)
+    return model, images[held_out], labels[held_out]
+
+
+def fit_digits_vit(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int, seed: int, generator: torch.Generator
+) -> ViT:
+    """The digits ViT (16x16 images, 4x4 patches of 4 px, 2 blocks, width 64) trained on these images, in eval mode."""
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=16, patch_size=4, hidden_dim=64, depth=2, num_heads=4, mlp_dim=128, num_classes=10)
+    config = ViTConfig(
+        image_size=16, patch_size=4, hidden_dim=64, depth=2, num_heads=4, mlp_dim=128, num_classes=num_classes
+    )
     model = ViT(config).train()
-    steps_per_epoch = -(-len(train) // 64)  # ceil
+    steps_per_epoch = -(-len(labels) // 64)  # ceil
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=epochs * steps_per_epoch, pct_start=0.1)
     for _ in range(epochs):
-        for batch in train[torch.randperm(len(train), generator=generator)].split(64):
+        for batch in torch.randperm(len(labels), generator=generator).split(64):
             loss = F.cross_entropy(model(images[batch]), labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-    return model.eval(), images[held_out], labels[held_out]
+    return model.eval()
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +127,55 @@ def digits_model() -> tuple[ViT, torch.Tensor, torch.Tensor]:
     """(float32 ViT trained on real digits, held-out images (360, 3, 16, 16) uint8, their labels (360,)), trained
     once per session. Read-only: copy.deepcopy the model before casting, quantising or compiling it."""
     return train_digits_model()
+
+
+@dataclass
+class OpenSetDigits:
+    """A digits ViT that knows only 0-4, its artifact (temperature and open set fitted as `petvit train` fits them),
+    and held-out images: in-distribution (unseen 0-4) and out-of-distribution (every 5-9)."""
+
+    artifact: Path
+    model: ViT
+    fields: dict  # {"calibration": Calibration, "open_set": OpenSet}, as training/open_set.py fit_trust returns
+    test: Outputs  # held-out 0-4: never trained on, never used to fit anything
+    unseen: Outputs  # the digits 5-9
+    test_images: torch.Tensor  # (180, 3, 16, 16) uint8
+    unseen_images: torch.Tensor  # (896, 3, 16, 16) uint8
+
+
+OPEN_SET_SEED = 4  # one fixed seed; bench/open_set_digits.py reports seeds 0-4 (docs/trust.md)
+
+
+def train_open_set_digits(folder: Path, seed: int = OPEN_SET_SEED, epochs: int = 120) -> OpenSetDigits:
+    """Digits 0-4 split 541 train / 180 validation / 180 test, the ViT trained on train (~15 s on one thread), then
+    calibration and open set fitted (train: class Gaussians; validation: temperature and thresholds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see train_digits_model
+    try:
+        images, labels = digits_images()
+        generator = torch.Generator().manual_seed(seed)
+        known, unseen = (labels < 5).nonzero().squeeze(1), (labels >= 5).nonzero().squeeze(1)
+        known = known[torch.randperm(len(known), generator=generator)]
+        test, val, train = known[:180], known[180:360], known[360:]
+        model = fit_digits_vit(images[train], labels[train], 5, epochs, seed, generator)
+        with torch.no_grad():
+            train_out, val_out, test_out, unseen_out = (
+                Outputs(*model.forward_with_features(images[i]), labels[i]) for i in (train, val, test, unseen)
+            )
+    finally:
+        torch.set_num_threads(threads)
+    fields = fit_trust(train_out, val_out, num_classes=5)
+    artifact = folder / "digits-0-4.safetensors"
+    preprocessing = {"image_size": 16, "resize_size": 16}  # uploads of 16x16 digits reach the model unchanged
+    save_artifact(model, artifact, {"name": "digits-0-4", "trained": True, "labels": [str(d) for d in range(5)],
+                                    "preprocessing": preprocessing, **fields})  # fmt: skip
+    return OpenSetDigits(artifact, model, fields, test_out, unseen_out, images[test], images[unseen])
+
+
+@pytest.fixture(scope="session")
+def open_set_digits(tmp_path_factory: pytest.TempPathFactory) -> OpenSetDigits:
+    """Trained once per session; read-only."""
+    return train_open_set_digits(tmp_path_factory.mktemp("open-set"))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

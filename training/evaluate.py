@@ -26,8 +26,10 @@ from model.artifact import ArtifactMetadata, file_sha256, load_artifact, save_ar
 from model.inference import prepare_for_inference
 from model.precision import autocast_dtype, dtype_name, is_quantised
 from model.vit import ViT
+from training.calibration import calibration_report
 from training.data import DataConfig, eval_transform, load_splits
 from training.heatmaps import evaluate_heatmaps
+from training.open_set import ImageFiles, collect_outputs, compare_scores, open_set_report
 from training.plots import plot_confusion_matrix, plot_training_curves
 
 REPORT_FILE = "report.json"
@@ -153,6 +155,12 @@ def metadata_summary(report: dict[str, Any]) -> dict[str, Any]:
     summary = {k: report[k] for k in keys if k in report} | {"evaluated_at": report.get("evaluated_at")}
     if "heatmaps" in report:  # the numbers, not where this machine wrote its PNG
         summary["heatmaps"] = {k: v for k, v in report["heatmaps"].items() if k != "file"}
+    if "calibration" in report:  # the ECEs, not the bins
+        summary["calibration"] = {
+            k: report["calibration"][k] for k in ("temperature", "bins", "ece_before", "ece_after")
+        }
+    if "open_set" in report:
+        summary["open_set"] = {k: v for k, v in report["open_set"].items() if k != "file"}
     return summary
 
 
@@ -172,8 +180,9 @@ def write_report(
     plot_confusion_matrix(report["confusion_matrix"], labels, paths["confusion_matrix"], title=title)
     if history:
         paths["curves"] = plot_training_curves(history, output_dir / CURVES_FILE, title=report.get("name", ""))
-    if report.get("heatmaps", {}).get("file"):
-        paths["heatmap_examples"] = Path(report["heatmaps"]["file"])
+    for key, name in (("heatmaps", "heatmap_examples"), ("calibration", "reliability"), ("open_set", "open_set")):
+        if report.get(key, {}).get("file"):
+            paths[name] = Path(report[key]["file"])
     report = {**report, "files": {k: str(v) for k, v in paths.items()}}
     paths["report"].write_text(json.dumps(report, indent=2))
     return paths
@@ -206,10 +215,13 @@ def evaluate_artifact(
     dtype: str = "auto",
     heatmaps: bool = False,
     heatmap_images: int = 0,
+    ood_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate an artifact on a split in `dtype` (model.precision's names and its "auto" rule); writes the report
     files; optionally stores the summary in the artifact. heatmaps=True adds the heatmap scores on Pets' masks
-    (on an evenly spaced sample of heatmap_images images when > 0)."""
+    (on an evenly spaced sample of heatmap_images images when > 0). Calibration (ECE before and after the
+    artifact's temperature, a reliability diagram) is always reported; ood_dir, a folder of images that are none of
+    the classes, adds the open-set scores compared against the split's images (training/open_set.py)."""
     model, meta = load_artifact(checkpoint, device=device)
     scored, amp, dtype_label = _scored_model(model, dtype, torch.device(device))
     data = data_config_from_metadata(meta, dataset, data_dir)
@@ -224,7 +236,8 @@ def evaluate_artifact(
         )
     view = getattr(splits, split).with_transform(eval_transform(model.config.image_size, policy=meta.preprocessing))
     desc = f"evaluate {split} ({dtype_label})"
-    logits, targets = predict(scored, view, batch_size, device, num_workers, amp, desc=desc)
+    inside = collect_outputs(scored, view, batch_size, device, num_workers, amp, desc=desc)
+    logits, targets = inside.logits, inside.targets
     report = {
         "name": meta.name,
         "checkpoint": str(checkpoint),
@@ -236,7 +249,16 @@ def evaluate_artifact(
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "labels": labels,
         **compute_metrics(logits, targets, labels, list(meta.species)),
+        "calibration": calibration_report(logits, targets, meta.calibration, output_dir, f"{meta.name} on {split}"),
     }
+    if ood_dir is not None:
+        images = ImageFiles(ood_dir, eval_transform(model.config.image_size))
+        outside = collect_outputs(scored, images, batch_size, device, num_workers, amp, desc=f"evaluate {ood_dir}")
+        table = compare_scores(meta.open_set, meta.calibration, inside, outside)
+        title = f"{meta.name}: {split} split vs {Path(ood_dir).name}"
+        report["open_set"] = open_set_report(table, output_dir, len(targets), len(images), title) | {
+            "ood_dir": str(ood_dir)
+        }
     if heatmaps:
         report["heatmaps"] = evaluate_heatmaps(
             model, data, split, output_dir, batch_size, device, num_workers, amp, heatmap_images

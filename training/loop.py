@@ -28,7 +28,9 @@ from tqdm import tqdm
 from model.device import resolve_device
 from model.precision import autocast_dtype
 from model.teachers import ConvNet
+from model.trust import Calibration
 from model.vit import ViT
+from training.calibration import calibration_report
 from training.data import DataConfig, DatasetUnavailable, DataSplits, load_splits
 from training.distributed import (
     DistInfo,
@@ -40,6 +42,7 @@ from training.distributed import (
 )
 from training.epoch import Optimization, Runtime, held_out_accuracy, train_one_epoch
 from training.evaluate import compute_metrics, metadata_summary, write_report
+from training.open_set import fit_trust
 from training.plans import Plan, plan_for
 from training.recipes import TrainConfig, build_model, parameter_groups
 from training.train_state import (
@@ -337,9 +340,10 @@ def finish(job: TrainJob, started: float) -> dict[str, Any]:
     # The exported model is the best epoch's weights, not the last epoch's.
     load_weights(job.run_dir / BEST_FILE, job.plan.trained)
     job.model.eval()
-    fields = artifact_fields(job, started)
+    fields = artifact_fields(job, started) | trust_fields(job)
     if job.run.evaluate:
-        fields["evaluation"] = evaluate_test(job, fields["name"], fields["training"]["history"])
+        history = fields["training"]["history"]
+        fields["evaluation"] = evaluate_test(job, fields["name"], history, fields.get("calibration"))
         summary["test"] = fields["evaluation"]
     path = job.plan.write_artifact(job.run.out, fields)
     print(f"wrote {path} (best epoch {job.best['epoch']}, held-out top-1 {job.best['val_top1']:.4f})")
@@ -379,7 +383,25 @@ def artifact_fields(job: TrainJob, started: float) -> dict[str, Any]:
     }
 
 
-def evaluate_test(job: TrainJob, name: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+def trust_fields(job: TrainJob) -> dict[str, Any]:
+    """The temperature (fitted on the validation split) and the open set (class Gaussians on the train split,
+    thresholds on the validation split) of the exported model; nothing for a network the service does not serve."""
+    outputs = job.plan.trust_outputs(job.splits)
+    if outputs is None:
+        return {}
+    fields = fit_trust(*outputs, num_classes=len(job.splits.labels))
+    cal, open_set = fields["calibration"], fields["open_set"]
+    print(
+        f"calibration on val: temperature {cal.temperature:.3f}, ECE {cal.ece_before:.4f} -> {cal.ece_after:.4f}; "
+        f"open set: {open_set.score} threshold {open_set.threshold:.4g} accepts "
+        f"{open_set.target_acceptance:.0%} of val"
+    )
+    return fields
+
+
+def evaluate_test(
+    job: TrainJob, name: str, history: list[dict[str, Any]], calibration: Calibration | None = None
+) -> dict[str, Any]:
     """Score the model on the test split: report.json and the PNGs in the run dir, a printed line, and the
     summary the artifact stores."""
     data, labels = job.data, job.splits.labels
@@ -392,6 +414,7 @@ def evaluate_test(job: TrainJob, name: str, history: list[dict[str, Any]]) -> di
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         "labels": labels,
         **compute_metrics(logits, targets, labels, job.splits.species),
+        "calibration": calibration_report(logits, targets, calibration, job.run_dir, f"{name} on test"),
     }
     write_report(report, labels, job.run_dir, history)
     cvd = report["cat_vs_dog"]

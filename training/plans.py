@@ -37,6 +37,7 @@ from training.distributed import DistInfo
 from training.epoch import Batches, Mixer, Runtime, TeacherLoss
 from training.evaluate import predict
 from training.features import cached_features
+from training.open_set import Outputs, collect_outputs
 from training.recipes import InitArtifact, TrainConfig, starts_from_artifact
 
 
@@ -104,6 +105,21 @@ class Plan(ABC):
             fields = {**fields, "preprocessing": self.policy}
         return save_artifact(model, out, ArtifactMetadata.create(model.config, fields))
 
+    def trust_outputs(self, splits: DataSplits) -> tuple[Outputs, Outputs] | None:
+        """(train, val) logits and CLS features of the model as it now is, for calibration and the open set
+        (training/open_set.py fit_trust); None for a network the service does not serve (a convnet teacher)."""
+        model, env = self.model, self.env
+        views = [
+            getattr(splits, name).with_transform(eval_transform(self.image_size, policy=self.policy))
+            for name in ("train", "val")
+        ]
+        batch = max(16, self.cfg.batch_size)
+        train, val = (
+            collect_outputs(model, view, batch, env.device, env.workers, env.amp, desc=f"{name} outputs")
+            for name, view in zip(("train", "val"), views, strict=True)
+        )
+        return train, val
+
     @abstractmethod
     def prepare(self, splits: DataSplits, data: DataConfig, run_dir: Path, with_test: bool) -> None:
         """Build the train and held-out batches (a probe also extracts the test features when with_test)."""
@@ -162,6 +178,17 @@ class HeadOnFeatures(Plan):
     def epoch_batches(self, epoch: int, generator: torch.Generator) -> Batches:
         self.train_batches.generator = generator
         return self.train_batches
+
+    @torch.no_grad()
+    def trust_outputs(self, splits: DataSplits) -> tuple[Outputs, Outputs] | None:
+        # The cached features are the CLS token after the final LayerNorm (forward_head's pre-logits of a ViT with
+        # one head): the head over them gives the logits, no image runs through the backbone again.
+        if self.model.config.distilled:  # pre-logits would be the mean of two tokens, not the CLS token
+            return super().trust_outputs(splits)
+        return tuple(  # type: ignore[return-value]
+            Outputs(self.model.head(feats).float().cpu(), feats.float().cpu(), targets.cpu())
+            for feats, targets in (self.features["train"], self.features["val"])
+        )
 
     @torch.no_grad()
     def test_logits(self, splits: DataSplits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +313,9 @@ class ConvNetTeacher(WholeNetwork):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"arch": self.cfg.arch, "init": self.cfg.init}
+
+    def trust_outputs(self, splits: DataSplits) -> tuple[Outputs, Outputs] | None:
+        return None  # a teacher is never served: no temperature, no open set
 
     def write_artifact(self, out: str | Path, fields: dict[str, Any]) -> Path:
         return save_convnet_artifact(self.model.cpu(), out, fields)

@@ -109,3 +109,77 @@ def plot_heatmap_examples(
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def plot_reliability_diagram(curves: dict[str, Sequence[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
+    """Accuracy against mean top score per confidence bin (training/calibration.py's reliability_bins), one line per
+    curve ("uncalibrated", "temperature 1.8"), with the diagonal a calibrated model follows and each bin's share of
+    images below."""
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5.2, 6.0), height_ratios=(3, 1), sharex=True)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    for (name, rows), marker in zip(curves.items(), "os^v", strict=False):
+        filled = [r for r in rows if r["count"]]
+        ax.plot([r["confidence"] for r in filled], [r["accuracy"] for r in filled], f"{marker}-", label=name)
+        total = max(sum(r["count"] for r in rows), 1)
+        centres = [(r["low"] + r["high"]) / 2 for r in rows]
+        ax_count.plot(centres, [r["count"] / total for r in rows], f"{marker}-", label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "reliability diagram")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    ax_count.set_xlabel("top score (confidence)")
+    ax_count.set_ylabel("share of images")
+    ax_count.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_score_histograms(
+    scores: dict[str, dict[str, np.ndarray]],
+    thresholds: dict[str, float | None],
+    path: str | Path,
+    notes: dict[str, str] | None = None,
+    title: str = "",
+) -> Path:
+    """One panel per open-set score: histograms of the in-distribution and out-of-distribution images' scores
+    (higher = more unusual), the threshold as a vertical line. scores: {score: {"in": (N,), "out": (M,)}}."""
+    notes = notes or {}
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.3 * len(scores), 3.4), squeeze=False)
+    for ax, (name, parts) in zip(axes[0], scores.items(), strict=True):
+        both = np.concatenate([parts["in"], parts["out"]])
+        edges = np.histogram_bin_edges(both, bins=40)
+        ax.hist(parts["in"], bins=edges, alpha=0.6, density=True, label="in distribution")
+        ax.hist(parts["out"], bins=edges, alpha=0.6, density=True, label="out of distribution")
+        if thresholds.get(name) is not None:
+            ax.axvline(thresholds[name], color="black", linestyle="--", label="threshold")
+        ax.set_title(f"{name}{': ' + notes[name] if name in notes else ''}", fontsize=9)
+        ax.set_xlabel("score (higher: less like any class)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_acceptance_tradeoff(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    marks: dict[str, tuple[float, float]] | None = None,
+    title: str = "",
+) -> Path:
+    """The open-set trade-off per score: share of in-distribution images accepted (x) against share of
+    out-of-distribution images caught as unknown (y), as the threshold moves; marks: the chosen operating points."""
+    fig, ax = plt.subplots(figsize=(5.4, 4.4))
+    for name, (accepted, caught) in curves.items():
+        (line,) = ax.plot(accepted, caught, label=name)
+        if marks and name in marks:
+            ax.plot(*marks[name], "o", color=line.get_color())
+    ax.set_xlabel("in-distribution images accepted")
+    ax.set_ylabel("out-of-distribution images marked unknown")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "open-set trade-off", fontsize=9)
+    return _save(fig, path)

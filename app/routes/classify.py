@@ -124,11 +124,13 @@ async def classify(
             jobs = [ImageJob(image.prepared.pixels, heatmap, heatmap_method.value) for image in images]
             results = _decoded(images, await _run(batcher, jobs, arrived, settings.request_timeout_s))
             overlays = await _overlays(service, images, results, heatmap, heatmap_png)
+            threshold = predictor.unknown_threshold(settings.unknown_threshold)
             answers = [
-                _answer(predictor, k, image, result, overlay, heatmap_method.value)
+                _answer(predictor, k, image, result, overlay, heatmap_method.value, threshold)
                 for image, result, overlay in zip(images, results, overlays, strict=True)
             ]
             service.metrics.images.inc(len(answers))
+            service.metrics.unknown.inc(sum(answer.unknown is True for answer in answers))
             return ClassifyResponse(
                 model=predictor.metadata.name,
                 results=answers,
@@ -248,14 +250,18 @@ def _answer(
     result: BatchResult[ImagePrediction],
     overlay: _Overlay | None,
     method: str,
+    threshold: float | None,
 ) -> ImageResult:
-    grid = result.value.grid
+    grid, score = result.value.grid, result.value.ood_score
     width, height = image.prepared.size
     return ImageResult(
         filename=image.upload.filename,
         width=width,
         height=height,
         predictions=[Prediction(**p) for p in predictor.top_k(result.value.probs, k)],
+        # Above the threshold: none of the classes. No threshold (or no score): the service cannot say.
+        unknown=None if threshold is None or score is None else score > threshold,
+        ood_score=score,
         heatmap=(
             Heatmap(grid=grid.tolist(), method=method, png=overlay.png, rows=grid.shape[0], cols=grid.shape[1])
             if overlay is not None and grid is not None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
 from app.deps import ServiceDep
+from app.predictor import Predictor
 from app.schemas import ERROR_RESPONSES, ModelInfo
 
 router = APIRouter(tags=["model"])
@@ -25,8 +28,21 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         image_size=predictor.image_size,
         preprocessing=meta.preprocessing.to_dict(),
         evaluation=dict(meta.evaluation),
+        calibration=meta.calibration.to_dict() if meta.calibration else None,
+        open_set=open_set_info(predictor, service.settings.unknown_threshold),
         sha256=predictor.sha256,
         device=str(predictor.device),
         dtype=predictor.dtype_name,
         parameters=predictor.model.num_parameters(),
     )
+
+
+def open_set_info(predictor: Predictor, override: float | None) -> dict[str, Any] | None:
+    """The artifact's open-set record plus the threshold this service applies and where it comes from."""
+    if predictor.open_set is None:
+        return None
+    return {
+        **predictor.open_set.to_dict(),
+        "threshold_in_force": predictor.unknown_threshold(override),
+        "threshold_source": "PETVIT_UNKNOWN_THRESHOLD" if override is not None else "artifact",
+    }

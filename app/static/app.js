@@ -254,7 +254,12 @@
       return row;
     });
     list.replaceChildren(...rows);
-    list.setAttribute("aria-label", `Top ${rows.length} breeds for ${$(".card-title", item).textContent}`);
+    const unknown = entry.unknown === true; // null (the model has no open-set threshold) reads as "not unknown"
+    const name = $(".card-title", item).textContent;
+    list.setAttribute("aria-label", `${unknown ? "Dimmed guesses: " : ""}Top ${rows.length} breeds for ${name}`);
+    list.classList.toggle("is-unknown", unknown);
+    item.dataset.unknown = String(entry.unknown ?? "null");
+    $(".unknown-notice", item).hidden = !unknown;
     list.hidden = false;
   }
 

@@ -167,3 +167,21 @@ def test_wait_until_ready_gives_up_on_timeout_and_when_the_server_died():
     calls = []
     assert wait_until_ready(url, timeout=60, still_running=lambda: calls.append(1) is None and len(calls) < 3) is False
     assert len(calls) == 3  # stopped polling as soon as the server was reported dead, long before the timeout
+
+
+def test_predict_says_no_pet_recognised_as_the_service_decides(open_set_digits, tmp_path, monkeypatch, capsys):
+    """The digits 0-4 artifact (tests/conftest.py) on a digit it never learned, with the threshold set so low that
+    anything is unknown, then on the tiny artifact, which has no open set: `unknown` null."""
+    path = tmp_path / "digit.png"
+    Image.fromarray(open_set_digits.unseen_images[0].permute(1, 2, 0).numpy()).save(path)  # (3, H, W) -> (H, W, 3)
+    monkeypatch.setenv("PETVIT_UNKNOWN_THRESHOLD", "-1")
+    assert petvit(["predict", str(path), "--checkpoint", str(open_set_digits.artifact), "--dtype", "float32"]) == 0
+    assert "no pet recognised (open-set score" in capsys.readouterr().out
+    argv = ["predict", str(path), "--checkpoint", str(open_set_digits.artifact), "--dtype", "float32", "--json"]
+    assert petvit(argv) == 0
+    [answer] = json.loads(capsys.readouterr().out)
+    assert answer["unknown"] is True and answer["ood_score"] > -1
+    monkeypatch.delenv("PETVIT_UNKNOWN_THRESHOLD")
+    assert petvit(argv) == 0
+    [answer] = json.loads(capsys.readouterr().out)
+    assert answer["unknown"] is (answer["ood_score"] > open_set_digits.fields["open_set"].threshold)

@@ -87,6 +87,9 @@ def test_pets_linear_probe_then_evaluate_end_to_end(pets_root, torch_home, tmp_p
     assert training["commit"] and len(training["history"]) == 1
     assert set(meta.evaluation) >= {"top1", "top5", "per_class", "cat_vs_dog", "num_images"}
     assert meta.evaluation["num_images"] == 37 * 2
+    # The probe's open set comes from its cached features: CLS tokens of the frozen backbone.
+    assert meta.calibration.temperature > 0 and meta.open_set.tensors["precision"].shape == (64, 64)
+    assert meta.open_set.fitted["num_train"] == 74 and meta.open_set.threshold is not None
     # Frozen backbone: only the head moved away from the ImageNet weights.
     pretrained = load_pretrained("b16", num_classes=37).state_dict()
     for name, tensor in backbone(model.state_dict()).items():
@@ -150,6 +153,15 @@ def test_scratch_recipe_learns_real_handwritten_digits(digits_root, tmp_path) ->
     assert meta.training["sizes"] == {"train": 1259, "val": 179, "test": 359}
     assert meta.evaluation["num_images"] == 359
     assert meta.evaluation["top1"] >= 0.90, meta.evaluation
+    # Calibrated on the validation split; the open set fitted (class Gaussians on train, thresholds on val).
+    assert meta.calibration.temperature > 0 and meta.calibration.num_images == 179
+    assert meta.calibration.ece_after <= meta.calibration.ece_before
+    assert meta.evaluation["calibration"]["bins"] == 15
+    open_set = load_artifact(artifact)[1].open_set
+    assert open_set.score == "mahalanobis" and open_set.fitted["num_train"] == 1259
+    assert open_set.fitted["num_val"] == 179
+    assert set(open_set.thresholds) == {"msp", "energy", "mahalanobis"}
+    assert open_set.tensors["class_means"].shape == (10, 64) and open_set.tensors["precision"].shape == (64, 64)
     history = meta.training["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     best = max(history, key=lambda h: h["val_top1"])

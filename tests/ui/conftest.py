@@ -6,6 +6,7 @@ parts, and every test loads the page afresh anyway.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -36,12 +37,11 @@ def petvit_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
-@pytest.fixture(scope="module")
-def service_url(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`petvit serve` on the tiny artifact; yields its base URL once /readyz answers 200."""
+@contextlib.contextmanager
+def petvit_serve(artifact: Path, log_path: Path, **env_overrides: str) -> Iterator[str]:
+    """`petvit serve` on `artifact` (with extra PETVIT_* variables); yields its base URL once /readyz answers 200."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "PETVIT_CHECKPOINT": str(tiny_artifact), "PETVIT_DEVICE": "cpu"}
+    env = {**os.environ, "PETVIT_CHECKPOINT": str(artifact), "PETVIT_DEVICE": "cpu", **env_overrides}
     env.pop("PETVIT_API_KEY", None)  # the page is tested without a key
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -72,6 +72,20 @@ def service_url(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def service_url(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`petvit serve` on the tiny artifact; yields its base URL once /readyz answers 200."""
+    with petvit_serve(tiny_artifact, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def open_set_service_url(open_set_digits, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`petvit serve` on the digits 0-4 artifact, which has an open set (tests/conftest.py open_set_digits)."""
+    with petvit_serve(open_set_digits.artifact, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,190 @@
+"""Which open-set score tells "none of my classes" best? A tiny ViT that knows only the handwritten digits 0-4, then
+unseen digits 5-9 and (when Debian's dataset-fashion-mnist is installed) Fashion-MNIST items as "not a pet".
+
+Each seed trains the tests' open-set digits model (tests/conftest.py train_open_set_digits: digits 0-4 split 541
+train / 180 validation / 180 test, ~15 s on one core), fits the temperature and the open set exactly as `petvit train`
+does (training/open_set.py fit_trust: class Gaussians on train, temperature and thresholds on validation), and
+scores the 180 test images (never used for anything) against the foreign images: AUROC, FPR at 95 % TPR, and at the
+stored thresholds the share of test images accepted and of foreign images marked unknown; plus the test ECE before
+and after the temperature.
+
+    PYTHONPATH=. .venv/bin/python bench/open_set_digits.py                 # seeds 0-4, ~2 min on one core
+    PYTHONPATH=. .venv/bin/python bench/open_set_digits.py --docs          # also copies the PNGs into docs/
+
+Prints a table, writes results/open_set_digits.{json,png} and results/calibration_digits.png (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from tests.conftest import OPEN_SET_SEED, OpenSetDigits, train_open_set_digits
+from training.calibration import expected_calibration_error, reliability_bins
+from training.open_set import Outputs, compare_scores
+from training.plots import plot_acceptance_tradeoff, plot_reliability_diagram
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")  # Debian's dataset-fashion-mnist
+
+
+def fashion_images(count: int) -> torch.Tensor | None:
+    """The first `count` Fashion-MNIST test items as (N, 3, 16, 16) uint8 grey images, or None when not installed."""
+    if not FASHION.exists():
+        return None
+    with gzip.open(FASHION, "rb") as f:
+        raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16)  # idx3 header: magic, count, rows, cols
+    items = torch.from_numpy(raw.reshape(-1, 28, 28)[:count].copy())
+    # (N, 28, 28) -> (N, 1, 16, 16) area-averaged to the digits' size -> (N, 3, 16, 16) grey RGB
+    small = F.interpolate(items[:, None].float(), size=(16, 16), mode="area").round().to(torch.uint8)
+    return small.expand(-1, 3, -1, -1).contiguous()
+
+
+def outputs_of(d: OpenSetDigits, images: torch.Tensor) -> Outputs:
+    with torch.no_grad():
+        logits, features = d.model.forward_with_features(images)
+    return Outputs(logits, features, torch.full((len(images),), -1))
+
+
+def tradeoff(table: dict[str, dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per score: (share of in-distribution accepted, share of foreign caught) as the threshold sweeps."""
+    curves = {}
+    for name, row in table.items():
+        inside, outside = np.sort(row["in_scores"]), row["out_scores"]
+        thresholds = np.r_[-np.inf, inside, np.inf]
+        accepted = np.searchsorted(inside, thresholds, side="right") / len(inside)
+        caught = 1 - np.searchsorted(np.sort(outside), thresholds, side="right") / len(outside)
+        curves[name] = (accepted, caught)
+    return curves
+
+
+def run_seed(seed: int, fashion: torch.Tensor | None, folder: Path) -> dict[str, Any]:
+    d = train_open_set_digits(folder, seed)
+    calibration, open_set = d.fields["calibration"], d.fields["open_set"]
+    foreign = {"digits 5-9": d.unseen} | ({"Fashion-MNIST": outputs_of(d, fashion)} if fashion is not None else {})
+    tables = {name: compare_scores(open_set, calibration, d.test, out) for name, out in foreign.items()}
+    test = d.test
+    return {
+        "seed": seed,
+        "top1": float((test.logits.argmax(-1) == test.targets).float().mean()),
+        "temperature": calibration.temperature,
+        "ece_before": expected_calibration_error(test.logits.softmax(-1), test.targets),
+        "ece_after": expected_calibration_error((test.logits / calibration.temperature).softmax(-1), test.targets),
+        "tables": tables,
+        "reliability": {
+            "uncalibrated": reliability_bins(test.logits.softmax(-1), test.targets),
+            f"temperature {calibration.temperature:.2f}": reliability_bins(
+                (test.logits / calibration.temperature).softmax(-1), test.targets
+            ),
+        },
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and range over seeds of every measure, per foreign set and score."""
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+
+    out: dict[str, Any] = {k: spread([r[k] for r in runs]) for k in ("top1", "temperature", "ece_before", "ece_after")}
+    for foreign in runs[0]["tables"]:
+        out[foreign] = {
+            score: {
+                key: spread([r["tables"][foreign][score][key] for r in runs])
+                for key in ("auroc", "fpr_at_95_tpr", "in_accepted", "out_unknown")
+            }
+            for score in runs[0]["tables"][foreign]
+        }
+    return out
+
+
+def format_table(summary: dict[str, Any], seeds: list[int]) -> str:
+    lines = [f"digits 0-4 ViT, {len(seeds)} seeds {seeds}: mean [min, max]"]
+    for key in ("top1", "temperature", "ece_before", "ece_after"):
+        s = summary[key]
+        lines.append(f"  {key:<12} {s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
+    for foreign in (k for k in summary if isinstance(summary[k], dict) and "msp" in summary[k]):
+        lines.append(
+            f"vs {foreign}:  {'score':<12} {'AUROC':>21} {'FPR@95':>21} {'in accepted':>21} {'out unknown':>21}"
+        )
+        for score, row in summary[foreign].items():
+            cells = " ".join(
+                f"{row[k]['mean']:.3f} [{row[k]['min']:.3f}, {row[k]['max']:.3f}]"
+                for k in ("auroc", "fpr_at_95_tpr", "in_accepted", "out_unknown")
+            )
+            lines.append(f"{'':<15}{score:<12} {cells}")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    """The trade-off curves of the tests' seed (one PNG, a panel per foreign set) and its reliability diagram."""
+    run = next((r for r in runs if r["seed"] == OPEN_SET_SEED), runs[0])
+    paths = []
+    for foreign, table in run["tables"].items():
+        marks = {n: (row["in_accepted"], row["out_unknown"]) for n, row in table.items()}
+        title = f"digits 0-4 ViT (seed {run['seed']}) vs {foreign}\ndots: the stored thresholds (95 % of val)"
+        slug = foreign.split()[0].lower().replace("-", "_")
+        paths.append(plot_acceptance_tradeoff(tradeoff(table), out / f"open_set_{slug}.png", marks, title))
+    title = f"digits 0-4 ViT (seed {run['seed']}), 180 test images"
+    reliability = plot_reliability_diagram(run["reliability"], out / "calibration_digits.png", title)
+    return paths[0] if len(paths) == 1 else _side_by_side(paths, out / "open_set_digits.png"), reliability
+
+
+def _side_by_side(paths: list[Path], target: Path) -> Path:
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white")
+    x = 0
+    for image in images:
+        canvas.paste(image, (x, 0))
+        x += image.width
+    canvas.save(target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--fashion", type=int, default=2000, help="Fashion-MNIST items to use (0: none)")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--docs", action="store_true", help="copy the PNGs into docs/")
+    args = parser.parse_args(argv)
+    fashion = fashion_images(args.fashion) if args.fashion else None
+    with tempfile.TemporaryDirectory() as folder:
+        runs = [run_seed(seed, fashion, Path(folder)) for seed in args.seeds]
+    summary = summarise(runs)
+    print(format_table(summary, args.seeds))
+    args.out.mkdir(parents=True, exist_ok=True)
+    tradeoff_png, reliability_png = plot(runs, args.out)
+    for run in runs:  # the score arrays stay out of the JSON
+        for table in run["tables"].values():
+            for row in table.values():
+                row.pop("in_scores"), row.pop("out_scores")
+    doc = {
+        "seeds": args.seeds,
+        "fashion_items": 0 if fashion is None else len(fashion),
+        "summary": summary,
+        "runs": runs,
+    }
+    (args.out / "open_set_digits.json").write_text(json.dumps(doc, indent=2))
+    print(f"wrote {args.out / 'open_set_digits.json'}, {tradeoff_png}, {reliability_png}")
+    if args.docs:
+        for png in (tradeoff_png, reliability_png):
+            shutil.copy(png, Path(__file__).resolve().parents[1] / "docs" / png.name)
+
+
+if __name__ == "__main__":
+    main()
