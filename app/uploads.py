@@ -6,6 +6,7 @@ ourselves lets a 2 GB upload be refused with 413 after max_upload_bytes, not aft
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -56,9 +57,10 @@ class _Part:
 class _MultipartCollector:
     """Callbacks for python-multipart's streaming parser; keeps the `file` parts, checks limits per chunk."""
 
-    def __init__(self, max_bytes: int, max_files: int) -> None:
+    def __init__(self, max_bytes: int, max_files: int, on_image: Callable[[int], None] | None = None) -> None:
         self.max_bytes = max_bytes
         self.max_files = max_files
+        self.on_image = on_image
         self.files: list[Upload] = []
         self._part: _Part | None = None
         self._field = b""
@@ -96,6 +98,8 @@ class _MultipartCollector:
             if len(self.files) >= self.max_files:
                 raise too_many_files(self.max_files)
             _check_part_type(part.content_type, part.filename)
+            if self.on_image is not None:  # admission: may refuse (429) before this image's bytes are read
+                self.on_image(len(self.files) + 1)
         elif part.filename is not None or (part.content_type and _is_image_type(part.content_type)):
             # A file under another name (`image`, `images`, `files`, ...) is a client using the wrong field, not an
             # oversized form field: say which field to use before reading its bytes. Refused rather than accepted
@@ -118,15 +122,20 @@ class _MultipartCollector:
         self._part = None
 
 
-async def read_uploads(request: Request, max_bytes: int, max_files: int) -> list[Upload]:
-    """The request's images in upload order: multipart `file` fields, or one raw image/* body."""
+async def read_uploads(
+    request: Request, max_bytes: int, max_files: int, on_image: Callable[[int], None] | None = None
+) -> list[Upload]:
+    """The request's images in upload order: multipart `file` fields, or one raw image/* body.
+
+    on_image(n) is called as the n-th image's part starts, before its bytes are read: the route's admission, which
+    raises a ServiceError (429) when the queue cannot take n images, so a refused request is not read further."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     content_type = content_type.decode("latin-1").lower()
     declared = request.headers.get("content-length")
     declared_bytes = int(declared) if declared and declared.isdigit() else None
     try:
         if content_type == "multipart/form-data":
-            return await _read_multipart(request, params, declared_bytes, max_bytes, max_files)
+            return await _read_multipart(request, params, declared_bytes, max_bytes, max_files, on_image)
         if _is_image_type(content_type):
             return [await _read_raw(request, declared_bytes, max_bytes)]
     except ClientDisconnect:
@@ -148,7 +157,12 @@ async def _read_raw(request: Request, declared: int | None, max_bytes: int) -> U
 
 
 async def _read_multipart(
-    request: Request, params: dict, declared: int | None, max_bytes: int, max_files: int
+    request: Request,
+    params: dict,
+    declared: int | None,
+    max_bytes: int,
+    max_files: int,
+    on_image: Callable[[int], None] | None,
 ) -> list[Upload]:
     boundary = params.get(b"boundary")
     if not boundary:
@@ -156,7 +170,7 @@ async def _read_multipart(
     budget = max_files * (max_bytes + _MULTIPART_OVERHEAD)
     if declared is not None and declared > budget:
         raise upload_too_large(f"the body is {declared} bytes; at most {max_files} images of {max_bytes} bytes each")
-    collector = _MultipartCollector(max_bytes, max_files)
+    collector = _MultipartCollector(max_bytes, max_files, on_image)
     parser = MultipartParser(boundary, collector.callbacks())
     received = 0
     try:
