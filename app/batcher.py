@@ -87,6 +87,11 @@ class _Pending:
     cancelled_by_caller: bool = False  # run() was cancelled (a client that disconnected): counted when dropped
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """CUDA (or MPS) ran out of memory for this batch; a smaller batch may still fit."""
     import torch
@@ -193,8 +198,10 @@ class DynamicBatcher(Generic[T, R]):
         """
         pending = self._submit(items, deadline, admission)
         futures = [p.future for p in pending]
+        gathered = asyncio.gather(*futures)
+        gathered.add_done_callback(_retrieve)  # cancelled items end it with an exception nobody else reads
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(gathered, max(0.0, deadline - time.monotonic()))
         except (asyncio.TimeoutError, DeadlineExceededError):
             raise DeadlineExceededError() from None
         except asyncio.CancelledError:

@@ -68,11 +68,15 @@ def check_fits(device: torch.device, path: Path, factor: float) -> None:
         raise insufficient_gpu_memory(shortfall)
 
 
+def _target_device(service: ServiceLifecycle) -> torch.device:
+    """Where the new model will live: the live model's device (the settings have not changed since)."""
+    return service.predictor.device if service.predictor is not None else resolve_device(service.settings.device)
+
+
 def _precheck(service: ServiceLifecycle, path: Path) -> None:
     """The cheap checks, on a worker thread: the header (ArtifactError), then the memory."""
     read_metadata(path)
-    device = service.predictor.device if service.predictor is not None else resolve_device(service.settings.device)
-    check_fits(device, path, service.settings.reload_memory_factor)
+    check_fits(_target_device(service), path, service.settings.reload_memory_factor)
 
 
 async def reload_model(service: ServiceLifecycle, checkpoint: Path | None = None) -> Reloaded:
