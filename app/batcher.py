@@ -157,13 +157,16 @@ class DynamicBatcher(Generic[T, R]):
         return max(1, math.ceil(batches * self._seconds_per_batch))
 
     def estimated_wait_s(self, images: int, held: int = 0) -> float | None:
-        """How long until `images` more would have their answers: everything ahead of them (queued, reserved by
-        admitted requests other than the `held` images of this one, on the model now) plus themselves, times the
-        recent time per image. None before the first batch has been measured."""
+        """How long until `images` more would have their answers, by the recent time per image: the batch on the
+        model now, then the queued images, those reserved by admitted requests (less the `held` images of this one)
+        and these; beyond one batch, in whole batches (the last image of a batch is answered with the first). None
+        before the first batch has been measured."""
         if self.seconds_per_image is None:
             return None
-        ahead = len(self._queue) + self._reserved - held + self._running
-        return (ahead + images) * self.seconds_per_image
+        waiting = len(self._queue) + self._reserved - held + images
+        if waiting > self.max_batch_size:  # under load every batch is full by the time it is taken
+            waiting = math.ceil(waiting / self.max_batch_size) * self.max_batch_size
+        return (self._running + waiting) * self.seconds_per_image
 
     def admit(self, deadline: float) -> Admission:
         """Room in the queue for a request, held from before its body is read until submit() queues its images;

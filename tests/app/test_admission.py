@@ -103,14 +103,14 @@ async def test_retry_after_is_the_time_until_the_estimated_wait_fits_a_fresh_dea
     batcher = DynamicBatcher(lambda items: items, max_batch_size=4, queue_limit=12, request_timeout_s=1.0)
     deadline = time.monotonic() + 1.0
     batcher.submit(list(range(10)), deadline)  # not started: all stay queued
-    batcher.seconds_per_image = 0.5  # 10 queued + 1 = 5.5 s > 1 s: a fresh request fits once 4.5 s have drained
+    batcher.seconds_per_image = 0.5  # 10 queued + 1 = 11 images, 3 batches of 4: 6 s > 1 s left
     with pytest.raises(OverloadedError) as info:
         batcher.check(1, deadline)
-    assert (info.value.retry_after_s, info.value.estimated_s) == (5, pytest.approx(5.5))
+    assert (info.value.retry_after_s, info.value.estimated_s) == (5, pytest.approx(6.0))  # fits once 5 s drained
     with pytest.raises(QueueFullError) as full:
         batcher.check(3, time.monotonic() + 100)  # 13 > 12: one image over, 0.5 s to drain; at least the batch wait
     assert type(full.value) is QueueFullError and full.value.retry_after_s == max(1, batcher.retry_after_s())
-    batcher.check(1, time.monotonic() + 6.0)  # 5.5 s fits a 6 s deadline
+    batcher.check(1, time.monotonic() + 6.5)  # 6 s fits a 6.5 s deadline
 
 
 def _metric(url: str, name: str, **labels: str) -> float:
