@@ -132,12 +132,15 @@ class DynamicBatcher(Generic[T, R]):
         # One thread: the model runs one batch at a time; a second thread would only contend for the same cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petvit-inference")
         self._seconds_per_batch = 0.05  # running estimate for Retry-After before the first per-image measurement
-        # Admission by deadline: EWMA of (batch time / batch size), None until a batch has run (warm-up does not go
-        # through the batcher). Under load batches are full, so this is the cost of one more image in the queue.
+        # Admission by deadline: EWMA of (wall-clock time per batch / batch size), None until a batch has run
+        # (warm-up does not go through the batcher). Under load batches are full, so this is the cost of one more
+        # image in the queue.
         self.seconds_per_image: float | None = None
         self.request_timeout_s = request_timeout_s  # a fresh request's whole budget: what Retry-After aims for
         self._reserved = 0  # images of admitted requests still being read or decoded (Admission.need)
         self._running = 0  # images in the batch on the inference thread now
+        self._last_end = 0.0  # when the last batch's results were handed back (time.monotonic())
+        self._backlog = False  # whether images were waiting then: the next batch starts where that one ended
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -268,8 +271,12 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         while await self._has_work():
             reason = await self._wait_for_batch()
+            # A batch taken from a backlog left by the previous one costs the whole gap since that one ended (event
+            # loop, GIL, the worker's own steps), not only its time on the inference thread.
+            started = self._last_end if self._backlog else time.monotonic()
             live = self._take_batch()
             if not live:
+                self._last_end, self._backlog = time.monotonic(), bool(self._queue)
                 continue  # nothing left for the model: not a released batch
             if self.metrics:
                 self.metrics.batch_flush.labels(reason).inc()
@@ -282,6 +289,15 @@ class DynamicBatcher(Generic[T, R]):
                         p.future.set_exception(RuntimeError("inference failed"))
             finally:
                 self._running = 0
+                self._last_end, self._backlog = time.monotonic(), bool(self._queue)
+                self._measure(len(live), self._last_end - started)
+
+    def _measure(self, images: int, seconds: float) -> None:
+        """Update the time per image the admission estimates with: EWMA of (the batch's share of wall-clock time)
+        / its size, so it is the rate the queue really drains at."""
+        per_image = seconds / images
+        last = self.seconds_per_image
+        self.seconds_per_image = per_image if last is None else 0.8 * last + 0.2 * per_image
 
     async def _has_work(self) -> bool:
         """Wait until something is queued; False once shutdown has begun and the queue is empty."""
@@ -341,9 +357,6 @@ class DynamicBatcher(Generic[T, R]):
             return
         elapsed = time.perf_counter() - start
         self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
-        per_image = elapsed / len(batch)
-        last = self.seconds_per_image
-        self.seconds_per_image = per_image if last is None else 0.8 * last + 0.2 * per_image
         if self.metrics:
             self.metrics.batch_size.observe(len(batch))
             self.metrics.inference_duration.observe(elapsed)
