@@ -25,9 +25,9 @@ from app.metrics import Metrics
 log = logging.getLogger("petvit.batcher")
 
 # Admit a request when its estimated wait is within this share of what is left of its deadline: the estimate is a
-# recent average, and a batch that runs slower than it (a noisy neighbour, a cold cache) must not turn the last
-# admitted requests into 504s. 90 %: at 10x overload on 2 shared cores it cut 504s from 5 % of admitted requests to
-# under 1 %, at no cost in goodput (the queue still holds most of a deadline's work).
+# recent average, and batches that run slower than it (a noisy neighbour, a cold cache) must not turn the last
+# admitted requests into 504s. Goodput does not suffer: the queue still holds most of a deadline's work, far more
+# than the next batch (bench/overload.py; docs/service.md has its figures).
 ADMISSION_HEADROOM = 0.9
 
 T = TypeVar("T")
@@ -315,7 +315,8 @@ class DynamicBatcher(Generic[T, R]):
         batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
         self._set_depth()
         now = time.monotonic()
-        finish = now + len(batch) * (self.seconds_per_image or 0.0)
+        alive = sum(not p.future.done() for p in batch)
+        finish = now + alive * (self.seconds_per_image or 0.0)  # when this batch will be done, by the estimate
         live = []
         for p in batch:
             if p.future.done():  # the caller gave up (deadline, disconnect, a failed sibling) while it waited
