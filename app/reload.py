@@ -64,6 +64,9 @@ def check_fits(device: torch.device, path: Path, factor: float) -> None:
     if device.type != "cuda":
         return
     free, _ = torch.cuda.mem_get_info(device)
+    # Memory PyTorch's allocator holds but no tensor uses (a retired model's, after a reload) is free for the new
+    # model too, though the driver counts it as taken.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if (shortfall := memory_shortfall(free, path.stat().st_size, factor)) is not None:
         raise insufficient_gpu_memory(shortfall)
 

@@ -51,7 +51,7 @@ from app.schemas import (
     Prediction,
     Timings,
 )
-from app.uploads import FILE_FIELD, Upload, read_uploads
+from app.uploads import FILE_FIELD, Upload, check_headers, read_uploads
 
 router = APIRouter(tags=["classify"])
 
@@ -137,6 +137,7 @@ async def classify(
             predictor = generation.predictor
             k = _top_k(top_k, settings.default_top_k, len(predictor.labels))
             _check_heatmap_method(heatmap and heatmap_method == HeatmapMethodName.gradient, predictor)
+            check_headers(request, settings.max_upload_bytes, settings.max_files)  # 415/400/413: never a 429
             _admit(admission, 1, settings.request_timeout_s)  # the least any request brings; a raw body is one
             admit = functools.partial(_admit, admission, timeout_s=settings.request_timeout_s)
             uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files, on_image=admit)

@@ -84,6 +84,21 @@ async def test_a_request_that_would_miss_its_deadline_gets_429_with_retry_after_
     assert retry == {max(1, math.ceil(3 * per_image - 0.9))}, (retry, per_image)
 
 
+async def test_what_the_headers_refuse_is_refused_as_such_even_when_overloaded(tiny_artifact, decodes):
+    settings = make_settings(tiny_artifact, max_upload_bytes=1000)
+    async with running_app(settings) as (client, service):
+        service.batcher.seconds_per_image = 100.0  # as if the model took 100 s an image: nothing fits 30 s
+        png = png_bytes(0)[:900]
+        overloaded = await post_png(client, png)
+        wrong_type = await client.post("/classify", content=png, headers={"Content-Type": "text/plain"})
+        too_big = await post_png(client, png_bytes(0, (200, 200)))  # declared Content-Length over 1000 bytes
+        assert rejected(service, "overloaded") == 1
+    assert overloaded.status_code == 429 and overloaded.json()["error"]["code"] == "overloaded"
+    assert overloaded.headers["Retry-After"] == str(math.ceil(100 - 0.9 * 30))  # until 100 s fits 90 % of 30 s
+    assert (wrong_type.status_code, too_big.status_code) == (415, 413)
+    assert decodes == []
+
+
 async def test_admission_holds_room_from_before_the_body_is_read_until_the_images_are_queued():
     batcher = DynamicBatcher(lambda items: items, max_batch_size=4, queue_limit=3, request_timeout_s=1.0)
     deadline = time.monotonic() + 1.0

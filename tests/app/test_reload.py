@@ -192,12 +192,15 @@ async def test_a_cuda_reload_that_would_not_fit_answers_409_and_changes_nothing(
     tiny_artifact, second_artifact, monkeypatch
 ):
     size = second_artifact.stat().st_size
-    monkeypatch.setattr(app.reload.torch.cuda, "mem_get_info", lambda device: (size, 10 * size))  # 1x free, 1.5x needed
+    cuda = app.reload.torch.cuda
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device: (size // 2, 10 * size))  # the driver: 0.5x free
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device: size)  # the allocator's cache: 0.5x more unused
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device: size // 2)  # -> 1x free, 1.5x needed
     monkeypatch.setattr(app.reload, "_target_device", lambda service: torch.device("cuda"))
     with pytest.raises(ServiceError) as info:
         check_fits(torch.device("cuda"), second_artifact, 1.5)
     assert info.value.status == 409
-    check_fits(torch.device("cuda"), second_artifact, 1.0)  # exactly fits
+    check_fits(torch.device("cuda"), second_artifact, 0.99)  # fits
     async with running_app(make_settings(tiny_artifact, admin_key=KEY)) as (client, service):
         r = await client.post("/v1/admin/reload", json={"checkpoint": str(second_artifact)}, headers=ADMIN)
         assert r.status_code == 409 and r.json()["error"]["code"] == "insufficient_gpu_memory"
