@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.admission import OverloadFastPath
 from app.config import Settings
 from app.errors import install_error_handlers
 from app.lifecycle import PredictorLoader, ServiceLifecycle, load_from_settings
@@ -91,5 +92,6 @@ def create_app(settings: Settings | None = None, loader: PredictorLoader = load_
             allow_headers=["Content-Type", "X-API-Key"],
             expose_headers=["Retry-After", "X-Model-SHA256"],
         )
+    app.add_middleware(OverloadFastPath, service=service)  # 429 for /classify before FastAPI's own work
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
     return app

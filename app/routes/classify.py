@@ -15,27 +15,14 @@ from typing import Annotated, cast
 import torch
 from fastapi import APIRouter, Query, Request, Response
 
-from app.batcher import (
-    Admission,
-    BatcherClosedError,
-    BatcherError,
-    BatchResult,
-    DeadlineExceededError,
-    InferenceFailedError,
-    OverloadedError,
-    QueueFullError,
-)
+from app.admission import refusal
+from app.batcher import Admission, BatcherError, BatchResult
 from app.deps import ApiKeyDep, ServiceDep
 from app.errors import (
     ServiceError,
     client_disconnected,
-    deadline_exceeded,
     in_image,
-    inference_failed,
     invalid_parameters,
-    overloaded,
-    queue_full,
-    shutting_down,
 )
 from app.heatmap import overlay_png_base64
 from app.lifecycle import ImageBatcher, ImageJob, ImageOutcome, ModelGeneration, ServiceLifecycle
@@ -215,21 +202,7 @@ def _admit(admission: Admission, images: int, timeout_s: float) -> None:
     try:
         admission.need(images)
     except BatcherError as err:
-        raise _refusal(err, timeout_s) from None
-
-
-def _refusal(err: BatcherError, timeout_s: float) -> ServiceError:
-    """The answer to a batcher's refusal or failure."""
-    if isinstance(err, OverloadedError):
-        return overloaded(err.retry_after_s, err.estimated_s, err.left_s)
-    if isinstance(err, QueueFullError):
-        return queue_full(err.retry_after_s)
-    if isinstance(err, BatcherClosedError):
-        return shutting_down()
-    if isinstance(err, DeadlineExceededError):
-        return deadline_exceeded(timeout_s)
-    assert isinstance(err, InferenceFailedError)
-    return inference_failed(err.cause)
+        raise refusal(err, timeout_s) from None
 
 
 async def _run(
@@ -252,7 +225,7 @@ async def _run(
     try:
         return running.result()
     except BatcherError as err:
-        raise _refusal(err, timeout_s) from None
+        raise refusal(err, timeout_s) from None
 
 
 async def _disconnect(request: Request) -> None:

@@ -18,6 +18,7 @@ from app.batcher import DynamicBatcher, OverloadedError, QueueFullError
 from .fixtures import (
     live_server,
     make_settings,
+    metric_value,
     png_bytes,
     recording_loader,
     rejected,
@@ -97,6 +98,18 @@ async def test_what_the_headers_refuse_is_refused_as_such_even_when_overloaded(t
     assert overloaded.headers["Retry-After"] == str(math.ceil(100 - 0.9 * 30))  # until 100 s fits 90 % of 30 s
     assert (wrong_type.status_code, too_big.status_code) == (415, 413)
     assert decodes == []
+    # refused by the fast path before FastAPI's routing, yet labelled with the route
+    assert metric_value(service, "petvit_requests_total", route="/classify", status="429") == 1
+
+
+async def test_under_overload_a_wrong_api_key_is_still_401(tiny_artifact):
+    async with running_app(make_settings(tiny_artifact, api_key="k")) as (client, service):
+        service.batcher.seconds_per_image = 100.0
+        anonymous = await post_png(client, png_bytes(0))
+        keyed = await client.post(
+            "/classify", content=png_bytes(0), headers={"Content-Type": "image/png", "X-API-Key": "k"}
+        )
+    assert (anonymous.status_code, keyed.status_code) == (401, 429)
 
 
 async def test_admission_holds_room_from_before_the_body_is_read_until_the_images_are_queued():

@@ -7,12 +7,18 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 import app.reload
+from app.client import wait_until_ready
 from app.errors import ServiceError
 from app.reload import check_fits, memory_shortfall
 from model.artifact import ArtifactMetadata, file_sha256, save_artifact, save_file_atomically
@@ -207,3 +213,34 @@ async def test_a_cuda_reload_that_would_not_fit_answers_409_and_changes_nothing(
         assert "GPU memory" in r.json()["error"]["message"]
         assert reloads(service, "no_memory") == 1
         assert service.predictor.sha256 == file_sha256(tiny_artifact)
+
+
+def test_sighup_to_petvit_serve_reloads_and_the_process_keeps_serving(tiny_artifact, second_artifact, tmp_path):
+    """The real thing: `petvit serve` under uvicorn (which handles SIGINT and SIGTERM itself), sent SIGHUP."""
+    served = tmp_path / "petvit.safetensors"
+    shutil.copy(tiny_artifact, served)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PETVIT_CHECKPOINT": str(served), "PETVIT_DEVICE": "cpu", "PETVIT_DTYPE": "float32"}
+    env |= {"PETVIT_WARMUP": "none", "PETVIT_LOG_LEVEL": "warning", "PETVIT_TORCH_THREADS": "1"}
+    command = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until_ready(url, timeout=60, interval=0.05, still_running=lambda: server.poll() is None)
+        assert httpx.get(f"{url}/v1/model").json()["sha256"] == file_sha256(tiny_artifact)
+        shutil.copy(second_artifact, tmp_path / "next.safetensors")
+        os.replace(tmp_path / "next.safetensors", served)
+        server.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/v1/model").json()["sha256"] != file_sha256(second_artifact):
+            assert time.monotonic() < deadline and server.poll() is None, "no reload after SIGHUP"
+            time.sleep(0.05)
+        answer = httpx.post(f"{url}/classify", content=png_bytes(2), headers={"Content-Type": "image/png"})
+        assert answer.status_code == 200 and answer.headers["X-Model-SHA256"] == file_sha256(second_artifact)
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        # SIGTERM still shuts it down: uvicorn drains, then re-raises the signal it caught (hence -15, not 0)
+        assert server.wait(30) in (0, -signal.SIGTERM)
