@@ -294,10 +294,15 @@ class DynamicBatcher(Generic[T, R]):
 
     def _measure(self, images: int, seconds: float) -> None:
         """Update the time per image the admission estimates with: EWMA of (the batch's share of wall-clock time)
-        / its size, so it is the rate the queue really drains at."""
+        / its size, so it is the rate the queue really drains at. It follows a slowdown faster than a speed-up (a
+        neighbour taking the cores turns admitted requests into 504s; a recovery only costs a few early 429s)."""
         per_image = seconds / images
         last = self.seconds_per_image
-        self.seconds_per_image = per_image if last is None else 0.8 * last + 0.2 * per_image
+        if last is None:
+            self.seconds_per_image = per_image
+        else:
+            weight = 0.5 if per_image > last else 0.2
+            self.seconds_per_image = (1 - weight) * last + weight * per_image
 
     async def _has_work(self) -> bool:
         """Wait until something is queued; False once shutdown has begun and the queue is empty."""
