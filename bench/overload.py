@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,9 +98,12 @@ async def closed_loop(url: str, jpegs: list[bytes], concurrency: int, seconds: f
     return outcomes
 
 
-async def open_loop(url: str, jpegs: list[bytes], rate: float, seconds: float, timeout_s: float) -> list:
+async def open_loop(
+    url: str, jpegs: list[bytes], rate: float, seconds: float, timeout_s: float, at_end: Callable[[], None]
+) -> list:
     """Poisson arrivals at `rate` requests/s for `seconds`, each on its own task: nobody waits for an answer before
-    sending the next, so the offered load stays `rate` whatever the service does."""
+    sending the next, so the offered load stays `rate` whatever the service does. at_end() is called when the
+    phase's `seconds` are over (the answers still due come after)."""
     host, port = url.removeprefix("http://").split(":")
     rng = random.Random(0)
     t0 = time.monotonic()
@@ -111,6 +115,8 @@ async def open_loop(url: str, jpegs: list[bytes], rate: float, seconds: float, t
         tasks.append(asyncio.create_task(request(host, int(port), jpegs[i % len(jpegs)], timeout_s, t0)))
         at += rng.expovariate(rate)
         i += 1
+    await asyncio.sleep(max(0.0, t0 + seconds - time.monotonic()))
+    at_end()
     return list(await asyncio.gather(*tasks))
 
 
@@ -289,10 +295,15 @@ def measure(url: str, pid: int, jpegs: list[bytes], args: argparse.Namespace) ->
     rate = args.overload * before["img_per_s"]
     print(f"capacity {before['img_per_s']:.2f} img/s; overload: {rate:.1f} req/s for {args.seconds:g} s")
     counts_before = service_counts(url)
-    server_cpu, usage = cpu_seconds(pid), resource.getrusage(resource.RUSAGE_SELF)
-    outcomes = asyncio.run(open_loop(url, jpegs, rate, args.seconds, timeout_s))
+    start_cpu, usage = cpu_seconds(pid), resource.getrusage(resource.RUSAGE_SELF)
+    end: dict[str, float] = {}  # the server's CPU over the phase's window, the window goodput is counted in
+
+    def at_end() -> None:
+        end["server_cpu"] = cpu_seconds(pid)
+
+    outcomes = asyncio.run(open_loop(url, jpegs, rate, args.seconds, timeout_s, at_end))
     used = resource.getrusage(resource.RUSAGE_SELF)
-    server_cpu = cpu_seconds(pid) - server_cpu
+    server_cpu = end["server_cpu"] - start_cpu
     counts = {k: v - counts_before.get(k, 0.0) for k, v in service_counts(url).items()}
     after = paced_capacity(url, pid, jpegs, args, timeout_s)
     print(f"capacity after: {after['img_per_s']:.2f} img/s")
