@@ -23,6 +23,7 @@ from .fixtures import (
     recording_loader,
     rejected,
     running_app,
+    until,
 )
 
 
@@ -66,10 +67,12 @@ async def test_a_full_queue_refuses_before_reading_or_decoding(tiny_artifact, de
 
 
 async def test_a_request_that_would_miss_its_deadline_gets_429_with_retry_after_instead_of_504(tiny_artifact, decodes):
-    # 0.4 s per image, 1 s deadline: two images fit (0.8 s, within 90 % of it), the third would be answered at 1.2 s.
+    # 0.3 s per image (a little more, measured), 1 s deadline: two images fit in 90 % of it, a third (0.9 s+) does not.
+    # The measured time per image may grow to 0.445 s on a loaded machine before the second would not fit either.
     settings = make_settings(tiny_artifact, max_batch_size=1, max_wait_ms=0, queue_limit=16, request_timeout_s=1.0)
-    async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.4)) as (client, service):
+    async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.3)) as (client, service):
         assert (await post_png(client, png_bytes(0))).status_code == 200  # measures the time per image
+        await until(lambda: service.batcher.seconds_per_image is not None)  # the worker records it after answering
         per_image = service.batcher.seconds_per_image
         decodes.clear()
         responses = await asyncio.gather(*(post_png(client, png_bytes(i)) for i in range(1, 7)))
