@@ -244,3 +244,13 @@ def test_sighup_to_petvit_serve_reloads_and_the_process_keeps_serving(tiny_artif
         server.terminate()
         # SIGTERM still shuts it down: uvicorn drains, then re-raises the signal it caught (hence -15, not 0)
         assert server.wait(30) in (0, -signal.SIGTERM)
+
+
+async def test_a_reload_brings_up_a_service_whose_first_load_failed(tiny_artifact, tmp_path):
+    settings = make_settings(tmp_path / "not-yet.safetensors", admin_key=KEY)
+    async with running_app(settings) as (client, service):
+        assert service.status == "failed" and (await client.get("/readyz")).status_code == 503
+        r = await client.post("/v1/admin/reload", json={"checkpoint": str(tiny_artifact)}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["previous_sha256"] is None
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await post_png(client, png_bytes(0))).json()["model_sha256"] == file_sha256(tiny_artifact)
