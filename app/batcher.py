@@ -24,6 +24,12 @@ from app.metrics import Metrics
 
 log = logging.getLogger("petvit.batcher")
 
+# Admit a request when its estimated wait is within this share of what is left of its deadline: the estimate is a
+# recent average, and batches that run slower than it (a noisy neighbour, a cold cache) must not turn the last
+# admitted requests into 504s. Goodput does not suffer: the queue still holds most of a deadline's work, far more
+# than the next batch (bench/overload.py; docs/service.md has its figures).
+ADMISSION_HEADROOM = 0.9
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -35,9 +41,20 @@ class BatcherError(Exception):
 class QueueFullError(BatcherError):
     """Admitting the items would take the queue past queue_limit; none of them was queued."""
 
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__(f"queue full; retry after {retry_after_s} s")
+    def __init__(self, retry_after_s: int, message: str | None = None) -> None:
+        super().__init__(message or f"queue full; retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
+
+
+class OverloadedError(QueueFullError):
+    """The queue has room, but the estimated wait (the images ahead x the recent time per image) is longer than
+    what is left of the request's deadline: refused now (429) rather than answered 504 after wasting model time."""
+
+    def __init__(self, retry_after_s: int, estimated_s: float, left_s: float) -> None:
+        message = f"estimated wait {estimated_s:.2f} s, {left_s:.2f} s left; retry after {retry_after_s} s"
+        super().__init__(retry_after_s, message)
+        self.estimated_s = estimated_s
+        self.left_s = left_s
 
 
 class BatcherClosedError(BatcherError):
@@ -73,6 +90,12 @@ class _Pending:
     enqueued: float
     deadline: float
     started: float = 0.0  # when its batch was formed: queue wait = started - enqueued
+    cancelled_by_caller: bool = False  # run() was cancelled (a client that disconnected): counted when dropped
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -92,6 +115,7 @@ class DynamicBatcher(Generic[T, R]):
         queue_limit: int = 256,
         metrics: Metrics | None = None,
         on_out_of_memory: Callable[[], None] | None = None,
+        request_timeout_s: float | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_limit < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and queue_limit must be >= 1 and max_wait_ms >= 0")
@@ -107,7 +131,16 @@ class DynamicBatcher(Generic[T, R]):
         self._worker: asyncio.Task | None = None
         # One thread: the model runs one batch at a time; a second thread would only contend for the same cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petvit-inference")
-        self._seconds_per_batch = 0.05  # running estimate for Retry-After
+        self._seconds_per_batch = 0.05  # running estimate for Retry-After before the first per-image measurement
+        # Admission by deadline: EWMA of (wall-clock time per batch / batch size), None until a batch has run
+        # (warm-up does not go through the batcher). Under load batches are full, so this is the cost of one more
+        # image in the queue.
+        self.seconds_per_image: float | None = None
+        self.request_timeout_s = request_timeout_s  # a fresh request's whole budget: what Retry-After aims for
+        self._reserved = 0  # images of admitted requests still being read or decoded (Admission.need)
+        self._running = 0  # images in the batch on the inference thread now
+        self._last_end = 0.0  # when the last batch's results were handed back (time.monotonic())
+        self._backlog = False  # whether images were waiting then: the next batch starts where that one ended
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -132,42 +165,87 @@ class DynamicBatcher(Generic[T, R]):
         batches = math.ceil(len(self._queue) / self.max_batch_size) + 1
         return max(1, math.ceil(batches * self._seconds_per_batch))
 
-    async def run(self, items: Sequence[T], deadline: float) -> list[BatchResult[R]]:
+    def estimated_wait_s(self, images: int, held: int = 0) -> float | None:
+        """How long until `images` more would have their answers, by the recent time per image: the batch on the
+        model now, then the queued images, those reserved by admitted requests (less the `held` images of this one)
+        and these; beyond one batch, in whole batches (the last image of a batch is answered with the first). None
+        before the first batch has been measured."""
+        if self.seconds_per_image is None:
+            return None
+        waiting = len(self._queue) + self._reserved - held + images
+        if waiting > self.max_batch_size:  # under load every batch is full by the time it is taken
+            waiting = math.ceil(waiting / self.max_batch_size) * self.max_batch_size
+        return (self._running + waiting) * self.seconds_per_image
+
+    def admit(self, deadline: float) -> Admission:
+        """Room in the queue for a request, held from before its body is read until submit() queues its images;
+        `with batcher.admit(deadline) as admission: admission.need(n)` (see Admission)."""
+        return Admission(self, deadline)
+
+    def check(self, images: int, deadline: float, held: int = 0) -> None:
+        """Raise QueueFullError when `images` more would take the queue past queue_limit, OverloadedError when their
+        estimated wait is longer than what is left of `deadline`; `held`: images this request already holds."""
+        if self._closing:
+            raise BatcherClosedError("the service is shutting down")
+        over = len(self._queue) + self._reserved - held + images - self.queue_limit
+        if over > 0:
+            drain = over * self.seconds_per_image if self.seconds_per_image is not None else 0.0
+            raise QueueFullError(max(self.retry_after_s(), math.ceil(drain)))
+        wait = self.estimated_wait_s(images, held)
+        left = deadline - time.monotonic()
+        if wait is not None and wait > ADMISSION_HEADROOM * left:
+            # A fresh request gets the whole timeout: it fits once the queue has drained by the difference.
+            budget = self.request_timeout_s if self.request_timeout_s is not None else left
+            raise OverloadedError(max(1, math.ceil(wait - ADMISSION_HEADROOM * budget)), wait, left)
+
+    async def run(
+        self, items: Sequence[T], deadline: float, admission: Admission | None = None
+    ) -> list[BatchResult[R]]:
         """Each item's result, in order, once its batch has run: what a caller awaits (Ray Serve's `await f(x)`).
 
-        deadline is a time.monotonic() value. Raises QueueFullError or BatcherClosedError before anything is
-        queued, DeadlineExceededError once the deadline passes, InferenceFailedError when a batch holding one of
-        the items failed. Whenever the call ends early (one of those, or the caller itself cancelled: a client
-        that disconnected) its items still queued are cancelled, so the worker skips them.
+        deadline is a time.monotonic() value. Raises QueueFullError (OverloadedError) or BatcherClosedError before
+        anything is queued, DeadlineExceededError once the deadline passes, InferenceFailedError when a batch
+        holding one of the items failed. Whenever the call ends early (one of those, or the caller itself
+        cancelled: a client that disconnected) its items still queued are cancelled, so the worker skips them.
         """
-        futures = self.submit(items, deadline)
+        pending = self._submit(items, deadline, admission)
+        futures = [p.future for p in pending]
+        gathered = asyncio.gather(*futures)
+        gathered.add_done_callback(_retrieve)  # cancelled items end it with an exception nobody else reads
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(gathered, max(0.0, deadline - time.monotonic()))
         except (asyncio.TimeoutError, DeadlineExceededError):
             raise DeadlineExceededError() from None
+        except asyncio.CancelledError:
+            for p in pending:
+                p.cancelled_by_caller = True
+            raise
         except Exception as error:  # the model's own exception, from _run_batch
             raise InferenceFailedError(error) from error
         finally:
             for future in futures:
                 future.cancel()  # no-op once settled; a queued item is dropped when the worker reaches it
 
-    def submit(self, items: Sequence[T], deadline: float) -> list[asyncio.Future]:
+    def submit(self, items: Sequence[T], deadline: float, admission: Admission | None = None) -> list[asyncio.Future]:
         """Queue all of a request's items or none (a half-queued request would waste model time on a 429).
 
         run()'s first step, public for callers that want one future per item (each resolves to a BatchResult);
         such a caller owns the waiting and must cancel the futures it stops waiting for.
         """
-        if self._closing:
-            raise BatcherClosedError("the service is shutting down")
-        if len(self._queue) + len(items) > self.queue_limit:
-            raise QueueFullError(self.retry_after_s())
+        return [p.future for p in self._submit(items, deadline, admission)]
+
+    def _submit(self, items: Sequence[T], deadline: float, admission: Admission | None) -> list[_Pending]:
+        held = admission.images if admission is not None else 0
+        self.check(len(items), deadline, held)
+        if admission is not None:
+            admission.release()  # its room becomes these queued items, in the same step: nobody can take it
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         pending = [_Pending(item, loop.create_future(), now, deadline) for item in items]
         self._queue.extend(pending)
         self._set_depth()
         self._wakeup.set()
-        return [p.future for p in pending]
+        return pending
 
     # ------------------------------------------------------------------ worker
     def _set_depth(self) -> None:
@@ -193,8 +271,12 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         while await self._has_work():
             reason = await self._wait_for_batch()
+            # A batch taken from a backlog left by the previous one costs the whole gap since that one ended (event
+            # loop, GIL, the worker's own steps), not only its time on the inference thread.
+            started = self._last_end if self._backlog else time.monotonic()
             live = self._take_batch()
             if not live:
+                self._last_end, self._backlog = time.monotonic(), bool(self._queue)
                 continue  # nothing left for the model: not a released batch
             if self.metrics:
                 self.metrics.batch_flush.labels(reason).inc()
@@ -205,6 +287,22 @@ class DynamicBatcher(Generic[T, R]):
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(RuntimeError("inference failed"))
+            finally:
+                self._running = 0
+                self._last_end, self._backlog = time.monotonic(), bool(self._queue)
+                self._measure(len(live), self._last_end - started)
+
+    def _measure(self, images: int, seconds: float) -> None:
+        """Update the time per image the admission estimates with: EWMA of (the batch's share of wall-clock time)
+        / its size, so it is the rate the queue really drains at. It follows a slowdown faster than a speed-up (a
+        neighbour taking the cores turns admitted requests into 504s; a recovery only costs a few early 429s)."""
+        per_image = seconds / images
+        last = self.seconds_per_image
+        if last is None:
+            self.seconds_per_image = per_image
+        else:
+            weight = 0.5 if per_image > last else 0.2
+            self.seconds_per_image = (1 - weight) * last + weight * per_image
 
     async def _has_work(self) -> bool:
         """Wait until something is queued; False once shutdown has begun and the queue is empty."""
@@ -216,21 +314,31 @@ class DynamicBatcher(Generic[T, R]):
         return True
 
     def _take_batch(self) -> list[_Pending]:
-        """Pop the next batch and keep the items still worth running: an expired one is failed, an abandoned one
-        dropped, so neither reaches the model."""
+        """Pop the next batch and keep the items still worth running: an abandoned one (its caller cancelled: a
+        client that disconnected; or gave up) is dropped, an expired one failed, and so is one whose deadline would
+        pass before this batch is done by the recent time per image; none of them reaches the model."""
         batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
         self._set_depth()
         now = time.monotonic()
+        alive = sum(not p.future.done() for p in batch)
+        finish = now + alive * (self.seconds_per_image or 0.0)  # when this batch will be done, by the estimate
         live = []
         for p in batch:
             if p.future.done():  # the caller gave up (deadline, disconnect, a failed sibling) while it waited
+                self._count_drop("cancelled" if p.cancelled_by_caller else "abandoned")
                 continue
-            if now >= p.deadline:
+            if finish >= p.deadline:
                 p.future.set_exception(DeadlineExceededError())  # the caller counts its refusal, once
+                self._count_drop("expired")
                 continue
             p.started = now
             live.append(p)
+        self._running = len(live)
         return live
+
+    def _count_drop(self, reason: str) -> None:
+        if self.metrics:
+            self.metrics.dropped_images.labels(reason).inc()
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         """Runs on the inference thread: process, then settle each future on the event loop."""
@@ -273,3 +381,36 @@ class DynamicBatcher(Generic[T, R]):
                 p.future.set_result(result)
 
         p.future.get_loop().call_soon_threadsafe(apply)
+
+
+class Admission:
+    """Queue room held for one request between admission and queuing, so that a request admitted before its body
+    was read and decoded still finds room after: a burst of requests all see the room the ones before them took.
+
+    need(n) is called with 1 before the body is read (the least any request brings), then with each new count as
+    multipart images start arriving; each call checks only the images not yet held (QueueFullError /
+    OverloadedError) and holds them. submit() turns the held room into queued items; leaving the `with` block
+    releases whatever is still held (a refused or failed request)."""
+
+    def __init__(self, batcher: DynamicBatcher, deadline: float) -> None:
+        self.batcher = batcher
+        self.deadline = deadline
+        self.images = 0
+
+    def need(self, images: int) -> None:
+        extra = images - self.images
+        if extra <= 0:
+            return
+        self.batcher.check(extra, self.deadline, held=0)
+        self.batcher._reserved += extra
+        self.images = images
+
+    def release(self) -> None:
+        self.batcher._reserved -= self.images
+        self.images = 0
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     # Unset: the threshold the artifact stores (chosen on its validation split); on the artifact's own score's scale.
     unknown_threshold: float | None = Field(None, description="override the artifact's open-set threshold")
     api_key: SecretStr | None = Field(None, description="when set, /classify needs header X-API-Key")
+    # POST /v1/admin/reload exists only when this is set, and needs it in header X-Admin-Key. SIGHUP reloads either way.
+    admin_key: SecretStr | None = Field(None, description="enables POST /v1/admin/reload (header X-Admin-Key)")
+    # A reload on CUDA is refused unless free memory holds the new artifact's bytes times this (weights, warm-up
+    # activations and allocator slack), since the old model stays loaded until the new one has taken over.
+    reload_memory_factor: float = Field(1.5, ge=1.0, description="CUDA reloads: free memory needed / artifact bytes")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # names logging and uvicorn share
 

@@ -92,6 +92,42 @@ def queue_full(retry_after_s: int) -> ServiceError:
     )
 
 
+def overloaded(retry_after_s: int, estimated_s: float, left_s: float) -> ServiceError:
+    return ServiceError(
+        429,
+        "overloaded",
+        f"the service would answer in about {estimated_s:.1f} s, after this request's deadline ({max(left_s, 0):.1f} s "
+        f"left); retry in about {retry_after_s} s",
+        {"Retry-After": str(retry_after_s)},
+    )
+
+
+# POST /v1/admin/reload and SIGHUP: the old model keeps serving whenever a reload is refused.
+def admin_unauthorized() -> ServiceError:
+    return ServiceError(401, "unauthorized", "missing or wrong admin key: send it in the X-Admin-Key header")
+
+
+def reload_busy(message: str) -> ServiceError:
+    return ServiceError(409, "reload_in_progress", message)
+
+
+def artifact_refused(message: str) -> ServiceError:
+    """The new artifact cannot be served (missing, a pickle, truncated, wrong shapes, not a ViT): the reason is the
+    loader's own message."""
+    return ServiceError(422, "invalid_artifact", f"{message}; the current model keeps serving")
+
+
+def insufficient_gpu_memory(message: str) -> ServiceError:
+    # 409: the conflict is with the server's state (the live model holds the memory), not with the artifact.
+    return ServiceError(409, "insufficient_gpu_memory", f"{message}; the current model keeps serving")
+
+
+def reload_failed(message: str) -> ServiceError:
+    return ServiceError(
+        500, "reload_failed", f"the new model could not be loaded: {message}; the current model keeps serving"
+    )
+
+
 def inference_failed(cause: BaseException) -> ServiceError:
     return ServiceError(500, "inference_failed", f"the model failed on this batch: {cause}")
 

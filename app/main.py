@@ -15,11 +15,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.admission import OverloadFastPath
 from app.config import Settings
 from app.errors import install_error_handlers
 from app.lifecycle import PredictorLoader, ServiceLifecycle, load_from_settings
 from app.metrics import Metrics
-from app.routes import classify, health, metrics, model_info, ui
+from app.reload import install_sighup_handler
+from app.routes import admin, classify, health, metrics, model_info, ui
 
 log = logging.getLogger("petvit.app")
 
@@ -59,9 +61,11 @@ def create_app(settings: Settings | None = None, loader: PredictorLoader = load_
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(service.start(), name="petvit-load")
+        restore_sighup = install_sighup_handler(service)  # SIGHUP: reload PETVIT_CHECKPOINT (app/reload.py)
         try:
             yield
         finally:
+            restore_sighup()
             if not loading.done():
                 loading.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -78,13 +82,16 @@ def create_app(settings: Settings | None = None, loader: PredictorLoader = load_
     install_error_handlers(app)
     for router in (classify.router, health.router, model_info.router, metrics.router, ui.router):
         app.include_router(router)
+    if settings.admin_key is not None:  # otherwise /v1/admin/reload is 404 like any unknown path
+        app.include_router(admin.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", "X-API-Key"],
-            expose_headers=["Retry-After"],
+            expose_headers=["Retry-After", "X-Model-SHA256"],
         )
+    app.add_middleware(OverloadFastPath, service=service)  # 429 for /classify before FastAPI's own work
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
     return app

@@ -23,9 +23,17 @@ REJECTION_REASONS_BY_CODE = {
     "not_ready": "not_ready",
     "shutting_down": "shutting_down",
     "queue_full": "queue_full",
+    "overloaded": "overloaded",  # 429 by deadline: the estimated wait is longer than what the request has left
     "deadline_exceeded": "deadline",
+    "client_disconnected": "disconnected",
 }
 REJECTION_REASONS_BY_STATUS = {400: "bad_image", 413: "too_large", 415: "unsupported_type", 422: "bad_request"}
+
+
+# petvit_reloads_total{outcome}: POST /v1/admin/reload and SIGHUP. "refused": the new artifact is not one we can
+# serve (missing, a pickle, truncated, wrong shapes); "no_memory": it would not fit beside the live model on the GPU;
+# "busy": another reload was running; "failed": anything else (the log says what).
+RELOAD_OUTCOMES = ("success", "refused", "no_memory", "busy", "failed")
 
 
 def rejection_reason(error: ServiceError) -> str | None:
@@ -67,6 +75,17 @@ class Metrics:
         self.model_info = Gauge(
             "petvit_model_info", "the loaded model (value 1)", ["name", "arch", "sha256", "dtype"], registry=r
         )
+        # Queued images that never reached the model: "cancelled" (the client disconnected), "abandoned" (its request
+        # already failed: the deadline, a failed sibling), "expired" (its deadline passed, or would before the batch
+        # is done). The requests are counted once more in rejected_total.
+        self.dropped_images = Counter(
+            "petvit_dropped_images", "queued images dropped before the model ran them", ["reason"], registry=r
+        )
+        for reason in ("cancelled", "abandoned", "expired"):
+            self.dropped_images.labels(reason)
+        self.reloads = Counter("petvit_reloads", "model reloads, by outcome", ["outcome"], registry=r)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome)
         self.gpu_allocated: Gauge | None = None  # created by enable_gpu_gauges, only when serving on CUDA
         self.gpu_decode: Counter | None = None  # created by enable_gpu_decode_counter, only with PETVIT_GPU_DECODE on
 

@@ -89,11 +89,16 @@ class ClassifyResponse(BaseModel):
                         }
                     ],
                     "timings": {"total_ms": 49.7},
+                    "model_sha256": "9f2c...e41a",
                 }
             ]
         }
     )
     model: str
+    model_sha256: str = Field(
+        description="sha256 of the artifact that answered (also in header X-Model-SHA256): across a reload, each "
+        "answer comes entirely from one model"
+    )
     results: list[ImageResult]
     timings: dict[str, float]
 
@@ -142,6 +147,24 @@ class ModelInfo(BaseModel):
     device: str
     dtype: str
     parameters: int
+    checkpoint: str | None = Field(None, description="the artifact's path on the server (changes on reload)")
+
+
+class ReloadRequest(BaseModel):
+    checkpoint: str | None = Field(
+        None,
+        description="artifact path on the server; default PETVIT_CHECKPOINT",
+        examples=["artifacts/new.safetensors"],
+    )
+
+
+class ReloadResponse(BaseModel):
+    status: str = "reloaded"
+    model: str = Field(examples=["petvit-b16"])
+    sha256: str = Field(description="the model now serving")
+    previous_sha256: str | None = Field(description="the model it replaced (null: none was serving)")
+    checkpoint: str
+    load_s: float = Field(description="checks, load and warm-up, while the old model served")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -152,7 +175,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "too many bytes, pixels or files",
         415: "not an image type the service reads",
         422: "bad parameters",
-        429: "queue full; see Retry-After",
+        429: "queue full, or the estimated wait is longer than the request deadline; see Retry-After",
         503: "model not loaded or warmed up yet, or shutting down",
         504: "no answer within the request deadline",
     }.items()

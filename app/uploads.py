@@ -6,6 +6,7 @@ ourselves lets a 2 GB upload be refused with 413 after max_upload_bytes, not aft
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -56,9 +57,10 @@ class _Part:
 class _MultipartCollector:
     """Callbacks for python-multipart's streaming parser; keeps the `file` parts, checks limits per chunk."""
 
-    def __init__(self, max_bytes: int, max_files: int) -> None:
+    def __init__(self, max_bytes: int, max_files: int, on_image: Callable[[int], None] | None = None) -> None:
         self.max_bytes = max_bytes
         self.max_files = max_files
+        self.on_image = on_image
         self.files: list[Upload] = []
         self._part: _Part | None = None
         self._field = b""
@@ -96,6 +98,8 @@ class _MultipartCollector:
             if len(self.files) >= self.max_files:
                 raise too_many_files(self.max_files)
             _check_part_type(part.content_type, part.filename)
+            if self.on_image is not None:  # admission: may refuse (429) before this image's bytes are read
+                self.on_image(len(self.files) + 1)
         elif part.filename is not None or (part.content_type and _is_image_type(part.content_type)):
             # A file under another name (`image`, `images`, `files`, ...) is a client using the wrong field, not an
             # oversized form field: say which field to use before reading its bytes. Refused rather than accepted
@@ -118,27 +122,60 @@ class _MultipartCollector:
         self._part = None
 
 
-async def read_uploads(request: Request, max_bytes: int, max_files: int) -> list[Upload]:
-    """The request's images in upload order: multipart `file` fields, or one raw image/* body."""
+@dataclass(frozen=True)
+class DeclaredBody:
+    """What a request's headers say about its body, once they passed the checks headers alone allow."""
+
+    boundary: bytes | None  # multipart's; None: one raw image/* body
+    length: int | None  # the declared Content-Length
+
+
+def check_headers(request: Request, max_bytes: int, max_files: int) -> DeclaredBody:
+    """Refuse from the headers alone a body that cannot be served whatever the load: a type we don't read (415),
+    multipart without a boundary (400), a declared Content-Length over the byte limits (413). The route calls this
+    before admission, so such a request is told what is wrong, not to retry later (429)."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     content_type = content_type.decode("latin-1").lower()
     declared = request.headers.get("content-length")
-    declared_bytes = int(declared) if declared and declared.isdigit() else None
-    try:
-        if content_type == "multipart/form-data":
-            return await _read_multipart(request, params, declared_bytes, max_bytes, max_files)
-        if _is_image_type(content_type):
-            return [await _read_raw(request, declared_bytes, max_bytes)]
-    except ClientDisconnect:
-        raise client_disconnected() from None
+    length = int(declared) if declared and declared.isdigit() else None
+    if content_type == "multipart/form-data":
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise malformed_multipart("multipart/form-data without a boundary parameter")
+        budget = _multipart_budget(max_bytes, max_files)
+        if length is not None and length > budget:
+            raise upload_too_large(f"the body is {length} bytes; at most {max_files} images of {max_bytes} bytes each")
+        return DeclaredBody(boundary, length)
+    if _is_image_type(content_type):
+        if length is not None and length > max_bytes:
+            raise upload_too_large(f"the body is {length} bytes; the limit is {max_bytes} per image")
+        return DeclaredBody(None, length)
     if not content_type:
         raise unsupported_type("no Content-Type; send multipart/form-data with `file` fields, or an image/* body")
     raise unsupported_type(f"{content_type} is not accepted; send multipart/form-data with `file` fields, or image/*")
 
 
-async def _read_raw(request: Request, declared: int | None, max_bytes: int) -> Upload:
-    if declared is not None and declared > max_bytes:
-        raise upload_too_large(f"the body is {declared} bytes; the limit is {max_bytes} per image")
+def _multipart_budget(max_bytes: int, max_files: int) -> int:
+    return max_files * (max_bytes + _MULTIPART_OVERHEAD)
+
+
+async def read_uploads(
+    request: Request, max_bytes: int, max_files: int, on_image: Callable[[int], None] | None = None
+) -> list[Upload]:
+    """The request's images in upload order: multipart `file` fields, or one raw image/* body.
+
+    on_image(n) is called as the n-th image's part starts, before its bytes are read: the route's admission, which
+    raises a ServiceError (429) when the queue cannot take n images, so a refused request is not read further."""
+    body = check_headers(request, max_bytes, max_files)
+    try:
+        if body.boundary is not None:
+            return await _read_multipart(request, body.boundary, max_bytes, max_files, on_image)
+        return [await _read_raw(request, max_bytes)]
+    except ClientDisconnect:
+        raise client_disconnected() from None
+
+
+async def _read_raw(request: Request, max_bytes: int) -> Upload:
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -148,15 +185,10 @@ async def _read_raw(request: Request, declared: int | None, max_bytes: int) -> U
 
 
 async def _read_multipart(
-    request: Request, params: dict, declared: int | None, max_bytes: int, max_files: int
+    request: Request, boundary: bytes, max_bytes: int, max_files: int, on_image: Callable[[int], None] | None
 ) -> list[Upload]:
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise malformed_multipart("multipart/form-data without a boundary parameter")
-    budget = max_files * (max_bytes + _MULTIPART_OVERHEAD)
-    if declared is not None and declared > budget:
-        raise upload_too_large(f"the body is {declared} bytes; at most {max_files} images of {max_bytes} bytes each")
-    collector = _MultipartCollector(max_bytes, max_files)
+    budget = _multipart_budget(max_bytes, max_files)
+    collector = _MultipartCollector(max_bytes, max_files, on_image)
     parser = MultipartParser(boundary, collector.callbacks())
     received = 0
     try:

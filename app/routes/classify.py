@@ -6,26 +6,26 @@ Each step raises the ServiceError that answers its own failure; the route counts
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from typing import Annotated, cast
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
-from app.batcher import BatcherClosedError, BatchResult, DeadlineExceededError, InferenceFailedError, QueueFullError
+from app.admission import refusal
+from app.batcher import Admission, BatcherError, BatchResult
 from app.deps import ApiKeyDep, ServiceDep
 from app.errors import (
     ServiceError,
-    deadline_exceeded,
+    client_disconnected,
     in_image,
-    inference_failed,
     invalid_parameters,
-    queue_full,
-    shutting_down,
 )
 from app.heatmap import overlay_png_base64
-from app.lifecycle import ImageBatcher, ImageJob, ImageOutcome, ServiceLifecycle
+from app.lifecycle import ImageBatcher, ImageJob, ImageOutcome, ModelGeneration, ServiceLifecycle
 from app.predictor import ImagePrediction, Predictor
 from app.preprocess import PreparedImage, Preprocessing, prepare
 from app.schemas import (
@@ -38,7 +38,7 @@ from app.schemas import (
     Prediction,
     Timings,
 )
-from app.uploads import FILE_FIELD, Upload, read_uploads
+from app.uploads import FILE_FIELD, Upload, check_headers, read_uploads
 
 router = APIRouter(tags=["classify"])
 
@@ -94,6 +94,7 @@ class _Overlay:
 )
 async def classify(
     request: Request,
+    response: Response,
     service: ServiceDep,
     top_k: Annotated[int | None, Query(ge=1, description="how many breeds per image (1..number of labels)")] = None,
     heatmap: Annotated[bool, Query(description="add an attention-rollout heatmap per image")] = False,
@@ -115,14 +116,22 @@ async def classify(
 ) -> ClassifyResponse:
     arrived = time.monotonic()
     settings = service.settings
+    deadline = arrived + settings.request_timeout_s
     try:
-        with service.serving() as (predictor, batcher):
+        # Pinned to the model live now (a reload meanwhile does not change who answers), with queue room held for
+        # the request's images from before its body is read: refusals come before reading and decoding, not after.
+        with service.serving() as generation, generation.batcher.admit(deadline) as admission:
+            predictor = generation.predictor
             k = _top_k(top_k, settings.default_top_k, len(predictor.labels))
             _check_heatmap_method(heatmap and heatmap_method == HeatmapMethodName.gradient, predictor)
-            uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files)
-            images = await _prepare(service, predictor.preprocessing, uploads)
+            check_headers(request, settings.max_upload_bytes, settings.max_files)  # 415/400/413: never a 429
+            _admit(admission, 1, settings.request_timeout_s)  # the least any request brings; a raw body is one
+            admit = functools.partial(_admit, admission, timeout_s=settings.request_timeout_s)
+            uploads = await read_uploads(request, settings.max_upload_bytes, settings.max_files, on_image=admit)
+            images = await _prepare(service, generation, uploads)
             jobs = [ImageJob(image.prepared.pixels, heatmap, heatmap_method.value) for image in images]
-            results = _decoded(images, await _run(batcher, jobs, arrived, settings.request_timeout_s))
+            ran = await _run(request, generation.batcher, jobs, admission, settings.request_timeout_s)
+            results = _decoded(images, ran)
             overlays = await _overlays(service, images, results, heatmap, heatmap_png)
             threshold = predictor.unknown_threshold(settings.unknown_threshold)
             answers = [
@@ -131,8 +140,10 @@ async def classify(
             ]
             service.metrics.images.inc(len(answers))
             service.metrics.unknown.inc(sum(answer.unknown is True for answer in answers))
+            response.headers["X-Model-SHA256"] = predictor.sha256
             return ClassifyResponse(
                 model=predictor.metadata.name,
+                model_sha256=predictor.sha256,
                 results=answers,
                 timings={"total_ms": _ms(time.monotonic() - arrived)},
             )
@@ -161,12 +172,13 @@ def _check_heatmap_method(gradient: bool, predictor: Predictor) -> None:
         )
 
 
-async def _prepare(service: ServiceLifecycle, pre: Preprocessing, uploads: list[Upload]) -> list[_Image]:
-    """Decode, check and crop every upload in the preprocess pool. The first bad one in upload order fails the
-    request, its message saying which image it was."""
+async def _prepare(service: ServiceLifecycle, generation: ModelGeneration, uploads: list[Upload]) -> list[_Image]:
+    """Decode, check and crop every upload in the preprocess pool, as the request's model wants them. The first bad
+    one in upload order fails the request, its message saying which image it was."""
     loop = asyncio.get_running_loop()
     pool, max_pixels = service.preprocess_pool, service.settings.max_pixels
-    defer = service.gpu_decoder is not None  # JPEGs: header checks here, pixels on the model's device
+    pre: Preprocessing = generation.predictor.preprocessing
+    defer = generation.gpu_decoder is not None  # JPEGs: header checks here, pixels on the model's device
     outcomes = await asyncio.gather(
         *(loop.run_in_executor(pool, _timed_prepare, u.data, pre, max_pixels, defer) for u in uploads),
         return_exceptions=True,
@@ -187,21 +199,42 @@ def _timed_prepare(data: bytes, pre: Preprocessing, max_pixels: int, defer: bool
     return prepare(data, pre, max_pixels, defer=defer), time.perf_counter() - start
 
 
-async def _run(
-    batcher: ImageBatcher, jobs: list[ImageJob], arrived: float, timeout_s: float
-) -> list[BatchResult[ImageOutcome]]:
-    """The model's output for every job, in order, within timeout_s of the request's arrival (a time.monotonic()
-    value), or the ServiceError that answers why there is none."""
+def _admit(admission: Admission, images: int, timeout_s: float) -> None:
+    """Hold queue room for `images` of this request, or refuse it now (429) before more of it is read."""
     try:
-        return await batcher.run(jobs, deadline=arrived + timeout_s)
-    except QueueFullError as err:
-        raise queue_full(err.retry_after_s) from None
-    except BatcherClosedError:
-        raise shutting_down() from None
-    except DeadlineExceededError:
-        raise deadline_exceeded(timeout_s) from None
-    except InferenceFailedError as err:
-        raise inference_failed(err.cause) from None
+        admission.need(images)
+    except BatcherError as err:
+        raise refusal(err, timeout_s) from None
+
+
+async def _run(
+    request: Request, batcher: ImageBatcher, jobs: list[ImageJob], admission: Admission, timeout_s: float
+) -> list[BatchResult[ImageOutcome]]:
+    """The model's output for every job, in order, by the admission's deadline, or the ServiceError that answers why
+    there is none. A client that disconnects meanwhile has its images still queued dropped: nobody would read them."""
+    running = asyncio.ensure_future(batcher.run(jobs, admission.deadline, admission))
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({running, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not running.done():
+            running.cancel()  # run() marks its queued images cancelled; the batcher skips and counts them
+            with contextlib.suppress(asyncio.CancelledError, BatcherError):
+                await running
+    if not running.done() or running.cancelled():
+        raise client_disconnected()
+    try:
+        return running.result()
+    except BatcherError as err:
+        raise refusal(err, timeout_s) from None
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone. The body has been read, so the server's next message is the disconnect
+    (uvicorn sends it when the client closes the connection, and once the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _decoded(images: list[_Image], results: list[BatchResult[ImageOutcome]]) -> list[BatchResult[ImagePrediction]]:

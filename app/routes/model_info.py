@@ -16,6 +16,7 @@ router = APIRouter(tags=["model"])
 @router.get("/v1/model", response_model=ModelInfo, responses={503: ERROR_RESPONSES[503]})
 async def model_info(service: ServiceDep) -> ModelInfo:
     predictor, _ = service.require_ready()
+    checkpoint = str(service.live.checkpoint) if service.live is not None else None
     meta = predictor.metadata
     return ModelInfo(
         name=meta.name,
@@ -34,6 +35,7 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         device=str(predictor.device),
         dtype=predictor.dtype_name,
         parameters=predictor.model.num_parameters(),
+        checkpoint=checkpoint,
     )
 
 

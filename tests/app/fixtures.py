@@ -146,12 +146,13 @@ def direct_probs(artifact: Path, data: bytes) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def live_server(settings: Settings, ready_timeout_s: float = 30) -> Iterator[str]:
+def live_server(settings: Settings, ready_timeout_s: float = 30, loader: Loader | None = None) -> Iterator[str]:
     """A real uvicorn serving the app on a free loopback port, in a thread; yields its base URL once /readyz is 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(settings, loader) if loader else create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -1,0 +1,156 @@
+"""Zero-downtime model reload, for POST /v1/admin/reload and SIGHUP.
+
+The new artifact's header is checked first (missing, a pickle, truncated, not a ViT: refused at once, in the
+loader's own words), then, on CUDA, whether it fits in free memory beside the live model. It is then loaded and
+warmed up beside the live model, off the event loop, with its own batcher, and swapped in with one assignment
+(ServiceLifecycle.go_live). Requests admitted before the swap are answered by the old model, those after by the new
+one; the old batcher is closed once its last request has its answer. A refused reload changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from app.errors import (
+    ServiceError,
+    artifact_refused,
+    insufficient_gpu_memory,
+    reload_busy,
+    reload_failed,
+    shutting_down,
+)
+from app.lifecycle import ModelGeneration, ServiceLifecycle
+from model.artifact import ArtifactError, read_metadata
+from model.device import resolve_device
+
+log = logging.getLogger("petvit.reload")
+
+# The outcome label petvit_reloads_total counts a refusal under, by its error code.
+_OUTCOMES = {"invalid_artifact": "refused", "insufficient_gpu_memory": "no_memory", "reload_in_progress": "busy"}
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    generation: ModelGeneration
+    previous_sha256: str | None  # None when no model was serving (the first load had failed)
+    seconds: float  # check + load + warm-up
+
+
+def memory_shortfall(free_bytes: int, artifact_bytes: int, factor: float) -> str | None:
+    """Why a model of `artifact_bytes` would not fit in `free_bytes` of device memory (weights plus warm-up
+    activations and allocator slack: `factor` times the weights), or None when it fits."""
+    needed = math.ceil(artifact_bytes * factor)
+    if needed <= free_bytes:
+        return None
+    return (
+        f"the new model needs about {needed / 2**20:.0f} MiB of GPU memory ({artifact_bytes / 2**20:.0f} MiB of "
+        f"weights x {factor:g}) but only {free_bytes / 2**20:.0f} MiB are free beside the live model; "
+        "restart with the new artifact instead (a rolling update), or use a smaller model"
+    )
+
+
+def check_fits(device: torch.device, path: Path, factor: float) -> None:
+    """On CUDA, refuse (insufficient_gpu_memory) a model that would not fit beside the live one."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    # Memory PyTorch's allocator holds but no tensor uses (a retired model's, after a reload) is free for the new
+    # model too, though the driver counts it as taken.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if (shortfall := memory_shortfall(free, path.stat().st_size, factor)) is not None:
+        raise insufficient_gpu_memory(shortfall)
+
+
+def _target_device(service: ServiceLifecycle) -> torch.device:
+    """Where the new model will live: the live model's device (the settings have not changed since)."""
+    return service.predictor.device if service.predictor is not None else resolve_device(service.settings.device)
+
+
+def _precheck(service: ServiceLifecycle, path: Path) -> None:
+    """The cheap checks, on a worker thread: the header (ArtifactError), then the memory."""
+    read_metadata(path)
+    check_fits(_target_device(service), path, service.settings.reload_memory_factor)
+
+
+async def reload_model(service: ServiceLifecycle, checkpoint: Path | None = None) -> Reloaded:
+    """Load `checkpoint` (default: PETVIT_CHECKPOINT) beside the live model and swap it in; a ServiceError says
+    why not (409 while another reload or the first load runs, 422 for an artifact we will not serve, ...)."""
+    try:
+        if service.reloading.locked() or service.status in ("starting", "loading"):
+            raise reload_busy("another reload is running" if service.reloading.locked() else "the model is loading")
+        if service.status == "shutting_down":
+            raise shutting_down()
+        async with service.reloading:
+            reloaded = await _load_and_swap(service, checkpoint or service.settings.checkpoint)
+    except ServiceError as err:
+        service.metrics.reloads.labels(_OUTCOMES.get(err.code, "failed")).inc()
+        log.warning("reload refused: %s", err.message)
+        raise
+    service.metrics.reloads.labels("success").inc()
+    return reloaded
+
+
+async def _load_and_swap(service: ServiceLifecycle, path: Path) -> Reloaded:
+    started = time.monotonic()
+    previous = service.predictor.sha256 if service.predictor is not None else None
+    log.info("reloading the model from %s", path)
+    try:
+        await asyncio.to_thread(_precheck, service, path)
+        generation = await service.load_generation(path)
+    except (ArtifactError, ValueError, OSError) as err:  # ValueError: the metadata or the weights do not add up
+        raise artifact_refused(str(err)) from None
+    except ServiceError:
+        raise
+    except Exception as err:  # e.g. out of memory during warm-up: the old model still serves
+        log.exception("reload from %s failed", path)
+        raise reload_failed(f"{type(err).__name__}: {err}") from None
+    if service.status == "shutting_down":  # stopped while we loaded: never open a batcher nobody will close
+        raise shutting_down()
+    service.go_live(generation)
+    return Reloaded(generation, previous, time.monotonic() - started)
+
+
+# ---------------------------------------------------------------------------------------------------------- SIGHUP
+_background: set[asyncio.Task] = set()
+
+
+def reload_in_background(service: ServiceLifecycle) -> asyncio.Task:
+    """Reload PETVIT_CHECKPOINT as a task of its own (what SIGHUP does); a refusal is logged, never raised."""
+
+    async def reload_and_log() -> None:
+        try:
+            reloaded = await reload_model(service)
+        except ServiceError:
+            return  # reload_model logged why; the old model keeps serving
+        log.info("SIGHUP reload: now serving %s", reloaded.generation.predictor.sha256)
+
+    task = asyncio.get_running_loop().create_task(reload_and_log(), name="petvit-sighup-reload")
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+def install_sighup_handler(service: ServiceLifecycle) -> Callable[[], None]:
+    """Make SIGHUP reload PETVIT_CHECKPOINT (its default action would end the process); returns the function that
+    puts the previous handler back, for the lifespan's shutdown. uvicorn handles only SIGINT and SIGTERM, through
+    signal.signal too, so the two never meet. Signals can only be caught on the main thread: elsewhere (an app run
+    in a thread) this does nothing."""
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+
+    def on_sighup(signum: int, frame: object) -> None:  # runs between bytecodes of the main thread
+        loop.call_soon_threadsafe(reload_in_background, service)
+
+    previous = signal.signal(signal.SIGHUP, on_sighup)
+    return lambda: signal.signal(signal.SIGHUP, previous)
