@@ -41,7 +41,8 @@ def require_admin_key(
     ),
     dependencies=[Depends(require_admin_key)],
     responses={
-        401: ERROR_RESPONSES[401],
+        400: {"model": ErrorResponse, "description": "the body is not valid JSON"},
+        401: {"model": ErrorResponse, "description": "X-Admin-Key missing or wrong"},
         409: {"model": ErrorResponse, "description": "another reload is running, or it would not fit in GPU memory"},
         422: {"model": ErrorResponse, "description": "the artifact cannot be served (the message says why)"},
         500: {"model": ErrorResponse, "description": "the new model failed to load or warm up"},

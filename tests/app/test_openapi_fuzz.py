@@ -30,9 +30,14 @@ CHECKS = [
 ]
 
 
+ADMIN_KEY = "fuzz-admin-key"
+
+
 @pytest.fixture(scope="module")
 def live_url(tiny_artifact: Path) -> Iterator[str]:
-    with live_server(make_settings(tiny_artifact)) as url:
+    # The admin key mounts POST /v1/admin/reload, so the fuzzer reaches it too: random checkpoints and bodies must
+    # get documented 4xx answers, and an empty body reloads the live artifact (200).
+    with live_server(make_settings(tiny_artifact, admin_key=ADMIN_KEY)) as url:
         yield url
 
 
@@ -42,7 +47,14 @@ def test_every_operation_survives_generated_requests(live_url: str, mode: schema
     schema = schemathesis.openapi.from_url(f"{live_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     names = {f"{op.method.upper()} {op.path}" for op in operations}
-    assert {"POST /classify", "GET /healthz", "GET /readyz", "GET /v1/model", "GET /metrics"} <= names
+    assert {
+        "POST /classify",
+        "GET /healthz",
+        "GET /readyz",
+        "GET /v1/model",
+        "GET /metrics",
+        "POST /v1/admin/reload",
+    } <= names
     calls: dict[str, int] = {}
     for operation in operations:
         if mode == schemathesis.GenerationMode.NEGATIVE and not (len(operation.query) or len(operation.body)):
@@ -51,8 +63,9 @@ def test_every_operation_survives_generated_requests(live_url: str, mode: schema
         @given(case=operation.as_strategy(generation_mode=mode))
         @hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def call(case: schemathesis.Case) -> None:
-            case.call_and_validate(base_url=live_url, checks=CHECKS)
+            case.call_and_validate(base_url=live_url, checks=CHECKS, headers={"X-Admin-Key": ADMIN_KEY})
             calls[case.operation.label] = calls.get(case.operation.label, 0) + 1
 
         call()
     assert calls.get("POST /classify", 0) >= 10, calls  # the endpoint that takes uploads was really exercised
+    assert calls.get("POST /v1/admin/reload", 0) >= 5, calls
