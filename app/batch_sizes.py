@@ -6,14 +6,27 @@ from __future__ import annotations
 
 def pow2_batch_sizes(max_batch_size: int) -> list[int]:
     """Powers of two below the largest batch the batcher can form, then that largest batch itself: the batch-size
-    histogram's buckets, the sizes a CPU warm-up runs, and the shapes a compiled forward sees (each batch padded up
-    to the next one: at most twice the work for a batch just past a power of two, in exchange for log2(N) + 1
-    compilations instead of N)."""
+    histogram's buckets, the sizes a CPU warm-up runs, and the shapes a compiled forward sees (log2(N) + 1
+    compilations instead of N; each batch split into buckets on a CPU, padded up to one on a GPU: see
+    app/predictor.py)."""
     sizes, b = [], 1
     while b < max_batch_size:
         sizes.append(b)
         b *= 2
     return [*sizes, max_batch_size]
+
+
+def bucket_split(batch_size: int, buckets: list[int]) -> list[int]:
+    """`batch_size` as a sum of buckets, largest first (13 -> [8, 4, 1] for buckets 1, 2, 4, 8): the chunks a CPU runs
+    a compiled forward on, so that no padding row is computed. Needs bucket 1, which pow2_batch_sizes always has."""
+    if not buckets or buckets[0] != 1:
+        raise ValueError(f"splitting into buckets needs a bucket of 1, got {buckets}")
+    sizes, left = [], batch_size
+    for bucket in reversed(buckets):
+        while left >= bucket:
+            sizes.append(bucket)
+            left -= bucket
+    return sizes
 
 
 def bucket_for(batch_size: int, buckets: list[int]) -> int:

@@ -110,12 +110,12 @@ async def test_unknown_is_null_without_a_threshold(tiny_artifact: Path) -> None:
     assert info["calibration"] is None and info["open_set"] is None and counted == 0
 
 
-def test_compiled_forward_with_features_pads_to_buckets_and_answers_as_eager(
+def test_compiled_forward_with_features_runs_in_buckets_and_answers_as_eager(
     open_set_digits: OpenSetDigits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With an open set that reads the CLS feature, the compiled function is forward_with_features: one graph per
-    bucket serves logits and features, and the padding rows change neither (torch.compile stood in by the eager
-    function, recording what it was given)."""
+    bucket serves logits and features, and splitting a batch into buckets (a CPU) changes neither (torch.compile
+    stood in by the eager function, recording what it was given)."""
     from app.predictor import Predictor
 
     compiled: list[object] = []
@@ -136,7 +136,9 @@ def test_compiled_forward_with_features_pads_to_buckets_and_answers_as_eager(
     bucketed = Predictor.from_artifact(artifact, "cpu", "float32", compile=True, max_batch_size=8)
     assert getattr(compiled[0], "__name__", "") == "forward_with_features" and bucketed.wants_features
     images = list(open_set_digits.unseen_images[:11])
-    for n in (1, 3, 11):  # 11: past the largest bucket, run as 8 + 3 (padded to 4)
+    for n in (1, 3, 11):  # on a CPU: 1 | 2 + 1 | 8 + 2 + 1
         for got, want in zip(bucketed.predict(images[:n]), eager.predict(images[:n]), strict=True):
-            assert torch.equal(got.probs, want.probs) and got.ood_score == want.ood_score
-    assert shapes == [1, 4, 8, 4]
+            # other batch sizes may round float32's last bit otherwise (rows never mix)
+            torch.testing.assert_close(got.probs, want.probs, rtol=1e-5, atol=1e-7)
+            assert got.ood_score == pytest.approx(want.ood_score, rel=1e-5)
+    assert shapes == [1, 2, 1, 8, 2, 1]
