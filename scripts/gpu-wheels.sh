@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 PACKAGES=(fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv typing-inspection annotated-types
-  python-multipart uvicorn httptools torchao)
+  python-multipart uvicorn httptools torchao asgi-lifespan)
 pins=()
 for name in "${PACKAGES[@]}"; do
   version=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
