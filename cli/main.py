@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train on Oxford-IIIT Pet or an image folder (finetune, linear-probe, scratch, distill, teacher)",
     ),
     "import": ("cli.import_", "turn a published timm / Hugging Face ViT or DeiT checkpoint into an artifact"),
-    "evaluate": ("cli.evaluate", "evaluate an artifact: top-1/5, per-class, cat-vs-dog, confusion matrix PNG"),
+    "evaluate": ("cli.evaluate", "evaluate an artifact: accuracy, calibration (ECE), open set (--ood-dir), heatmaps"),
     "serve": ("cli.serve", "run the HTTP service (uvicorn, one worker; settings from PETVIT_* env)"),
     "predict": ("cli.predict", "classify local images with a local model, no server"),
     "classify": ("cli.classify", "send images to a running service"),
