@@ -43,14 +43,19 @@ def assert_same_logits(theirs: torch.Tensor, ours: torch.Tensor) -> None:
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
 
 
+def hf_and_ours(reference: torch.nn.Module, model: torch.nn.Module, photo, size: int = 64):
+    """Both models' logits on the same resized photo pixels: transformers' normalised by its processor's mean/std
+    (0.5), ours from the uint8 pixels through its own normalisation."""
+    pixels = photo_pixels(photo, size)
+    with torch.no_grad():
+        return reference(pixel_values=normalized(pixels, [0.5] * 3, [0.5] * 3)).logits, model(pixels)
+
+
 @pytest.mark.parametrize("patch_size", [16, 32])
 def test_transformers_vit_imports_exactly(tmp_path: Path, chelsea, patch_size: int) -> None:
     reference = hf_vit(tmp_path / "hf", patch_size=patch_size)
     model, meta = import_folder(tmp_path / "hf", tmp_path / "vit.safetensors")
-    pixels = photo_pixels(chelsea, 64)
-    with torch.no_grad():
-        theirs = reference(pixel_values=normalized(pixels, [0.5] * 3, [0.5] * 3)).logits
-        ours = model(pixels)
+    theirs, ours = hf_and_ours(reference, model, chelsea)
     assert_same_logits(theirs, ours)
     assert meta.config.layer_norm_eps == 1e-12 and meta.config.patch_size == patch_size
     assert meta.labels == HF_PET_LABELS
@@ -71,10 +76,7 @@ def test_pets_labels_take_petvits_names_and_order_exactly(tmp_path: Path, chelse
     assert petvit(["import", str(tmp_path / "hf"), "--labels", "pets", "--out", str(out)]) == 0
     model, meta = load_artifact(out)
     assert meta.labels == list(PET_LABELS) and meta.species == list(PET_SPECIES)
-    pixels = photo_pixels(chelsea, 64)
-    with torch.no_grad():
-        theirs = reference(pixel_values=normalized(pixels, [0.5] * 3, [0.5] * 3)).logits
-        ours = model(pixels)
+    theirs, ours = hf_and_ours(reference, model, chelsea)
     for i, breed in enumerate(PET_LABELS):  # petvit's class i is the published class of the same breed
         published = shuffled.index(breed.upper())
         assert abs(ours[0, i] - theirs[0, published]) <= TOLERANCE
@@ -91,13 +93,11 @@ def test_pets_labels_need_the_37_breeds(tmp_path: Path, capsys) -> None:
 def test_transformers_deit_imports_exactly(tmp_path: Path, chelsea, with_teacher: bool) -> None:
     reference = hf_deit(tmp_path / "hf", with_teacher=with_teacher)
     model, meta = import_folder(tmp_path / "hf", tmp_path / "deit.safetensors")
-    pixels = photo_pixels(chelsea, 64)
-    with torch.no_grad():
-        theirs = reference(pixel_values=normalized(pixels, [0.5] * 3, [0.5] * 3)).logits
-        ours = model(pixels)
+    theirs, ours = hf_and_ours(reference, model, chelsea)
     assert_same_logits(theirs, ours)
     assert meta.config.distilled
     if with_teacher:  # each head on its own token, as transformers computes cls_logits and distillation_logits
+        pixels = photo_pixels(chelsea, 64)
         with torch.no_grad():
             out = reference(pixel_values=normalized(pixels, [0.5] * 3, [0.5] * 3))
             cls_logits, dist_logits = model.forward_heads(model.forward_features(pixels))
