@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, /classify needs header X-API-Key")
     # POST /v1/admin/reload exists only when this is set, and needs it in header X-Admin-Key. SIGHUP reloads either way.
     admin_key: SecretStr | None = Field(None, description="enables POST /v1/admin/reload (header X-Admin-Key)")
+    # POST /v1/admin/reload loads only from PETVIT_CHECKPOINT's folder and these (app/reload.py: checked_checkpoint),
+    # after symlinks and `..` are followed: the admin key changes the model, it does not read the server's files.
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="comma-separated folders reloads may load from, beside PETVIT_CHECKPOINT's"
+    )
     # A reload on CUDA is refused unless free memory holds the new artifact's bytes times this (weights, warm-up
     # activations and allocator slack), since the old model stays loaded until the new one has taken over.
     reload_memory_factor: float = Field(1.5, ge=1.0, description="CUDA reloads: free memory needed / artifact bytes")
@@ -86,11 +91,11 @@ class Settings(BaseSettings):
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "model_dirs", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
 

@@ -9,7 +9,8 @@ exception, so no client ever has to parse an HTML page or a bare `{"detail": ...
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -105,6 +106,28 @@ def overloaded(retry_after_s: int, estimated_s: float, left_s: float) -> Service
 # POST /v1/admin/reload and SIGHUP: the old model keeps serving whenever a reload is refused.
 def admin_unauthorized() -> ServiceError:
     return ServiceError(401, "unauthorized", "missing or wrong admin key: send it in the X-Admin-Key header")
+
+
+def admin_disabled() -> ServiceError:
+    # Still 404 `not_found` (the route is not there), but saying what turns it on rather than "no route".
+    return ServiceError(
+        404,
+        "not_found",
+        "POST /v1/admin/reload is off on this server: setting PETVIT_ADMIN_KEY turns it on, and it then needs that "
+        "key in header X-Admin-Key (SIGHUP reloads PETVIT_CHECKPOINT without it)",
+    )
+
+
+def checkpoint_not_allowed(requested: str, folders: Sequence[Path]) -> ServiceError:
+    """The admin key lets its holder change the model, not read the server's files: a reload loads only from the
+    model folders. The message names the path as sent, never what it resolves to."""
+    listed = ", ".join(str(folder) for folder in folders)
+    return ServiceError(
+        403,
+        "checkpoint_not_allowed",
+        f"{requested} is outside the folders a reload may load from ({listed}), with symlinks and `..` followed; "
+        "put the artifact in one of them, or add its folder to PETVIT_MODEL_DIRS; the current model keeps serving",
+    )
 
 
 def reload_busy(message: str) -> ServiceError:

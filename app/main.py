@@ -82,8 +82,7 @@ def create_app(settings: Settings | None = None, loader: PredictorLoader = load_
     install_error_handlers(app)
     for router in (classify.router, health.router, model_info.router, metrics.router, ui.router):
         app.include_router(router)
-    if settings.admin_key is not None:  # otherwise /v1/admin/reload is 404 like any unknown path
-        app.include_router(admin.router)
+    app.include_router(admin.router if settings.admin_key is not None else admin.disabled_router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

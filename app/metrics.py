@@ -31,9 +31,10 @@ REJECTION_REASONS_BY_STATUS = {400: "bad_image", 413: "too_large", 415: "unsuppo
 
 
 # petvit_reloads_total{outcome}: POST /v1/admin/reload and SIGHUP. "refused": the new artifact is not one we can
-# serve (missing, a pickle, truncated, wrong shapes); "no_memory": it would not fit beside the live model on the GPU;
+# serve (missing, a pickle, truncated, wrong shapes); "forbidden": its path lies outside the model folders (someone
+# with the admin key tried to reach another file); "no_memory": it would not fit beside the live model on the GPU;
 # "busy": another reload was running; "failed": anything else (the log says what).
-RELOAD_OUTCOMES = ("success", "refused", "no_memory", "busy", "failed")
+RELOAD_OUTCOMES = ("success", "refused", "forbidden", "no_memory", "busy", "failed")
 
 
 def rejection_reason(error: ServiceError) -> str | None:

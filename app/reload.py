@@ -1,10 +1,13 @@
 """Zero-downtime model reload, for POST /v1/admin/reload and SIGHUP.
 
-The new artifact's header is checked first (missing, a pickle, truncated, not a ViT: refused at once, in the
-loader's own words), then, on CUDA, whether it fits in free memory beside the live model. It is then loaded and
-warmed up beside the live model, off the event loop, with its own batcher, and swapped in with one assignment
-(ServiceLifecycle.go_live). Requests admitted before the swap are answered by the old model, those after by the new
-one; the old batcher is closed once its last request has its answer. A refused reload changes nothing.
+A path sent to POST /v1/admin/reload is resolved (symlinks, `..`) and must lie in a model folder (PETVIT_CHECKPOINT's,
+or one of PETVIT_MODEL_DIRS), else 403 before anything is read from it: the admin key lets its holder change the
+model, not read the server's files. The new artifact's header is then checked (missing, a pickle, truncated, not a
+ViT: refused at once, in the loader's own words, which quote nothing read from a file that is not a safetensors one),
+then, on CUDA, whether it fits in free memory beside the live model. It is then loaded and warmed up beside the live
+model, off the event loop, with its own batcher, and swapped in with one assignment (ServiceLifecycle.go_live).
+Requests admitted before the swap are answered by the old model, those after by the new one; the old batcher is
+closed once its last request has its answer. A refused reload changes nothing.
 """
 
 from __future__ import annotations
@@ -21,22 +24,29 @@ from pathlib import Path
 
 import torch
 
+from app.config import Settings
 from app.errors import (
     ServiceError,
     artifact_refused,
+    checkpoint_not_allowed,
     insufficient_gpu_memory,
     reload_busy,
     reload_failed,
     shutting_down,
 )
 from app.lifecycle import ModelGeneration, ServiceLifecycle
-from model.artifact import ArtifactError, read_metadata
+from model.artifact import ArtifactError, ArtifactUnreadableError, read_metadata
 from model.device import resolve_device
 
 log = logging.getLogger("petvit.reload")
 
 # The outcome label petvit_reloads_total counts a refusal under, by its error code.
-_OUTCOMES = {"invalid_artifact": "refused", "insufficient_gpu_memory": "no_memory", "reload_in_progress": "busy"}
+_OUTCOMES = {
+    "invalid_artifact": "refused",
+    "checkpoint_not_allowed": "forbidden",
+    "insufficient_gpu_memory": "no_memory",
+    "reload_in_progress": "busy",
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,27 @@ class Reloaded:
     generation: ModelGeneration
     previous_sha256: str | None  # None when no model was serving (the first load had failed)
     seconds: float  # check + load + warm-up
+
+
+def model_folders(settings: Settings) -> list[Path]:
+    """The folders a reload may load from, resolved, in order: PETVIT_CHECKPOINT's, then PETVIT_MODEL_DIRS."""
+    return list(dict.fromkeys(folder.resolve() for folder in (settings.checkpoint.parent, *settings.model_dirs)))
+
+
+def checked_checkpoint(settings: Settings, requested: Path) -> Path:
+    """`requested` resolved (symlinks followed, `..` applied; a relative path from the working directory, as
+    PETVIT_CHECKPOINT is), when it is PETVIT_CHECKPOINT or lies in a model folder; else checkpoint_not_allowed
+    (403). Nothing is opened, so the answer is the same whether the file exists or not. The reload then loads the
+    resolved path: no link in it is followed again after the check (racing one would take write access to a model
+    folder, which chooses the model anyway)."""
+    folders = model_folders(settings)
+    try:
+        resolved = requested.resolve()
+    except (OSError, ValueError):  # a NUL byte, a name too long: no file can be there, inside a folder or out
+        raise checkpoint_not_allowed(str(requested), folders) from None
+    if resolved == settings.checkpoint.resolve() or any(resolved.is_relative_to(folder) for folder in folders):
+        return resolved
+    raise checkpoint_not_allowed(str(requested), folders)
 
 
 def memory_shortfall(free_bytes: int, artifact_bytes: int, factor: float) -> str | None:
@@ -84,14 +115,16 @@ def _precheck(service: ServiceLifecycle, path: Path) -> None:
 
 async def reload_model(service: ServiceLifecycle, checkpoint: Path | None = None) -> Reloaded:
     """Load `checkpoint` (default: PETVIT_CHECKPOINT) beside the live model and swap it in; a ServiceError says
-    why not (409 while another reload or the first load runs, 422 for an artifact we will not serve, ...)."""
+    why not (403 outside the model folders, 409 while another reload or the first load runs, 422 for an artifact we
+    will not serve, ...)."""
     try:
+        path = service.settings.checkpoint if checkpoint is None else checked_checkpoint(service.settings, checkpoint)
         if service.reloading.locked() or service.status in ("starting", "loading"):
             raise reload_busy("another reload is running" if service.reloading.locked() else "the model is loading")
         if service.status == "shutting_down":
             raise shutting_down()
         async with service.reloading:
-            reloaded = await _load_and_swap(service, checkpoint or service.settings.checkpoint)
+            reloaded = await _load_and_swap(service, path)
     except ServiceError as err:
         service.metrics.reloads.labels(_OUTCOMES.get(err.code, "failed")).inc()
         log.warning("reload refused: %s", err.message)
@@ -107,7 +140,13 @@ async def _load_and_swap(service: ServiceLifecycle, path: Path) -> Reloaded:
     try:
         await asyncio.to_thread(_precheck, service, path)
         generation = await service.load_generation(path)
-    except (ArtifactError, ValueError, OSError) as err:  # ValueError: the metadata or the weights do not add up
+    except (ArtifactUnreadableError, OSError) as err:  # which of the three: the DEBUG log, never the answer
+        log.debug("reload from %s: %s", path, err)
+        raise artifact_refused(
+            f"cannot load {path}: no file this service can read is there (missing, a folder, or not readable by its "
+            "user)"
+        ) from None
+    except (ArtifactError, ValueError) as err:  # ValueError: the metadata or the weights do not add up
         raise artifact_refused(str(err)) from None
     except ServiceError:
         raise

@@ -3,6 +3,11 @@
 Loading never unpickles: safetensors is a JSON header plus raw tensor bytes, so a file a user hands us can at
 worst be rejected, never execute code. The header is checked by hand first so each way a file can be wrong
 (a pickle, a truncated copy, another format version, other shapes) gets a message that says what to do.
+
+The messages never quote what a file that is not a safetensors file holds (no number decoded from its first bytes,
+no JSON parser's position in it): the service answers with them, and they must not let a caller read a file
+byte by byte. They name at most the path and its size; only once a file has shown a safetensors header do they
+quote what that header declares. The parser's details go to the DEBUG log, without the bytes.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import platform
 import struct
@@ -37,12 +43,19 @@ METADATA_KEY = "petvit"  # the safetensors __metadata__ entry holding our JSON d
 ARCHITECTURE_KEY = "architecture"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own ceiling on header size
 
+log = logging.getLogger("petvit.artifact")
+_WHAT_TO_LOAD = "petvit loads the .safetensors files `petvit train`, `petvit export` and `petvit import` write"
+
 
 class ArtifactError(ValueError):
     """The file is not a petvit artifact this version can load; the message says why and what to do."""
 
 
-class ArtifactNotFoundError(ArtifactError, FileNotFoundError):
+class ArtifactUnreadableError(ArtifactError):
+    """There is no file this process can read at the path: missing, a folder, or no read permission."""
+
+
+class ArtifactNotFoundError(ArtifactUnreadableError, FileNotFoundError):
     pass
 
 
@@ -315,11 +328,15 @@ def _read_header(path: Path) -> dict[str, Any]:
     """Parse and sanity-check the safetensors header without reading any tensor data."""
     if not path.exists():
         raise ArtifactNotFoundError(
-            f"no model artifact at {path}; train one with `petvit train --out {path}` "
+            f"cannot load {path}: no model artifact there; train one with `petvit train --out {path}` "
             f"or write an untrained one with `petvit export --variant ti16 --init random --out {path}`"
         )
-    size = path.stat().st_size
-    with path.open("rb") as f:
+    try:
+        size = path.stat().st_size
+        f = path.open("rb")
+    except OSError as err:  # a folder, no read permission, ...
+        raise ArtifactUnreadableError(f"cannot load {path}: {err.strerror or type(err).__name__}") from None
+    with f:
         prefix = f.read(9)
         # A safetensors header is JSON right after the 8-byte length, so byte 8 is "{". Check that first: the
         # length's low byte alone can equal pickle's 0x80 opcode (any header of 128 + 256k bytes), so sniffing
@@ -336,28 +353,38 @@ def _read_header(path: Path) -> dict[str, Any]:
         f.seek(8)
         if len(prefix) < 8:
             raise ArtifactError(f"{path} is truncated ({size} bytes): not even a safetensors header is there")
+        # Until the header parses, the file may be anything (a password file): its decoded length stays unsaid.
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > _MAX_HEADER_BYTES:
-            raise ArtifactError(f"{path} is not a safetensors file (header length {header_len} is implausible)")
+            raise ArtifactError(
+                f"{path} is not a safetensors file: it does not start with a header length; {_WHAT_TO_LOAD}"
+            )
         if 8 + header_len > size:
             raise ArtifactError(
-                f"{path} is truncated: its header needs {8 + header_len} bytes but the file has {size}; "
-                "copy or download it again"
+                f"{path} is truncated or not a safetensors file: the header length it starts with runs past its end "
+                f"({size} bytes); copy or download it again"
             )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ArtifactError(f"{path} is not a safetensors file: its header is not JSON ({err})") from None
+        header = _parse_header_json(f.read(header_len), path)
     try:
         data_end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
     except (AttributeError, KeyError, IndexError, TypeError, ValueError):
         raise ArtifactError(f"{path} is not a safetensors file: its header does not describe tensors") from None
-    if 8 + header_len + data_end > size:
+    if 8 + header_len + data_end > size:  # a safetensors header by now: its own figures may be quoted
         raise ArtifactError(
             f"{path} is truncated: its tensors need {8 + header_len + data_end} bytes but the file has {size}; "
             "copy or download it again"
         )
     return header
+
+
+def _parse_header_json(raw: bytes, path: Path) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        # The parser's own message quotes the offending byte (UnicodeDecodeError): the log gets where, never what.
+        where = err.start if isinstance(err, UnicodeDecodeError) else err.pos
+        log.debug("%s: header is not JSON (%s at offset %d of the header)", path, type(err).__name__, where)
+        raise ArtifactError(f"{path} is not a safetensors file: its header is not JSON; {_WHAT_TO_LOAD}") from None
 
 
 def read_metadata(path: str | os.PathLike) -> ArtifactMetadata:

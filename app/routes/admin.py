@@ -1,5 +1,6 @@
-"""POST /v1/admin/reload: swap in a new model with no downtime (app/reload.py). Mounted only when PETVIT_ADMIN_KEY
-is set (otherwise the path answers 404 like any unknown route), and needs that key in header X-Admin-Key."""
+"""POST /v1/admin/reload: swap in a new model with no downtime (app/reload.py). `router` is mounted only when
+PETVIT_ADMIN_KEY is set, and needs that key in header X-Admin-Key; otherwise `disabled_router` answers the path with a
+404 that says which setting turns it on (and the route stays out of the OpenAPI schema)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Header
 
 from app.deps import ServiceDep
-from app.errors import admin_unauthorized
+from app.errors import admin_disabled, admin_unauthorized
 from app.reload import reload_model
 from app.schemas import ERROR_RESPONSES, ErrorResponse, ReloadRequest, ReloadResponse
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
+disabled_router = APIRouter(prefix="/v1/admin")
 
 
 def require_admin_key(
@@ -37,12 +39,14 @@ def require_admin_key(
         "Loads `checkpoint` (default: PETVIT_CHECKPOINT, read again from disk) and warms it up while the live model "
         "keeps serving, then swaps it in at once: each request is answered entirely by the model it was admitted "
         "to, and every /classify answer names its model's sha256. A refused reload leaves the live model serving. "
-        "SIGHUP does the same with PETVIT_CHECKPOINT."
+        "SIGHUP does the same with PETVIT_CHECKPOINT. `checkpoint` must lie in a model folder (PETVIT_CHECKPOINT's, "
+        "or one of PETVIT_MODEL_DIRS) once symlinks and `..` are followed."
     ),
     dependencies=[Depends(require_admin_key)],
     responses={
         400: {"model": ErrorResponse, "description": "the body is not valid JSON"},
         401: {"model": ErrorResponse, "description": "X-Admin-Key missing or wrong"},
+        403: {"model": ErrorResponse, "description": "`checkpoint` lies outside the model folders"},
         409: {"model": ErrorResponse, "description": "another reload is running, or it would not fit in GPU memory"},
         422: {"model": ErrorResponse, "description": "the artifact cannot be served (the message says why)"},
         500: {"model": ErrorResponse, "description": "the new model failed to load or warm up"},
@@ -60,3 +64,8 @@ async def reload(service: ServiceDep, request: Annotated[ReloadRequest | None, B
         checkpoint=str(reloaded.generation.checkpoint),
         load_s=round(reloaded.seconds, 3),
     )
+
+
+@disabled_router.post("/reload", include_in_schema=False)
+async def reload_disabled() -> None:
+    raise admin_disabled()

@@ -36,7 +36,8 @@ ADMIN_KEY = "fuzz-admin-key"
 @pytest.fixture(scope="module")
 def live_url(tiny_artifact: Path) -> Iterator[str]:
     # The admin key mounts POST /v1/admin/reload, so the fuzzer reaches it too: random checkpoints and bodies must
-    # get documented 4xx answers, and an empty body reloads the live artifact (200).
+    # get documented 4xx answers (403 for a path outside the model folder), and an empty body reloads the live
+    # artifact (200).
     with live_server(make_settings(tiny_artifact, admin_key=ADMIN_KEY)) as url:
         yield url
 
@@ -56,6 +57,7 @@ def test_every_operation_survives_generated_requests(live_url: str, mode: schema
         "POST /v1/admin/reload",
     } <= names
     calls: dict[str, int] = {}
+    reload_statuses: set[int] = set()
     for operation in operations:
         if mode == schemathesis.GenerationMode.NEGATIVE and not (len(operation.query) or len(operation.body)):
             continue  # nothing to break: GET /healthz takes no input
@@ -63,9 +65,13 @@ def test_every_operation_survives_generated_requests(live_url: str, mode: schema
         @given(case=operation.as_strategy(generation_mode=mode))
         @hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def call(case: schemathesis.Case) -> None:
-            case.call_and_validate(base_url=live_url, checks=CHECKS, headers={"X-Admin-Key": ADMIN_KEY})
+            response = case.call_and_validate(base_url=live_url, checks=CHECKS, headers={"X-Admin-Key": ADMIN_KEY})
             calls[case.operation.label] = calls.get(case.operation.label, 0) + 1
+            if case.operation.label == "POST /v1/admin/reload":
+                reload_statuses.add(response.status_code)
 
         call()
     assert calls.get("POST /classify", 0) >= 10, calls  # the endpoint that takes uploads was really exercised
     assert calls.get("POST /v1/admin/reload", 0) >= 5, calls
+    if mode == schemathesis.GenerationMode.POSITIVE:  # random checkpoint paths: outside the model folder, refused
+        assert 403 in reload_statuses, reload_statuses

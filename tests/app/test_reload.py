@@ -20,6 +20,7 @@ import torch
 import app.reload
 from app.client import wait_until_ready
 from app.errors import ServiceError
+from app.metrics import RELOAD_OUTCOMES
 from app.reload import check_fits, memory_shortfall
 from model.artifact import ArtifactMetadata, file_sha256, save_artifact, save_file_atomically
 from tests.conftest import make_tiny_config, make_tiny_model
@@ -56,7 +57,8 @@ async def test_a_reload_under_load_loses_nothing_and_each_answer_comes_from_one_
     expected = {old: direct_probs(tiny_artifact, image), new: direct_probs(second_artifact, image)}
     answers: list[tuple[float, int, str | None, dict]] = []  # (sent at, status, header sha, body)
     stop = asyncio.Event()
-    settings = make_settings(tiny_artifact, admin_key=KEY, max_wait_ms=2)
+    # second_artifact lies in a folder of its own: PETVIT_MODEL_DIRS lets the reload reach it
+    settings = make_settings(tiny_artifact, admin_key=KEY, max_wait_ms=2, model_dirs=[second_artifact.parent])
     async with running_app(settings) as (client, service):
 
         async def keep_asking() -> None:
@@ -81,10 +83,10 @@ async def test_a_reload_under_load_loses_nothing_and_each_answer_comes_from_one_
         "model": "petvit-tiny-second",
         "sha256": new,
         "previous_sha256": old,
-        "checkpoint": str(second_artifact),
+        "checkpoint": str(second_artifact.resolve()),  # the path it loaded: resolved before the folder check
         "load_s": 0,
     }
-    assert (info["sha256"], info["checkpoint"]) == (new, str(second_artifact))
+    assert (info["sha256"], info["checkpoint"]) == (new, str(second_artifact.resolve()))
     assert [status for _, status, _, _ in answers] == [200] * len(answers)
     shas = [body["model_sha256"] for _, _, _, body in answers]
     assert {sha for _, _, sha, _ in answers} == set(shas) == {old, new}  # header and body agree; both served
@@ -118,9 +120,10 @@ async def test_a_bad_artifact_is_refused_with_its_reason_and_the_old_model_keeps
         tmp_path / "model.pt": pickle_file(tmp_path / "model.pt"),
         tmp_path / "cut.safetensors": truncated_file(tmp_path / "cut.safetensors", tiny_artifact),
         tmp_path / "wide.safetensors": wrong_shapes_file(tmp_path / "wide.safetensors"),
-        tmp_path / "missing.safetensors": "no model artifact at",
+        tmp_path / "missing.safetensors": "no file this service can read is there",
     }
-    async with running_app(make_settings(tiny_artifact, admin_key=KEY)) as (client, service):
+    settings = make_settings(tiny_artifact, admin_key=KEY, model_dirs=[tmp_path])
+    async with running_app(settings) as (client, service):
         for path, reason in bad.items():
             r = await client.post("/v1/admin/reload", json={"checkpoint": str(path)}, headers=ADMIN)
             assert r.status_code == 422, r.text
@@ -134,20 +137,24 @@ async def test_a_bad_artifact_is_refused_with_its_reason_and_the_old_model_keeps
 
 
 async def test_reload_is_404_without_an_admin_key_and_401_with_a_wrong_one(tiny_artifact):
-    async with running_app(make_settings(tiny_artifact)) as (client, _):
-        r = await client.post("/v1/admin/reload", headers=ADMIN)
+    async with running_app(make_settings(tiny_artifact)) as (client, service):
+        r = await client.post("/v1/admin/reload", json={"checkpoint": str(tiny_artifact)}, headers=ADMIN)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        message = r.json()["error"]["message"]  # says what turns the route on, not just "no route"
+        assert "PETVIT_ADMIN_KEY" in message and "X-Admin-Key" in message, message
+        assert "/v1/admin/reload" not in (await client.get("/openapi.json")).json()["paths"]  # not advertised
+        assert sum(reloads(service, outcome) for outcome in RELOAD_OUTCOMES) == 0
     async with running_app(make_settings(tiny_artifact, admin_key=KEY)) as (client, service):
         for headers in ({}, {"X-Admin-Key": "wrong"}, {"X-Admin-Key": KEY + "x"}):
             r = await client.post("/v1/admin/reload", headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-        assert sum(reloads(service, o) for o in ("success", "refused", "busy", "failed", "no_memory")) == 0
+        assert sum(reloads(service, outcome) for outcome in RELOAD_OUTCOMES) == 0
         r = await client.post("/v1/admin/reload", headers=ADMIN)  # no body: PETVIT_CHECKPOINT again
         assert r.status_code == 200 and r.json()["sha256"] == r.json()["previous_sha256"] == service.predictor.sha256
 
 
 async def test_one_reload_at_a_time(tiny_artifact, second_artifact, monkeypatch):
-    settings = make_settings(tiny_artifact, admin_key=KEY)
+    settings = make_settings(tiny_artifact, admin_key=KEY, model_dirs=[second_artifact.parent])
     async with running_app(settings) as (client, service):
         original = service.loader
 
@@ -207,7 +214,8 @@ async def test_a_cuda_reload_that_would_not_fit_answers_409_and_changes_nothing(
         check_fits(torch.device("cuda"), second_artifact, 1.5)
     assert info.value.status == 409
     check_fits(torch.device("cuda"), second_artifact, 0.99)  # fits
-    async with running_app(make_settings(tiny_artifact, admin_key=KEY)) as (client, service):
+    settings = make_settings(tiny_artifact, admin_key=KEY, model_dirs=[second_artifact.parent])
+    async with running_app(settings) as (client, service):
         r = await client.post("/v1/admin/reload", json={"checkpoint": str(second_artifact)}, headers=ADMIN)
         assert r.status_code == 409 and r.json()["error"]["code"] == "insufficient_gpu_memory"
         assert "GPU memory" in r.json()["error"]["message"]
@@ -247,7 +255,7 @@ def test_sighup_to_petvit_serve_reloads_and_the_process_keeps_serving(tiny_artif
 
 
 async def test_a_reload_brings_up_a_service_whose_first_load_failed(tiny_artifact, tmp_path):
-    settings = make_settings(tmp_path / "not-yet.safetensors", admin_key=KEY)
+    settings = make_settings(tmp_path / "not-yet.safetensors", admin_key=KEY, model_dirs=[tiny_artifact.parent])
     async with running_app(settings) as (client, service):
         assert service.status == "failed" and (await client.get("/readyz")).status_code == 503
         r = await client.post("/v1/admin/reload", json={"checkpoint": str(tiny_artifact)}, headers=ADMIN)

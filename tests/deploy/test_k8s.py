@@ -108,6 +108,9 @@ def test_training_job_writes_the_artifact_the_deployment_serves(rendered, find_r
     assert not job_read_only and api_read_only
     (wait,) = api_pod["initContainers"]
     assert {e["name"]: e["value"] for e in wait["env"]}["PETVIT_CHECKPOINT"] == checkpoint
+    model_dirs = Settings(model_dirs={e["name"]: e.get("value") for e in api["env"]}["PETVIT_MODEL_DIRS"]).model_dirs
+    for folder in model_dirs:  # reloads may load from the artifacts claim, read-only, and from nothing else
+        assert claim_mounted_at(api_pod, api, f"{folder}/x") == (api_claim, True)
 
 
 def test_pods_run_as_the_images_non_root_user(rendered, find_resource):

@@ -149,7 +149,7 @@ def test_env_names_are_settings_the_service_reads(isvc, setting_names):
 def test_the_model_comes_from_the_claim_the_training_job_writes(isvc, rendered, find_resource):
     values = env(isvc)
     checkpoint = Path(values["PETVIT_CHECKPOINT"])
-    assert checkpoint.parent == Path(MODEL_MOUNT)
+    assert checkpoint.parent == Path(MODEL_MOUNT) == Path(values["PETVIT_MODEL_DIRS"])  # reloads: from there only
     scheme, _, claim = values["STORAGE_URI"].partition("://")
     assert scheme == "pvc"
     pvc = find_resource(rendered["base"], "PersistentVolumeClaim", claim.split("/")[0])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from model.artifact import (
     METADATA_KEY,
     ArtifactError,
     ArtifactNotFoundError,
+    ArtifactUnreadableError,
     Preprocessing,
     file_sha256,
     load_artifact,
@@ -140,8 +144,39 @@ def test_garbage_and_missing_files_are_refused(tmp_path: Path) -> None:
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(ArtifactError, match="is not a safetensors file: its header is not JSON"):
         load_artifact(garbage)
-    with pytest.raises(ArtifactNotFoundError, match="petvit export --variant ti16 --init random --out"):
-        load_artifact(tmp_path / "absent.safetensors")
+    absent = tmp_path / "absent.safetensors"
+    with pytest.raises(ArtifactNotFoundError, match="petvit export --variant ti16 --init random --out") as info:
+        load_artifact(absent)
+    assert str(info.value).startswith(f"cannot load {absent}: no model artifact there; train one with `petvit train")
+    with pytest.raises(ArtifactUnreadableError, match=f"^cannot load {re.escape(str(tmp_path))}: Is a directory$"):
+        load_artifact(tmp_path)  # raised as an ArtifactError, never a bare OSError with a traceback
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"root:x:0:0:root:/root:/bin/bash\n", "not a safetensors file: it does not start with a header length"),
+        (struct.pack("<Q", 4242) + b"secret", "is truncated or not a safetensors file: the header length it starts"),
+        (struct.pack("<Q", 6) + b"\x80\x81{}\x00\x00", "is not a safetensors file: its header is not JSON"),
+    ],
+    ids=["text", "plausible-length", "not-utf8"],
+)
+def test_a_file_that_is_not_safetensors_is_refused_without_quoting_its_bytes(tmp_path: Path, caplog, content, says):
+    """The service answers with these messages: none may carry a number decoded from the file (the length its
+    first 8 bytes read as), nor what the JSON parser saw; the DEBUG log says where the parse stopped, not what."""
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(content)
+    (decoded,) = struct.unpack("<Q", content[:8])
+    caplog.set_level(logging.DEBUG, logger="petvit.artifact")
+    with pytest.raises(ArtifactError) as info:
+        read_metadata(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} ") and says in message
+    # the only number it may hold is the file's size, from the file system
+    assert set(re.findall(r"\d+", message.removeprefix(str(path)))) <= {str(len(content))}, message
+    said = (message + " ".join(record.getMessage() for record in caplog.records)).replace(str(path), "")
+    for secret in (str(decoded), str(decoded + 8), "root", "secret", "0x80", "\\x80"):
+        assert secret not in said, secret
 
 
 def test_read_metadata_and_sha256(tiny_artifact: Path) -> None:
