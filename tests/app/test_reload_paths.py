@@ -107,20 +107,16 @@ async def test_paths_inside_the_folders_reload_and_model_dirs_adds_folders(layou
         assert r.status_code == 403 and f"({models}, {outside})" in r.json()["error"]["message"]
 
 
-async def test_the_configured_checkpoint_reloads_even_where_it_links_out_of_its_folder(tmp_path, tiny_artifact):
+async def test_the_configured_checkpoint_reloads_even_where_it_links_out_of_its_folder(layout, tiny_artifact):
     """PETVIT_CHECKPOINT is the operator's choice: the no-body reload (and SIGHUP) and the same path sent as
     `checkpoint` load it wherever it points; its link target's folder is not a model folder for that."""
-    store, models = tmp_path / "store", tmp_path / "models"
-    store.mkdir()
-    models.mkdir()
-    shutil.copy(tiny_artifact, store / "real.safetensors")
-    shutil.copy(tiny_artifact, store / "other.safetensors")
-    (models / "petvit.safetensors").symlink_to(store / "real.safetensors")
-    settings = make_settings(models / "petvit.safetensors", admin_key=KEY, warmup="none")
+    models, outside = layout
+    shutil.copy(tiny_artifact, outside / "more.safetensors")
+    settings = make_settings(models / "link.safetensors", admin_key=KEY, warmup="none")  # -> outside/other
     async with running_app(settings) as (client, service):
         assert (await client.post("/v1/admin/reload", headers=ADMIN)).status_code == 200
-        assert (await post_reload(client, str(models / "petvit.safetensors"))).status_code == 200
-        assert (await post_reload(client, str(store / "other.safetensors"))).status_code == 403
+        assert (await post_reload(client, str(models / "link.safetensors"))).status_code == 200
+        assert (await post_reload(client, str(outside / "more.safetensors"))).status_code == 403
         assert (reloads(service, "success"), reloads(service, "forbidden")) == (2, 1)
 
 
