@@ -123,31 +123,6 @@ def decode_jpegs(data: Sequence[bytes], device: torch.device) -> list[torch.Tens
     return decoded
 
 
-def stack_to_device(images: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """(3, S, S) uint8 tensors, on the host or already on `device` -> one (B, 3, S, S) batch on `device`.
-
-    On CUDA the host ones (CPU-decoded uploads, fallbacks) are stacked straight into pinned (page-locked) memory and
-    copied with non_blocking=True: from pageable memory the driver stages the copy through a pinned buffer of its own
-    and the thread waits for it. PyTorch's pinned allocator keeps the buffer alive until the copy has run, so it may go
-    out of scope here. Elsewhere this is the plain stack the predictor always did.
-    """
-    if device.type != "cuda":
-        return torch.stack(list(images)).to(device, non_blocking=True)  # list of (3, S, S) -> (B, 3, S, S)
-    on_host = [i for i, image in enumerate(images) if image.device.type == "cpu"]
-    if not on_host:
-        return torch.stack(list(images))  # list of (3, S, S), all on the device -> (B, 3, S, S)
-    first = images[on_host[0]]
-    staged = torch.empty((len(on_host), *first.shape), dtype=first.dtype, pin_memory=True)
-    torch.stack([images[i] for i in on_host], out=staged)  # (3, S, S) each -> (n, 3, S, S), pinned
-    moved = staged.to(device, non_blocking=True)
-    if len(on_host) == len(images):
-        return moved
-    placed = list(images)
-    for row, i in enumerate(on_host):
-        placed[i] = moved[row]
-    return torch.stack(placed)  # list of (3, S, S), all on the device now -> (B, 3, S, S)
-
-
 class GpuDecoder:
     """Turns a batch's Pixels into tensors on the inference thread: deferred JPEGs decoded on `device` together,
     the device decoder's refusals on the CPU path, and an undecodable image into its own ServiceError."""

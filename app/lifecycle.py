@@ -25,17 +25,18 @@ from app.config import Settings
 from app.errors import ServiceError, not_ready
 from app.gpu_decode import GpuDecoder, Pixels, gpu_decoder_for
 from app.metrics import Metrics
-from app.predictor import ImagePrediction, Predictor, warmup_sizes
 from model.artifact import ArtifactError, ArtifactNotFoundError
+from model.batch_sizes import warmup_sizes
 from model.explain import DEFAULT_METHOD
+from model.inference import Classifier, ImagePrediction
 
 log = logging.getLogger("petvit.service")
 
-PredictorLoader = Callable[[Settings], Predictor]
+PredictorLoader = Callable[[Settings], Classifier]
 
 
-def load_from_settings(settings: Settings) -> Predictor:
-    return Predictor.from_artifact(
+def load_from_settings(settings: Settings) -> Classifier:
+    return Classifier.from_artifact(
         settings.checkpoint, settings.device, settings.dtype, settings.compile, settings.max_batch_size
     )
 
@@ -63,7 +64,7 @@ class ModelGeneration:
     admitted and answered by it from start to end, even if a reload swaps in another one meanwhile; a replaced
     generation is retired (its batcher closed) once its last request has its answer."""
 
-    predictor: Predictor
+    predictor: Classifier
     batcher: ImageBatcher
     gpu_decoder: GpuDecoder | None  # set when JPEG uploads decode on the model's device
     checkpoint: Path
@@ -100,7 +101,7 @@ class ServiceLifecycle:
         return self.status == "ready"
 
     @property
-    def predictor(self) -> Predictor | None:
+    def predictor(self) -> Classifier | None:
         return self.live.predictor if self.live else None
 
     @property
@@ -115,7 +116,7 @@ class ServiceLifecycle:
     def warmup_s(self) -> float:
         return self.live.warmup_s if self.live else 0.0
 
-    def require_ready(self) -> tuple[Predictor, ImageBatcher]:
+    def require_ready(self) -> tuple[Classifier, ImageBatcher]:
         generation = self._require_live()
         return generation.predictor, generation.batcher
 
@@ -188,7 +189,7 @@ class ServiceLifecycle:
         )
         return ModelGeneration(predictor, batcher, decoder, path, warmup_s)
 
-    def _gpu_decoder_for(self, predictor: Predictor) -> GpuDecoder | None:
+    def _gpu_decoder_for(self, predictor: Classifier) -> GpuDecoder | None:
         s = self.settings
         return gpu_decoder_for(s.gpu_decode, predictor.device, predictor.preprocessing, s.max_pixels, self.metrics)
 
@@ -226,6 +227,7 @@ class ServiceLifecycle:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(old.idle.wait(), self.settings.request_timeout_s + 5)
         await old.batcher.close()
+        old.predictor.close()  # its CUDA-graph thread, when compiled on CUDA: one per reload otherwise
         log.info("retired model %s (%s)", old.checkpoint, old.predictor.sha256[:12])
 
     def _fail(self, message: str) -> None:
@@ -233,7 +235,7 @@ class ServiceLifecycle:
         log.error("model not loaded: %s", message)
 
     @staticmethod
-    def _predict(predictor: Predictor, decoder: GpuDecoder | None, jobs: list[ImageJob]) -> list[ImageOutcome]:
+    def _predict(predictor: Classifier, decoder: GpuDecoder | None, jobs: list[ImageJob]) -> list[ImageOutcome]:
         """One batch of one generation, on its batcher's inference thread. Deferred JPEGs are decoded here, together,
         right before the forward pass; an image that cannot be decoded is its own outcome and the rest of the batch
         runs without it."""
@@ -245,7 +247,7 @@ class ServiceLifecycle:
         return [next(predictions) if isinstance(image, torch.Tensor) else image for image in images]
 
     @staticmethod
-    def _free_cache(predictor: Predictor) -> None:
+    def _free_cache(predictor: Classifier) -> None:
         if predictor.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -257,6 +259,7 @@ class ServiceLifecycle:
         if self.live is not None:
             queued = self.live.batcher.depth
             await self.live.batcher.close()
+            self.live.predictor.close()
             log.info("drained %d queued images in %.2f s (was %s)", queued, time.monotonic() - started, was)
         if self._retiring:  # generations replaced by a reload, still answering their last requests
             await asyncio.gather(*self._retiring, return_exceptions=True)

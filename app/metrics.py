@@ -6,8 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from app.batch_sizes import pow2_batch_sizes
 from app.errors import ServiceError
+from model.batch_sizes import pow2_batch_sizes
 
 # The *_created series double the exposition for no dashboard we draw; Prometheus itself ignores them.
 disable_created_metrics()

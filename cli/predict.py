@@ -39,9 +39,10 @@ def heatmap_path(out: Path, index: int, count: int) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    from app.predictor import Predictor
+
     from app.errors import ServiceError
     from app.heatmap import compose, render_overlay
-    from app.predictor import Predictor
     from app.preprocess import prepare
     from model.artifact import ArtifactError
     from model.inference import MissingExtraError

@@ -26,7 +26,6 @@ from app.errors import (
 )
 from app.heatmap import overlay_png_base64
 from app.lifecycle import ImageBatcher, ImageJob, ImageOutcome, ModelGeneration, ServiceLifecycle
-from app.predictor import ImagePrediction, Predictor
 from app.preprocess import PreparedImage, Preprocessing, prepare
 from app.schemas import (
     DEFAULT_HEATMAP_METHOD,
@@ -39,6 +38,7 @@ from app.schemas import (
     Timings,
 )
 from app.uploads import FILE_FIELD, Upload, check_headers, read_uploads
+from model.inference import Classifier, ImagePrediction
 
 router = APIRouter(tags=["classify"])
 
@@ -162,7 +162,7 @@ def _top_k(requested: int | None, default: int, labels: int) -> int:
     return requested
 
 
-def _check_heatmap_method(gradient: bool, predictor: Predictor) -> None:
+def _check_heatmap_method(gradient: bool, predictor: Classifier) -> None:
     """Gradient rollout needs a backward pass; torchao's int8 layers have none, so say so before reading the body
     rather than fail the batch later."""
     if gradient and predictor.dtype_name == "int8":
@@ -277,7 +277,7 @@ def _timed_overlay(prepared: PreparedImage, grid: torch.Tensor) -> _Overlay:
 
 
 def _answer(
-    predictor: Predictor,
+    predictor: Classifier,
     k: int,
     image: _Image,
     result: BatchResult[ImagePrediction],

@@ -10,9 +10,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from app.batch_sizes import bucket_for, bucket_split
 from app.config import Settings, describe_invalid_settings
-from app.predictor import Predictor
+from model.batch_sizes import bucket_for, bucket_split
+from model.inference import Classifier
 
 from .fixtures import direct_probs, make_settings, png_bytes, running_app, until
 
@@ -54,8 +54,8 @@ def test_a_cpu_batch_splits_into_buckets_largest_first(batch: int, chunks: list[
 def test_cpu_batches_split_into_buckets_answer_exactly_as_whole_ones(tiny_artifact, monkeypatch) -> None:
     shapes: list[int] = []
     monkeypatch.setattr(torch, "compile", recording_compile(shapes))
-    eager = Predictor.from_artifact(tiny_artifact, "cpu", "float32")
-    bucketed = Predictor.from_artifact(tiny_artifact, "cpu", "float32", compile=True, max_batch_size=8)
+    eager = Classifier.from_artifact(tiny_artifact, "cpu", "float32")
+    bucketed = Classifier.from_artifact(tiny_artifact, "cpu", "float32", compile=True, max_batch_size=8)
     assert bucketed.compiled and bucketed.buckets == [1, 2, 4, 8] and eager.buckets is None
     images = random_images(11)
     for n in (1, 3, 5, 8, 11):
@@ -96,8 +96,8 @@ def test_gpu_batches_are_padded_to_one_bucket(tiny_artifact, monkeypatch: pytest
     The device is only named "cuda" here (the stand-in forward runs on the CPU), so this runs without a GPU."""
     shapes: list[int] = []
     monkeypatch.setattr(torch, "compile", recording_compile(shapes))
-    eager = Predictor.from_artifact(tiny_artifact, "cpu", "float32")
-    padded = Predictor.from_artifact(tiny_artifact, "cpu", "float32", compile=True, max_batch_size=8)
+    eager = Classifier.from_artifact(tiny_artifact, "cpu", "float32")
+    padded = Classifier.from_artifact(tiny_artifact, "cpu", "float32", compile=True, max_batch_size=8)
     padded.device = torch.device("cuda")
     images = torch.stack(random_images(11))
     for n in (3, 5, 11):  # 11: past the largest bucket, run as 8 + 3 (padded to 4)

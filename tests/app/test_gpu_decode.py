@@ -14,10 +14,11 @@ from PIL import Image, ImageOps
 
 import app.gpu_decode as gpu_decode
 from app.errors import ServiceError
-from app.gpu_decode import GpuDecoder, crop_resize, decode_jpegs, gpu_decoder_for, orient, stack_to_device
+from app.gpu_decode import GpuDecoder, crop_resize, decode_jpegs, gpu_decoder_for, orient
 from app.metrics import Metrics
 from app.preprocess import DeferredJpeg, Preprocessing, crop_box, prepare
 from model.artifact import load_artifact
+from model.inference import stack_to_device
 
 from .fixtures import encode, make_settings, metric_value, recording_loader, running_app
 
