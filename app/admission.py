@@ -16,7 +16,7 @@ import time
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.batcher import (
+from app.batch_errors import (
     BatcherClosedError,
     BatcherError,
     DeadlineExceededError,
@@ -72,7 +72,7 @@ class OverloadFastPath:
     def _refusal(self, request: Request) -> ServiceError | None:
         service, settings = self.service, self.service.settings
         generation = service.live
-        if service.status != "ready" or generation is None:
+        if not service.ready or generation is None:
             return None
         if not api_key_matches(settings, request.headers.get("x-api-key")):
             return None  # 401 first: the route says so

@@ -4,7 +4,7 @@ On a GPU, decoding and resizing on the CPU pool caps the service long before the
 10,000 img/s on an H200; one CPU core prepares ~450 photos of 500x375 a second, ~15 of 12 MP, draft decode included).
 With PETVIT_GPU_DECODE on:
 
-1. the CPU pool still runs app/preprocess.open_checked on every upload (format allow-list, pixel limit from the
+1. the CPU pool still runs model/preprocess.open_checked on every upload (format allow-list, pixel limit from the
    header: 413/415/400 before any pixel is decoded), then leaves a plain JPEG undecoded: a DeferredJpeg with its
    bytes, EXIF orientation and upright size. Other formats take the CPU path as before;
 2. the batcher queues it like any image;
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from app.errors import ServiceError
+from app.errors import ServiceError, rejected_image
 from app.metrics import Metrics
-from app.preprocess import DeferredJpeg, Preprocessing, crop_box, prepare, resized_crop
+from model.preprocess import DeferredJpeg, ImageRejected, Preprocessing, crop_box, prepare, resized_crop
 
 log = logging.getLogger("petvit.gpu_decode")
 
@@ -88,7 +88,7 @@ def _resize(image: torch.Tensor, size: tuple[int, int], interpolation: str) -> t
 
 def crop_resize(image: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """(3, H, W) uint8 upright image -> the model's (3, S, S) uint8 crop, on the image's device, with the CPU path's
-    geometry (app/preprocess.resized_crop / crop_box). One rounding at the end, where PIL rounds to uint8 after each
+    geometry (model/preprocess.resized_crop / crop_box). One rounding at the end, where PIL rounds to uint8 after each
     of its two passes: the main source of the one-level differences docs/service.md lists."""
     height, width = image.shape[-2], image.shape[-1]
     side = pre.image_size
@@ -157,8 +157,8 @@ class GpuDecoder:
         self._count("cpu_fallback")
         try:
             tensor = prepare(job.data, self.pre, self.max_pixels).tensor
-        except ServiceError as err:
-            return err
+        except ImageRejected as err:
+            return rejected_image(err)
         assert tensor is not None  # prepare without defer always decodes
         return tensor
 

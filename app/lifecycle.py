@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import cast
 
@@ -32,6 +33,17 @@ from model.inference import Classifier, ImagePrediction
 
 log = logging.getLogger("petvit.service")
 
+
+class ServiceStatus(str, Enum):
+    """starting -> loading -> ready | failed; then shutting_down. A reload keeps the service ready throughout."""
+
+    starting = "starting"
+    loading = "loading"
+    ready = "ready"
+    failed = "failed"
+    shutting_down = "shutting_down"
+
+
 PredictorLoader = Callable[[Settings], Classifier]
 
 
@@ -45,7 +57,7 @@ def load_from_settings(settings: Settings) -> Classifier:
 class ImageJob:
     """One image for the model: what the service's batcher queues and its inference thread hands the predictor."""
 
-    pixels: Pixels  # (3, S, S) uint8 as app.preprocess.prepare makes it, or a JPEG left for the model's device
+    pixels: Pixels  # (3, S, S) uint8 as model.preprocess.prepare makes it, or a JPEG left for the model's device
     heatmap: bool  # run it on the explicit-attention path and return its heatmap grid
     heatmap_method: str = DEFAULT_METHOD  # which heatmap: a key of model.explain.SERVICE_METHODS
 
@@ -88,7 +100,7 @@ class ServiceLifecycle:
         self.metrics = Metrics(settings.max_batch_size)
         self.live: ModelGeneration | None = None
         self.preprocess_pool: ThreadPoolExecutor | None = None
-        self.status = "starting"  # starting -> loading -> ready | failed; -> shutting_down
+        self.status = ServiceStatus.starting
         self.message = "the service is starting"
         self.reloading = asyncio.Lock()  # one reload at a time (app/reload.py)
         self._retiring: set[asyncio.Task] = set()
@@ -98,7 +110,7 @@ class ServiceLifecycle:
 
     @property
     def ready(self) -> bool:
-        return self.status == "ready"
+        return self.status is ServiceStatus.ready
 
     @property
     def predictor(self) -> Classifier | None:
@@ -121,7 +133,7 @@ class ServiceLifecycle:
         return generation.predictor, generation.batcher
 
     def _require_live(self) -> ModelGeneration:
-        if self.status != "ready" or self.live is None:
+        if not self.ready or self.live is None:
             raise not_ready(self.message)  # /readyz asks too: refusals are counted by the route that refuses
         return self.live
 
@@ -152,7 +164,7 @@ class ServiceLifecycle:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         path = self.settings.checkpoint
-        self.status, self.message = "loading", f"loading the model from {path}"
+        self.status, self.message = ServiceStatus.loading, f"loading the model from {path}"
         try:
             generation = await self.load_generation(path)
         except ArtifactNotFoundError as err:
@@ -209,7 +221,7 @@ class ServiceLifecycle:
             self.metrics.enable_gpu_gauges()
         if generation.gpu_decoder is not None and self.metrics.gpu_decode is None:
             self.metrics.enable_gpu_decode_counter()
-        self.status = "ready"
+        self.status = ServiceStatus.ready
         compiled = ", compiled" if predictor.compiled else ""
         self.message = f"ready: {predictor.metadata.name} on {predictor.device} ({predictor.dtype_name}{compiled})"
         log.info("%s, sha256 %s", self.message, predictor.sha256)
@@ -231,7 +243,7 @@ class ServiceLifecycle:
         log.info("retired model %s (%s)", old.checkpoint, old.predictor.sha256[:12])
 
     def _fail(self, message: str) -> None:
-        self.status, self.message = "failed", message
+        self.status, self.message = ServiceStatus.failed, message
         log.error("model not loaded: %s", message)
 
     @staticmethod
@@ -254,7 +266,7 @@ class ServiceLifecycle:
     async def stop(self) -> None:
         """Stop intake and answer everything already queued before the process exits."""
         was = self.status
-        self.status, self.message = "shutting_down", "the service is shutting down"
+        self.status, self.message = ServiceStatus.shutting_down, "the service is shutting down"
         started = time.monotonic()
         if self.live is not None:
             queued = self.live.batcher.depth
@@ -278,5 +290,6 @@ __all__ = [
     "ModelGeneration",
     "PredictorLoader",
     "ServiceLifecycle",
+    "ServiceStatus",
     "load_from_settings",
 ]

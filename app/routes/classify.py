@@ -16,17 +16,17 @@ import torch
 from fastapi import APIRouter, Query, Request, Response
 
 from app.admission import refusal
-from app.batcher import Admission, BatcherError, BatchResult
+from app.batch_errors import BatcherError
+from app.batcher import Admission, BatchResult
 from app.deps import ApiKeyDep, ServiceDep
 from app.errors import (
     ServiceError,
     client_disconnected,
     in_image,
     invalid_parameters,
+    rejected_image,
 )
-from app.heatmap import overlay_png_base64
 from app.lifecycle import ImageBatcher, ImageJob, ImageOutcome, ModelGeneration, ServiceLifecycle
-from app.preprocess import PreparedImage, Preprocessing, prepare
 from app.schemas import (
     DEFAULT_HEATMAP_METHOD,
     ERROR_RESPONSES,
@@ -39,6 +39,8 @@ from app.schemas import (
 )
 from app.uploads import FILE_FIELD, Upload, check_headers, read_uploads
 from model.inference import Classifier, ImagePrediction
+from model.overlay import overlay_png_base64
+from model.preprocess import ImageRejected, PreparedImage, Preprocessing, prepare
 
 router = APIRouter(tags=["classify"])
 
@@ -50,7 +52,11 @@ _BODY_DOC = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {FILE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    # At least one image: an empty form is refused (422 no_images), so the schema says so too,
+                    # and generated clients and fuzzers agree with the service.
+                    "properties": {
+                        FILE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
+                    },
                     "required": [FILE_FIELD],
                 }
             },
@@ -184,8 +190,8 @@ async def _prepare(service: ServiceLifecycle, generation: ModelGeneration, uploa
         return_exceptions=True,
     )
     for number, (upload, outcome) in enumerate(zip(uploads, outcomes, strict=True), start=1):
-        if isinstance(outcome, ServiceError):
-            raise in_image(outcome, number, upload.filename)
+        if isinstance(outcome, ImageRejected):
+            raise in_image(rejected_image(outcome), number, upload.filename)
         if isinstance(outcome, BaseException):
             raise outcome
     images = [_Image(upload, *outcome) for upload, outcome in zip(uploads, outcomes, strict=True)]

@@ -23,10 +23,10 @@ from app.client import wait_until_ready
 from app.config import Settings
 from app.lifecycle import ServiceLifecycle
 from app.main import create_app
-from app.preprocess import prepare
 from model.artifact import load_artifact
 from model.inference import Classifier, ImagePrediction
 from model.labels import PET_LABELS, PET_SPECIES
+from model.preprocess import prepare
 
 Loader = Callable[[Settings], Classifier]
 

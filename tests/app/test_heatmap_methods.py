@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from app.preprocess import prepare
 from app.schemas import DEFAULT_HEATMAP_METHOD, HeatmapMethodName
 from model.artifact import load_artifact
 from model.explain import DEFAULT_METHOD, SERVICE_METHODS, heatmaps
 from model.inference import Classifier
+from model.preprocess import prepare
 
 from .fixtures import png_bytes
 
