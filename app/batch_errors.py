@@ -1,5 +1,5 @@
 """Why DynamicBatcher.run has no results for its caller: one exception per answer the caller gives its own client
-(app/admission.refusal turns each into its ServiceError)."""
+(app/errors.refusal turns each into its ServiceError)."""
 
 from __future__ import annotations
 

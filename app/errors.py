@@ -19,6 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.batch_errors import (
+    BatcherClosedError,
+    BatcherError,
+    DeadlineExceededError,
+    InferenceFailedError,
+    OverloadedError,
+    QueueFullError,
+)
 from model.preprocess import ImageRejected
 
 log = logging.getLogger("petvit.errors")
@@ -203,6 +211,20 @@ def deadline_exceeded(timeout_s: float) -> ServiceError:
     return ServiceError(
         ErrorCode.deadline_exceeded, f"no answer within the {timeout_s:g} s request deadline; retry later"
     )
+
+
+def refusal(err: BatcherError, timeout_s: float) -> ServiceError:
+    """The answer to a batcher's refusal or failure."""
+    if isinstance(err, OverloadedError):
+        return overloaded(err.retry_after_s, err.estimated_s, err.left_s)
+    if isinstance(err, QueueFullError):
+        return queue_full(err.retry_after_s)
+    if isinstance(err, BatcherClosedError):
+        return shutting_down()
+    if isinstance(err, DeadlineExceededError):
+        return deadline_exceeded(timeout_s)
+    assert isinstance(err, InferenceFailedError)
+    return inference_failed(err.cause)
 
 
 def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:

@@ -17,19 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import cast
 
 import torch
 
 from app.batcher import DynamicBatcher
 from app.config import Settings
-from app.errors import ServiceError, not_ready
-from app.gpu_decode import GpuDecoder, Pixels, gpu_decoder_for
+from app.errors import not_ready
+from app.gpu_decode import GpuDecoder, gpu_decoder_for
 from app.metrics import Metrics
+from app.pipeline import ImageBatcher, predict_batch
 from model.artifact import ArtifactError, ArtifactNotFoundError
 from model.batch_sizes import warmup_sizes
-from model.explain import DEFAULT_METHOD
-from model.inference import Classifier, ImagePrediction
+from model.inference import Classifier
 
 log = logging.getLogger("petvit.service")
 
@@ -51,23 +50,6 @@ def load_from_settings(settings: Settings) -> Classifier:
     return Classifier.from_artifact(
         settings.checkpoint, settings.device, settings.dtype, settings.compile, settings.max_batch_size
     )
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    """One image for the model: what the service's batcher queues and its inference thread hands the predictor."""
-
-    pixels: Pixels  # (3, S, S) uint8 as model.preprocess.prepare makes it, or a JPEG left for the model's device
-    heatmap: bool  # run it on the explicit-attention path and return its heatmap grid
-    heatmap_method: str = DEFAULT_METHOD  # which heatmap: a key of model.explain.SERVICE_METHODS
-
-
-# One image's result from its batch: the prediction, or the ServiceError (a 400 for a JPEG that turned out corrupt
-# when the inference thread decoded it) that answers its own request. An error travels as a result, not as an
-# exception, because the batcher fails every item of a batch on an exception: the other requests sharing the forward
-# pass must still get their answers.
-ImageOutcome = ImagePrediction | ServiceError
-ImageBatcher = DynamicBatcher[ImageJob, ImageOutcome]
 
 
 @dataclass(eq=False)
@@ -191,7 +173,7 @@ class ServiceLifecycle:
         decoder = await asyncio.to_thread(self._gpu_decoder_for, predictor)  # probes (and warms) the decoder
         log.info("loaded %s (%s); warm-up of %s took %.2f s", path, predictor.sha256[:12], sizes, warmup_s)
         batcher = DynamicBatcher(
-            functools.partial(self._predict, predictor, decoder),
+            functools.partial(predict_batch, predictor, decoder),
             settings.max_batch_size,
             settings.max_wait_ms,
             settings.queue_limit,
@@ -247,18 +229,6 @@ class ServiceLifecycle:
         log.error("model not loaded: %s", message)
 
     @staticmethod
-    def _predict(predictor: Classifier, decoder: GpuDecoder | None, jobs: list[ImageJob]) -> list[ImageOutcome]:
-        """One batch of one generation, on its batcher's inference thread. Deferred JPEGs are decoded here, together,
-        right before the forward pass; an image that cannot be decoded is its own outcome and the rest of the batch
-        runs without it."""
-        pixels = [job.pixels for job in jobs]  # DeferredJpegs only when a decoder is set: the route defers for it
-        images = decoder.materialize(pixels) if decoder else [cast(torch.Tensor, p) for p in pixels]
-        ready = [(im, job) for im, job in zip(images, jobs, strict=True) if isinstance(im, torch.Tensor)]
-        heatmaps, methods = [job.heatmap for _, job in ready], [job.heatmap_method for _, job in ready]
-        predictions = iter(predictor.predict([image for image, _ in ready], heatmaps, methods))
-        return [next(predictions) if isinstance(image, torch.Tensor) else image for image in images]
-
-    @staticmethod
     def _free_cache(predictor: Classifier) -> None:
         if predictor.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -284,9 +254,6 @@ class ServiceLifecycle:
 
 
 __all__ = [
-    "ImageBatcher",
-    "ImageJob",
-    "ImageOutcome",
     "ModelGeneration",
     "PredictorLoader",
     "ServiceLifecycle",

@@ -1,5 +1,5 @@
 """Overload admission: refusals before the body is read or decoded, by queue room and by deadline, with an honest
-Retry-After; queued images of clients that went away never reach the model (app/batcher.py, app/routes/classify.py)."""
+Retry-After; queued images of clients that went away never reach the model (app/batcher.py, app/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-import app.routes.classify
+import app.pipeline
 from app.batch_errors import OverloadedError, QueueFullError
 from app.batcher import DynamicBatcher
 
@@ -30,15 +30,15 @@ from .fixtures import (
 
 @pytest.fixture
 def decodes(monkeypatch) -> list[int]:
-    """Every upload the route decodes, counted at model.preprocess.prepare as the route calls it."""
+    """Every upload the route decodes, counted at model.preprocess.prepare as the pipeline calls it."""
     calls: list[int] = []
-    real = app.routes.classify.prepare
+    real = app.pipeline.prepare
 
     def counting(data, *args, **kwargs):
         calls.append(len(data))
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(app.routes.classify, "prepare", counting)
+    monkeypatch.setattr(app.pipeline, "prepare", counting)
     return calls
 
 
