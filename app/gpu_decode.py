@@ -1,8 +1,7 @@
 """The GPU input path: JPEG uploads decoded in batches on the model's device, right before the forward pass.
 
-On a GPU, decoding and resizing on the CPU pool caps the service long before the model does (ViT-B/16 could pass
-10,000 img/s on an H200; one CPU core prepares ~450 photos of 500x375 a second, ~15 of 12 MP, draft decode included).
-With PETVIT_GPU_DECODE on:
+On a GPU, decoding and resizing on the CPU pool caps the service long before the model does (docs/service.md, "The
+GPU input path", has the measured rates of both). With PETVIT_GPU_DECODE on:
 
 1. the CPU pool still runs model/preprocess.open_checked on every upload (format allow-list, pixel limit from the
    header: 413/415/400 before any pixel is decoded), then leaves a plain JPEG undecoded: a DeferredJpeg with its

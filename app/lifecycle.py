@@ -1,5 +1,6 @@
-"""The service's lifecycle: starting -> loading -> ready | failed, then shutting_down; and what it holds on the way
-(settings, metrics, the preprocessing thread pool and, once loaded, the predictor and its batcher).
+"""The service's lifecycle (ServiceStatus: starting -> loading -> ready | failed, then shutting_down) and its model
+generations: each one a Classifier (model/inference.py) with its own batcher, which runs app/pipeline.predict_batch.
+It also still holds the settings, the metrics and the preprocessing thread pool the requests share.
 
 Loading happens in the background so /healthz and /readyz answer from the first second: a big model's load and
 warm-up can take minutes on a GPU node, and a liveness probe must not kill the pod meanwhile.
