@@ -1,5 +1,5 @@
-"""Refusing overload cheaply: the answers to a batcher's refusals, and a fast path that refuses POST /classify
-before FastAPI's routing, dependency injection and validation.
+"""Refusing overload cheaply: a fast path that refuses POST /classify before FastAPI's routing, dependency
+injection and validation (the answers themselves are app/errors.refusal's).
 
 Under 10x overload nine requests in ten are refused; on a CPU the work of refusing them comes out of the model's
 own time, so it must cost as little as possible. The fast path asks the live model's batcher whether one more image
@@ -16,40 +16,11 @@ import time
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.batcher import (
-    BatcherClosedError,
-    BatcherError,
-    DeadlineExceededError,
-    InferenceFailedError,
-    OverloadedError,
-    QueueFullError,
-)
+from app.batch_errors import BatcherError
 from app.deps import api_key_matches
-from app.errors import (
-    ServiceError,
-    deadline_exceeded,
-    error_response,
-    inference_failed,
-    overloaded,
-    queue_full,
-    shutting_down,
-)
+from app.errors import ServiceError, error_response, refusal
 from app.lifecycle import ServiceLifecycle
 from app.uploads import check_headers
-
-
-def refusal(err: BatcherError, timeout_s: float) -> ServiceError:
-    """The answer to a batcher's refusal or failure."""
-    if isinstance(err, OverloadedError):
-        return overloaded(err.retry_after_s, err.estimated_s, err.left_s)
-    if isinstance(err, QueueFullError):
-        return queue_full(err.retry_after_s)
-    if isinstance(err, BatcherClosedError):
-        return shutting_down()
-    if isinstance(err, DeadlineExceededError):
-        return deadline_exceeded(timeout_s)
-    assert isinstance(err, InferenceFailedError)
-    return inference_failed(err.cause)
 
 
 class OverloadFastPath:
@@ -72,7 +43,7 @@ class OverloadFastPath:
     def _refusal(self, request: Request) -> ServiceError | None:
         service, settings = self.service, self.service.settings
         generation = service.live
-        if service.status != "ready" or generation is None:
+        if not service.ready or generation is None:
             return None
         if not api_key_matches(settings, request.headers.get("x-api-key")):
             return None  # 401 first: the route says so

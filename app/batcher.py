@@ -6,6 +6,9 @@ needs. Inside: one bounded queue of (item, future); one worker task waits for th
 the batch is full or max_wait_ms has passed since that first item, and runs the batch on one dedicated thread so
 the event loop keeps accepting requests. While a batch runs, the next one accumulates, so under load batches fill up
 by themselves and max_wait_ms only matters when the service is quiet.
+
+The batcher is the queue; whether a request is let in (queue room, its deadline, the room admitted requests hold) is
+its AdmissionPolicy's call (app/admission_policy.py), which the worker feeds with each batch's timing.
 """
 
 from __future__ import annotations
@@ -13,64 +16,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from app.admission_policy import AdmissionPolicy
+from app.batch_errors import (
+    BatcherClosedError,
+    DeadlineExceededError,
+    InferenceFailedError,
+)
 from app.metrics import Metrics
 
 log = logging.getLogger("petvit.batcher")
 
-# Admit a request when its estimated wait is within this share of what is left of its deadline: the estimate is a
-# recent average, and batches that run slower than it (a noisy neighbour, a cold cache) must not turn the last
-# admitted requests into 504s. Goodput does not suffer: the queue still holds most of a deadline's work, far more
-# than the next batch (bench/overload.py; docs/service.md has its figures).
-ADMISSION_HEADROOM = 0.9
-
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class BatcherError(Exception):
-    """Why run() has no results for the caller; each subclass is one answer the caller gives its own client."""
-
-
-class QueueFullError(BatcherError):
-    """Admitting the items would take the queue past queue_limit; none of them was queued."""
-
-    def __init__(self, retry_after_s: int, message: str | None = None) -> None:
-        super().__init__(message or f"queue full; retry after {retry_after_s} s")
-        self.retry_after_s = retry_after_s
-
-
-class OverloadedError(QueueFullError):
-    """The queue has room, but the estimated wait (the images ahead x the recent time per image) is longer than
-    what is left of the request's deadline: refused now (429) rather than answered 504 after wasting model time."""
-
-    def __init__(self, retry_after_s: int, estimated_s: float, left_s: float) -> None:
-        message = f"estimated wait {estimated_s:.2f} s, {left_s:.2f} s left; retry after {retry_after_s} s"
-        super().__init__(retry_after_s, message)
-        self.estimated_s = estimated_s
-        self.left_s = left_s
-
-
-class BatcherClosedError(BatcherError):
-    """Submitted after shutdown began."""
-
-
-class DeadlineExceededError(BatcherError):
-    """The caller's deadline passed before all its results came; items still queued never reach the model."""
-
-
-class InferenceFailedError(BatcherError):
-    """The model failed on a batch holding one of the caller's items (`cause` is its exception)."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
 
 
 @dataclass
@@ -131,13 +94,9 @@ class DynamicBatcher(Generic[T, R]):
         self._worker: asyncio.Task | None = None
         # One thread: the model runs one batch at a time; a second thread would only contend for the same cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petvit-inference")
-        self._seconds_per_batch = 0.05  # running estimate for Retry-After before the first per-image measurement
-        # Admission by deadline: EWMA of (wall-clock time per batch / batch size), None until a batch has run
-        # (warm-up does not go through the batcher). Under load batches are full, so this is the cost of one more
-        # image in the queue.
-        self.seconds_per_image: float | None = None
-        self.request_timeout_s = request_timeout_s  # a fresh request's whole budget: what Retry-After aims for
-        self._reserved = 0  # images of admitted requests still being read or decoded (Admission.need)
+        # Whether one more request fits (queue room, its deadline), and the room admitted requests hold: a policy of
+        # its own, fed the batches' timings by the worker.
+        self.policy = AdmissionPolicy(max_batch_size, queue_limit, request_timeout_s)
         self._running = 0  # images in the batch on the inference thread now
         self._last_end = 0.0  # when the last batch's results were handed back (time.monotonic())
         self._backlog = False  # whether images were waiting then: the next batch starts where that one ended
@@ -162,20 +121,11 @@ class DynamicBatcher(Generic[T, R]):
     # ------------------------------------------------------------------ intake
     def retry_after_s(self) -> int:
         """Seconds until the queue has drained, by the recent batch time; at least 1."""
-        batches = math.ceil(len(self._queue) / self.max_batch_size) + 1
-        return max(1, math.ceil(batches * self._seconds_per_batch))
+        return self.policy.retry_after_s(len(self._queue))
 
     def estimated_wait_s(self, images: int, held: int = 0) -> float | None:
-        """How long until `images` more would have their answers, by the recent time per image: the batch on the
-        model now, then the queued images, those reserved by admitted requests (less the `held` images of this one)
-        and these; beyond one batch, in whole batches (the last image of a batch is answered with the first). None
-        before the first batch has been measured."""
-        if self.seconds_per_image is None:
-            return None
-        waiting = len(self._queue) + self._reserved - held + images
-        if waiting > self.max_batch_size:  # under load every batch is full by the time it is taken
-            waiting = math.ceil(waiting / self.max_batch_size) * self.max_batch_size
-        return (self._running + waiting) * self.seconds_per_image
+        """How long until `images` more would have their answers (AdmissionPolicy.estimated_wait_s)."""
+        return self.policy.estimated_wait_s(len(self._queue), self._running, images, held)
 
     def admit(self, deadline: float) -> Admission:
         """Room in the queue for a request, held from before its body is read until submit() queues its images;
@@ -187,16 +137,7 @@ class DynamicBatcher(Generic[T, R]):
         estimated wait is longer than what is left of `deadline`; `held`: images this request already holds."""
         if self._closing:
             raise BatcherClosedError("the service is shutting down")
-        over = len(self._queue) + self._reserved - held + images - self.queue_limit
-        if over > 0:
-            drain = over * self.seconds_per_image if self.seconds_per_image is not None else 0.0
-            raise QueueFullError(max(self.retry_after_s(), math.ceil(drain)))
-        wait = self.estimated_wait_s(images, held)
-        left = deadline - time.monotonic()
-        if wait is not None and wait > ADMISSION_HEADROOM * left:
-            # A fresh request gets the whole timeout: it fits once the queue has drained by the difference.
-            budget = self.request_timeout_s if self.request_timeout_s is not None else left
-            raise OverloadedError(max(1, math.ceil(wait - ADMISSION_HEADROOM * budget)), wait, left)
+        self.policy.check(len(self._queue), self._running, images, deadline, held)
 
     async def run(
         self, items: Sequence[T], deadline: float, admission: Admission | None = None
@@ -290,19 +231,7 @@ class DynamicBatcher(Generic[T, R]):
             finally:
                 self._running = 0
                 self._last_end, self._backlog = time.monotonic(), bool(self._queue)
-                self._measure(len(live), self._last_end - started)
-
-    def _measure(self, images: int, seconds: float) -> None:
-        """Update the time per image the admission estimates with: EWMA of (the batch's share of wall-clock time)
-        / its size, so it is the rate the queue really drains at. It follows a slowdown faster than a speed-up (a
-        neighbour taking the cores turns admitted requests into 504s; a recovery only costs a few early 429s)."""
-        per_image = seconds / images
-        last = self.seconds_per_image
-        if last is None:
-            self.seconds_per_image = per_image
-        else:
-            weight = 0.5 if per_image > last else 0.2
-            self.seconds_per_image = (1 - weight) * last + weight * per_image
+                self.policy.measure(len(live), self._last_end - started)
 
     async def _has_work(self) -> bool:
         """Wait until something is queued; False once shutdown has begun and the queue is empty."""
@@ -321,7 +250,7 @@ class DynamicBatcher(Generic[T, R]):
         self._set_depth()
         now = time.monotonic()
         alive = sum(not p.future.done() for p in batch)
-        finish = now + alive * (self.seconds_per_image or 0.0)  # when this batch will be done, by the estimate
+        finish = now + alive * (self.policy.seconds_per_image or 0.0)  # when this batch will be done, by the estimate
         live = []
         for p in batch:
             if p.future.done():  # the caller gave up (deadline, disconnect, a failed sibling) while it waited
@@ -362,7 +291,7 @@ class DynamicBatcher(Generic[T, R]):
                 self._settle(p, error=error)
             return
         elapsed = time.perf_counter() - start
-        self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
+        self.policy.measure_batch(elapsed)
         if self.metrics:
             self.metrics.batch_size.observe(len(batch))
             self.metrics.inference_duration.observe(elapsed)
@@ -402,11 +331,11 @@ class Admission:
         if extra <= 0:
             return
         self.batcher.check(extra, self.deadline, held=0)
-        self.batcher._reserved += extra
+        self.batcher.policy.reserve(extra)
         self.images = images
 
     def release(self) -> None:
-        self.batcher._reserved -= self.images
+        self.batcher.policy.release(self.images)
         self.images = 0
 
     def __enter__(self) -> Admission:

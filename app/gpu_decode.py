@@ -1,10 +1,9 @@
 """The GPU input path: JPEG uploads decoded in batches on the model's device, right before the forward pass.
 
-On a GPU, decoding and resizing on the CPU pool caps the service long before the model does (ViT-B/16 could pass
-10,000 img/s on an H200; one CPU core prepares ~450 photos of 500x375 a second, ~15 of 12 MP, draft decode included).
-With PETVIT_GPU_DECODE on:
+On a GPU, decoding and resizing on the CPU pool caps the service long before the model does (docs/service.md, "The
+GPU input path", has the measured rates of both). With PETVIT_GPU_DECODE on:
 
-1. the CPU pool still runs app/preprocess.open_checked on every upload (format allow-list, pixel limit from the
+1. the CPU pool still runs model/preprocess.open_checked on every upload (format allow-list, pixel limit from the
    header: 413/415/400 before any pixel is decoded), then leaves a plain JPEG undecoded: a DeferredJpeg with its
    bytes, EXIF orientation and upright size. Other formats take the CPU path as before;
 2. the batcher queues it like any image;
@@ -30,9 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from app.errors import ServiceError
+from app.errors import ServiceError, rejected_image
 from app.metrics import Metrics
-from app.preprocess import DeferredJpeg, Preprocessing, crop_box, prepare, resized_crop
+from model.preprocess import DeferredJpeg, ImageRejected, Preprocessing, crop_box, prepare, resized_crop
 
 log = logging.getLogger("petvit.gpu_decode")
 
@@ -88,7 +87,7 @@ def _resize(image: torch.Tensor, size: tuple[int, int], interpolation: str) -> t
 
 def crop_resize(image: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """(3, H, W) uint8 upright image -> the model's (3, S, S) uint8 crop, on the image's device, with the CPU path's
-    geometry (app/preprocess.resized_crop / crop_box). One rounding at the end, where PIL rounds to uint8 after each
+    geometry (model/preprocess.resized_crop / crop_box). One rounding at the end, where PIL rounds to uint8 after each
     of its two passes: the main source of the one-level differences docs/service.md lists."""
     height, width = image.shape[-2], image.shape[-1]
     side = pre.image_size
@@ -121,31 +120,6 @@ def decode_jpegs(data: Sequence[bytes], device: torch.device) -> list[torch.Tens
         except Exception:
             decoded.append(None)
     return decoded
-
-
-def stack_to_device(images: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """(3, S, S) uint8 tensors, on the host or already on `device` -> one (B, 3, S, S) batch on `device`.
-
-    On CUDA the host ones (CPU-decoded uploads, fallbacks) are stacked straight into pinned (page-locked) memory and
-    copied with non_blocking=True: from pageable memory the driver stages the copy through a pinned buffer of its own
-    and the thread waits for it. PyTorch's pinned allocator keeps the buffer alive until the copy has run, so it may go
-    out of scope here. Elsewhere this is the plain stack the predictor always did.
-    """
-    if device.type != "cuda":
-        return torch.stack(list(images)).to(device, non_blocking=True)  # list of (3, S, S) -> (B, 3, S, S)
-    on_host = [i for i, image in enumerate(images) if image.device.type == "cpu"]
-    if not on_host:
-        return torch.stack(list(images))  # list of (3, S, S), all on the device -> (B, 3, S, S)
-    first = images[on_host[0]]
-    staged = torch.empty((len(on_host), *first.shape), dtype=first.dtype, pin_memory=True)
-    torch.stack([images[i] for i in on_host], out=staged)  # (3, S, S) each -> (n, 3, S, S), pinned
-    moved = staged.to(device, non_blocking=True)
-    if len(on_host) == len(images):
-        return moved
-    placed = list(images)
-    for row, i in enumerate(on_host):
-        placed[i] = moved[row]
-    return torch.stack(placed)  # list of (3, S, S), all on the device now -> (B, 3, S, S)
 
 
 class GpuDecoder:
@@ -182,8 +156,8 @@ class GpuDecoder:
         self._count("cpu_fallback")
         try:
             tensor = prepare(job.data, self.pre, self.max_pixels).tensor
-        except ServiceError as err:
-            return err
+        except ImageRejected as err:
+            return rejected_image(err)
         assert tensor is not None  # prepare without defer always decodes
         return tensor
 

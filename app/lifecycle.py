@@ -1,5 +1,6 @@
-"""The service's lifecycle: starting -> loading -> ready | failed, then shutting_down; and what it holds on the way
-(settings, metrics, the preprocessing thread pool and, once loaded, the predictor and its batcher).
+"""The service's lifecycle (ServiceStatus: starting -> loading -> ready | failed, then shutting_down) and its model
+generations: each one a Classifier (model/inference.py) with its own batcher, which runs app/pipeline.predict_batch.
+It also still holds the settings, the metrics and the preprocessing thread pool the requests share.
 
 Loading happens in the background so /healthz and /readyz answer from the first second: a big model's load and
 warm-up can take minutes on a GPU node, and a liveness probe must not kill the pod meanwhile.
@@ -15,46 +16,41 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import cast
 
 import torch
 
 from app.batcher import DynamicBatcher
 from app.config import Settings
-from app.errors import ServiceError, not_ready
-from app.gpu_decode import GpuDecoder, Pixels, gpu_decoder_for
+from app.errors import not_ready
+from app.gpu_decode import GpuDecoder, gpu_decoder_for
 from app.metrics import Metrics
-from app.predictor import ImagePrediction, Predictor, warmup_sizes
+from app.pipeline import ImageBatcher, predict_batch
 from model.artifact import ArtifactError, ArtifactNotFoundError
-from model.explain import DEFAULT_METHOD
+from model.batch_sizes import warmup_sizes
+from model.inference import Classifier
 
 log = logging.getLogger("petvit.service")
 
-PredictorLoader = Callable[[Settings], Predictor]
+
+class ServiceStatus(str, Enum):
+    """starting -> loading -> ready | failed; then shutting_down. A reload keeps the service ready throughout."""
+
+    starting = "starting"
+    loading = "loading"
+    ready = "ready"
+    failed = "failed"
+    shutting_down = "shutting_down"
 
 
-def load_from_settings(settings: Settings) -> Predictor:
-    return Predictor.from_artifact(
+PredictorLoader = Callable[[Settings], Classifier]
+
+
+def load_from_settings(settings: Settings) -> Classifier:
+    return Classifier.from_artifact(
         settings.checkpoint, settings.device, settings.dtype, settings.compile, settings.max_batch_size
     )
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    """One image for the model: what the service's batcher queues and its inference thread hands the predictor."""
-
-    pixels: Pixels  # (3, S, S) uint8 as app.preprocess.prepare makes it, or a JPEG left for the model's device
-    heatmap: bool  # run it on the explicit-attention path and return its heatmap grid
-    heatmap_method: str = DEFAULT_METHOD  # which heatmap: a key of model.explain.SERVICE_METHODS
-
-
-# One image's result from its batch: the prediction, or the ServiceError (a 400 for a JPEG that turned out corrupt
-# when the inference thread decoded it) that answers its own request. An error travels as a result, not as an
-# exception, because the batcher fails every item of a batch on an exception: the other requests sharing the forward
-# pass must still get their answers.
-ImageOutcome = ImagePrediction | ServiceError
-ImageBatcher = DynamicBatcher[ImageJob, ImageOutcome]
 
 
 @dataclass(eq=False)
@@ -63,7 +59,7 @@ class ModelGeneration:
     admitted and answered by it from start to end, even if a reload swaps in another one meanwhile; a replaced
     generation is retired (its batcher closed) once its last request has its answer."""
 
-    predictor: Predictor
+    predictor: Classifier
     batcher: ImageBatcher
     gpu_decoder: GpuDecoder | None  # set when JPEG uploads decode on the model's device
     checkpoint: Path
@@ -87,7 +83,7 @@ class ServiceLifecycle:
         self.metrics = Metrics(settings.max_batch_size)
         self.live: ModelGeneration | None = None
         self.preprocess_pool: ThreadPoolExecutor | None = None
-        self.status = "starting"  # starting -> loading -> ready | failed; -> shutting_down
+        self.status = ServiceStatus.starting
         self.message = "the service is starting"
         self.reloading = asyncio.Lock()  # one reload at a time (app/reload.py)
         self._retiring: set[asyncio.Task] = set()
@@ -97,10 +93,10 @@ class ServiceLifecycle:
 
     @property
     def ready(self) -> bool:
-        return self.status == "ready"
+        return self.status is ServiceStatus.ready
 
     @property
-    def predictor(self) -> Predictor | None:
+    def predictor(self) -> Classifier | None:
         return self.live.predictor if self.live else None
 
     @property
@@ -115,12 +111,12 @@ class ServiceLifecycle:
     def warmup_s(self) -> float:
         return self.live.warmup_s if self.live else 0.0
 
-    def require_ready(self) -> tuple[Predictor, ImageBatcher]:
+    def require_ready(self) -> tuple[Classifier, ImageBatcher]:
         generation = self._require_live()
         return generation.predictor, generation.batcher
 
     def _require_live(self) -> ModelGeneration:
-        if self.status != "ready" or self.live is None:
+        if not self.ready or self.live is None:
             raise not_ready(self.message)  # /readyz asks too: refusals are counted by the route that refuses
         return self.live
 
@@ -151,7 +147,7 @@ class ServiceLifecycle:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         path = self.settings.checkpoint
-        self.status, self.message = "loading", f"loading the model from {path}"
+        self.status, self.message = ServiceStatus.loading, f"loading the model from {path}"
         try:
             generation = await self.load_generation(path)
         except ArtifactNotFoundError as err:
@@ -178,7 +174,7 @@ class ServiceLifecycle:
         decoder = await asyncio.to_thread(self._gpu_decoder_for, predictor)  # probes (and warms) the decoder
         log.info("loaded %s (%s); warm-up of %s took %.2f s", path, predictor.sha256[:12], sizes, warmup_s)
         batcher = DynamicBatcher(
-            functools.partial(self._predict, predictor, decoder),
+            functools.partial(predict_batch, predictor, decoder),
             settings.max_batch_size,
             settings.max_wait_ms,
             settings.queue_limit,
@@ -188,7 +184,7 @@ class ServiceLifecycle:
         )
         return ModelGeneration(predictor, batcher, decoder, path, warmup_s)
 
-    def _gpu_decoder_for(self, predictor: Predictor) -> GpuDecoder | None:
+    def _gpu_decoder_for(self, predictor: Classifier) -> GpuDecoder | None:
         s = self.settings
         return gpu_decoder_for(s.gpu_decode, predictor.device, predictor.preprocessing, s.max_pixels, self.metrics)
 
@@ -208,7 +204,7 @@ class ServiceLifecycle:
             self.metrics.enable_gpu_gauges()
         if generation.gpu_decoder is not None and self.metrics.gpu_decode is None:
             self.metrics.enable_gpu_decode_counter()
-        self.status = "ready"
+        self.status = ServiceStatus.ready
         compiled = ", compiled" if predictor.compiled else ""
         self.message = f"ready: {predictor.metadata.name} on {predictor.device} ({predictor.dtype_name}{compiled})"
         log.info("%s, sha256 %s", self.message, predictor.sha256)
@@ -226,37 +222,27 @@ class ServiceLifecycle:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(old.idle.wait(), self.settings.request_timeout_s + 5)
         await old.batcher.close()
+        old.predictor.close()  # its CUDA-graph thread, when compiled on CUDA: one per reload otherwise
         log.info("retired model %s (%s)", old.checkpoint, old.predictor.sha256[:12])
 
     def _fail(self, message: str) -> None:
-        self.status, self.message = "failed", message
+        self.status, self.message = ServiceStatus.failed, message
         log.error("model not loaded: %s", message)
 
     @staticmethod
-    def _predict(predictor: Predictor, decoder: GpuDecoder | None, jobs: list[ImageJob]) -> list[ImageOutcome]:
-        """One batch of one generation, on its batcher's inference thread. Deferred JPEGs are decoded here, together,
-        right before the forward pass; an image that cannot be decoded is its own outcome and the rest of the batch
-        runs without it."""
-        pixels = [job.pixels for job in jobs]  # DeferredJpegs only when a decoder is set: the route defers for it
-        images = decoder.materialize(pixels) if decoder else [cast(torch.Tensor, p) for p in pixels]
-        ready = [(im, job) for im, job in zip(images, jobs, strict=True) if isinstance(im, torch.Tensor)]
-        heatmaps, methods = [job.heatmap for _, job in ready], [job.heatmap_method for _, job in ready]
-        predictions = iter(predictor.predict([image for image, _ in ready], heatmaps, methods))
-        return [next(predictions) if isinstance(image, torch.Tensor) else image for image in images]
-
-    @staticmethod
-    def _free_cache(predictor: Predictor) -> None:
+    def _free_cache(predictor: Classifier) -> None:
         if predictor.device.type == "cuda":
             torch.cuda.empty_cache()
 
     async def stop(self) -> None:
         """Stop intake and answer everything already queued before the process exits."""
         was = self.status
-        self.status, self.message = "shutting_down", "the service is shutting down"
+        self.status, self.message = ServiceStatus.shutting_down, "the service is shutting down"
         started = time.monotonic()
         if self.live is not None:
             queued = self.live.batcher.depth
             await self.live.batcher.close()
+            self.live.predictor.close()
             log.info("drained %d queued images in %.2f s (was %s)", queued, time.monotonic() - started, was)
         if self._retiring:  # generations replaced by a reload, still answering their last requests
             await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -269,11 +255,9 @@ class ServiceLifecycle:
 
 
 __all__ = [
-    "ImageBatcher",
-    "ImageJob",
-    "ImageOutcome",
     "ModelGeneration",
     "PredictorLoader",
     "ServiceLifecycle",
+    "ServiceStatus",
     "load_from_settings",
 ]

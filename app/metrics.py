@@ -6,8 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from app.batch_sizes import pow2_batch_sizes
-from app.errors import ServiceError
+from app.errors import ErrorCode, ServiceError
+from model.batch_sizes import pow2_batch_sizes
 
 # The *_created series double the exposition for no dashboard we draw; Prometheus itself ignores them.
 disable_created_metrics()
@@ -16,30 +16,18 @@ disable_created_metrics()
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-# petvit_rejected_total{reason}: one count per refused request, by its error code, else by its status. Dashboards and
-# alerts match these values (tests/deploy checks them). The API-key check in app/deps.py counts "unauthorized" itself:
-# it refuses before the route runs.
-REJECTION_REASONS_BY_CODE = {
-    "not_ready": "not_ready",
-    "shutting_down": "shutting_down",
-    "queue_full": "queue_full",
-    "overloaded": "overloaded",  # 429 by deadline: the estimated wait is longer than what the request has left
-    "deadline_exceeded": "deadline",
-    "client_disconnected": "disconnected",
-}
-REJECTION_REASONS_BY_STATUS = {400: "bad_image", 413: "too_large", 415: "unsupported_type", 422: "bad_request"}
+# petvit_rejected_total{reason}: one count per refused request, by its error code's reason (app/errors.ErrorCode).
+# Dashboards and alerts match these values (tests/deploy checks them). The API-key check in app/deps.py counts
+# "unauthorized" itself: it refuses before the route runs.
+REJECTION_REASONS = frozenset(code.reason for code in ErrorCode if code.reason is not None)
 
 
 # petvit_reloads_total{outcome}: POST /v1/admin/reload and SIGHUP. "refused": the new artifact is not one we can
 # serve (missing, a pickle, truncated, wrong shapes); "forbidden": its path lies outside the model folders (someone
 # with the admin key tried to reach another file); "no_memory": it would not fit beside the live model on the GPU;
-# "busy": another reload was running; "failed": anything else (the log says what).
+# "busy": another reload was running; "failed": anything else (the log says what). A refusal's outcome is its error
+# code's (ErrorCode.reload_outcome); this is the order they are exported in.
 RELOAD_OUTCOMES = ("success", "refused", "forbidden", "no_memory", "busy", "failed")
-
-
-def rejection_reason(error: ServiceError) -> str | None:
-    """The rejected_total reason for a refused request; None for the service's own failures (500)."""
-    return REJECTION_REASONS_BY_CODE.get(error.code) or REJECTION_REASONS_BY_STATUS.get(error.status)
 
 
 class Metrics:
@@ -92,8 +80,8 @@ class Metrics:
 
     def count_rejection(self, error: ServiceError) -> None:
         """Count a refused request once, by its reason; the service's own failures are not refusals."""
-        if (reason := rejection_reason(error)) is not None:
-            self.rejected.labels(reason).inc()
+        if error.kind.reason is not None:
+            self.rejected.labels(error.kind.reason).inc()
 
     def enable_gpu_decode_counter(self) -> None:
         """petvit_gpu_decode_images_total{path}: deferred JPEGs decoded on the model's device ("device") or, refused

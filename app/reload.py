@@ -34,19 +34,11 @@ from app.errors import (
     reload_failed,
     shutting_down,
 )
-from app.lifecycle import ModelGeneration, ServiceLifecycle
+from app.lifecycle import ModelGeneration, ServiceLifecycle, ServiceStatus
 from model.artifact import ArtifactError, ArtifactUnreadableError, read_metadata
 from model.device import resolve_device
 
 log = logging.getLogger("petvit.reload")
-
-# The outcome label petvit_reloads_total counts a refusal under, by its error code.
-_OUTCOMES = {
-    "invalid_artifact": "refused",
-    "checkpoint_not_allowed": "forbidden",
-    "insufficient_gpu_memory": "no_memory",
-    "reload_in_progress": "busy",
-}
 
 
 @dataclass(frozen=True)
@@ -119,14 +111,14 @@ async def reload_model(service: ServiceLifecycle, checkpoint: Path | None = None
     will not serve, ...)."""
     try:
         path = service.settings.checkpoint if checkpoint is None else checked_checkpoint(service.settings, checkpoint)
-        if service.reloading.locked() or service.status in ("starting", "loading"):
+        if service.reloading.locked() or service.status in (ServiceStatus.starting, ServiceStatus.loading):
             raise reload_busy("another reload is running" if service.reloading.locked() else "the model is loading")
-        if service.status == "shutting_down":
+        if service.status is ServiceStatus.shutting_down:
             raise shutting_down()
         async with service.reloading:
             reloaded = await _load_and_swap(service, path)
     except ServiceError as err:
-        service.metrics.reloads.labels(_OUTCOMES.get(err.code, "failed")).inc()
+        service.metrics.reloads.labels(err.kind.reload_outcome).inc()
         log.warning("reload refused: %s", err.message)
         raise
     service.metrics.reloads.labels("success").inc()
@@ -153,7 +145,7 @@ async def _load_and_swap(service: ServiceLifecycle, path: Path) -> Reloaded:
     except Exception as err:  # e.g. out of memory during warm-up: the old model still serves
         log.exception("reload from %s failed", path)
         raise reload_failed(f"{type(err).__name__}: {err}") from None
-    if service.status == "shutting_down":  # stopped while we loaded: never open a batcher nobody will close
+    if service.status is ServiceStatus.shutting_down:  # stopped while we loaded: never open a batcher nobody will close
         raise shutting_down()
     service.go_live(generation)
     return Reloaded(generation, previous, time.monotonic() - started)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.uploads import FILE_FIELD
 from model.explain import DEFAULT_METHOD
 
 
@@ -179,4 +181,54 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "model not loaded or warmed up yet, or shutting down",
         504: "no answer within the request deadline",
     }.items()
+}
+
+
+# ------------------------------------------------------------------------------------------- POST /classify's API
+# The route's parameters and body as OpenAPI shows them (app/routes/classify.py declares the route with these).
+CLASSIFY_DESCRIPTION = (
+    "Send images as multipart fields named `file` (repeat the field for several, up to PETVIT_MAX_FILES) or one "
+    "image as the raw body with an `image/*` Content-Type. Each image gets its top-k breeds, sorted by score; "
+    "`heatmap=true` adds the heatmap grid and a transparent PNG overlay at the image's own size (heat "
+    "over the crop the model saw, a dark veil outside it) for the client to lay over the photo; `heatmap_method` "
+    "chooses the heatmap."
+)
+TopKQuery = Annotated[int | None, Query(ge=1, description="how many breeds per image (1..number of labels)")]
+HeatmapQuery = Annotated[bool, Query(description="add an attention-rollout heatmap per image")]
+HeatmapPngQuery = Annotated[
+    bool,
+    Query(
+        description="with heatmap=true, also render the PNG overlay (false: the grid only, for clients that "
+        "draw it themselves)"
+    ),
+]
+HeatmapMethodQuery = Annotated[
+    HeatmapMethodName,
+    Query(
+        description="with heatmap=true, which heatmap: `rollout` (default: attention rollout, heads averaged, the "
+        "weakest 90% of each token's links dropped per block; the best measured) or `gradient` (gradient "
+        "rollout, specific to the top breed; adds a backward pass, about 2-3x the heatmap's inference time)"
+    ),
+]
+CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": f"multipart/form-data with one or more `{FILE_FIELD}` fields, or a single image as the raw body",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    # At least one image: an empty form is refused (422 no_images), so the schema says so too,
+                    # and generated clients and fuzzers agree with the service.
+                    "properties": {
+                        FILE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
+                    },
+                    "required": [FILE_FIELD],
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
 }

@@ -4,7 +4,7 @@
     .venv/bin/python bench/gpu_decode_diff.py --device cuda     # nvJPEG (needs a GPU)
 
 For each photo (scikit-image's chelsea, coffee, rocket, astronaut, retina and camera) at several sizes, portrait and
-landscape, EXIF-rotated, greyscale, progressive, it runs app/preprocess.prepare (the CPU path: draft decode, PIL
+landscape, EXIF-rotated, greyscale, progressive, it runs model/preprocess.prepare (the CPU path: draft decode, PIL
 resize of the fractional crop box) and the deferred path (app/gpu_decode: full decode, the box in whole pixels,
 antialiased interpolate) and prints the max / mean / 99th-percentile absolute difference in uint8 levels. A third
 column set isolates the filter and the box rounding from the JPEG draft: PIL on the fully decoded image, same box.
@@ -25,7 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.gpu_decode import GpuDecoder
-from app.preprocess import Preprocessing, crop_box, prepare
+from model.preprocess import Preprocessing, crop_box, prepare
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision 0.29 deprecates its decoders
 

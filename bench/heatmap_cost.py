@@ -3,7 +3,7 @@
     .venv/bin/python bench/heatmap_cost.py                          # ti16 and s16, batch 1 and 8, 1 thread, CPU
     .venv/bin/python bench/heatmap_cost.py --variants b16 --batch-sizes 1 --threads 2
 
-Each path is what Predictor.forward runs under Predictor.predict's torch.inference_mode: `model(images)` for
+Each path is what Classifier.forward runs under Classifier.predict's torch.inference_mode: `model(images)` for
 images without a heatmap, model.explain.heatmaps with the service's "rollout" (explicit-attention forward + rollout)
 or "gradient" (the same forward with autograd recording, a backward pass to every block's attention, the gradient
 rollout); "plain-rollout" is rollout without discarding (the service's map before heatmap_method), for reference.
@@ -63,7 +63,7 @@ def bench(variant: str, batch: int, repeats: int, iters: int) -> dict[str, dict[
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
     runs = paths(model, images)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-    with torch.inference_mode():  # as Predictor.predict; the gradient path turns autograd back on inside
+    with torch.inference_mode():  # as Classifier.predict; the gradient path turns autograd back on inside
         for fn in runs.values():
             fn()  # warm-up: oneDNN primitives, allocator, autograd's first graph
         names = list(runs)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from model.inference import batch_outputs
 from tests.conftest import OPEN_SET_SEED, OpenSetDigits, train_open_set_digits
 from training.calibration import expected_calibration_error, reliability_bins
 from training.open_set import Outputs, compare_scores
@@ -54,8 +55,8 @@ def fashion_images(count: int) -> torch.Tensor | None:
 
 def outputs_of(d: OpenSetDigits, images: torch.Tensor) -> Outputs:
     with torch.no_grad():
-        logits, features = d.model.forward_with_features(images)
-    return Outputs(logits, features, torch.full((len(images),), -1))
+        outputs = batch_outputs(d.model, images)
+    return Outputs(outputs.logits, outputs.features, torch.full((len(images),), -1))
 
 
 def tradeoff(table: dict[str, dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

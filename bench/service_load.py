@@ -8,7 +8,7 @@ in one or several dtypes, compiled or not.
 Starts the service as a subprocess on a loopback port with a random-init artifact (PETVIT_DTYPE and PETVIT_COMPILE
 set from --dtypes and --compile), sends real JPEGs (chelsea, resized/cropped to realistic phone-export sizes around
 500x375), and prints img/s, p50/p95/p99 latency and the mean batch size (from /metrics). In the same run it times the
-model alone at the same max batch size, in the same dtype and compiled the same way (the service's own Predictor),
+model alone at the same max batch size, in the same dtype and compiled the same way (the service's own Classifier),
 which is the ceiling the service is measured against. With several dtypes, each is run in turn and compared with the
 first. Writes results/service_load.png and results/service_load.json.
 """
@@ -36,8 +36,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.predictor import Predictor  # noqa: E402
 from model.export import export_artifact  # noqa: E402
+from model.inference import Classifier  # noqa: E402
 from model.precision import INFERENCE_DTYPE_CHOICES, canonical_dtype  # noqa: E402
 
 
@@ -244,7 +244,7 @@ async def load(
 
 
 def raw_model_throughput(
-    predictor: Predictor, batch_size: int, seconds: float, heatmap: bool = False
+    predictor: Classifier, batch_size: int, seconds: float, heatmap: bool = False
 ) -> tuple[float, float]:
     """(images/s, images per CPU-second) of the model alone on uint8 batches (no HTTP, no decoding): the ceiling.
 
@@ -397,8 +397,8 @@ def serve_and_load(args: argparse.Namespace, artifact: Path, jpegs: list[bytes],
 
 def run_dtype(args: argparse.Namespace, artifact: Path, jpegs: list[bytes], dtype: str) -> dict:
     """The raw model and the service, both in `dtype` (and compiled alike), with their ratios."""
-    # The service's own Predictor, in the same dtype and compiled the same way, loaded once for the raw timings.
-    predictor = Predictor.from_artifact(artifact, "auto", dtype, args.compile, args.max_batch_size)
+    # The service's own Classifier, in the same dtype and compiled the same way, loaded once for the raw timings.
+    predictor = Classifier.from_artifact(artifact, "auto", dtype, args.compile, args.max_batch_size)
     results: dict = {"variant": args.variant, "max_batch_size": args.max_batch_size, "threads": torch.get_num_threads()}
     results |= {"dtype": predictor.dtype_name, "compiled": predictor.compiled}
     raw = [raw_model_throughput(predictor, args.max_batch_size, args.seconds)]

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from model.config import get_config
+from model.inference import batch_outputs
 from model.precision import TRAINING_DTYPE_CHOICES, autocast_dtype, canonical_dtype
 from model.vit import ViT
 from training.epoch import LRSchedule, Optimization, Runtime, train_one_epoch
@@ -88,8 +89,7 @@ def bench_extract(model: ViT, batch: int, device: torch.device, amp: torch.dtype
 
     @torch.inference_mode()
     def step() -> None:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            model.forward_head(model.forward_features(images), pre_logits=True)
+        batch_outputs(model, images, amp)  # the linear probe's feature pass (training/features.py)
 
     return _timed(step, device, warmup, steps, "extract")
 

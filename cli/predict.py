@@ -1,14 +1,22 @@
-"""`petvit predict IMAGE...`: classify local files with a local model, no server."""
+"""`petvit predict IMAGE...`: classify local files with a local model, no server.
+
+The model library alone (model.inference's Classifier, model.preprocess, model.overlay) answers, exactly as the
+service would; of the service package only its settings are read (PETVIT_CHECKPOINT, PETVIT_DEVICE, ...: the same
+Settings, checked the same way, as `petvit serve`), and only once the command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from app.config import settings_or_report
 from model.explain import DEFAULT_METHOD, SERVICE_METHODS
 from model.precision import INFERENCE_DTYPE_CHOICES
+
+if TYPE_CHECKING:
+    from model.inference import Classifier
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,12 +47,9 @@ def heatmap_path(out: Path, index: int, count: int) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from app.errors import ServiceError
-    from app.heatmap import compose, render_overlay
-    from app.predictor import Predictor
-    from app.preprocess import prepare
+    from app.config import settings_or_report  # pydantic-settings only: the deployment's PETVIT_* configuration
     from model.artifact import ArtifactError
-    from model.inference import MissingExtraError
+    from model.inference import Classifier, MissingExtraError
 
     settings = settings_or_report("petvit predict")
     if settings is None:
@@ -53,42 +58,60 @@ def main(args: argparse.Namespace) -> int:
     try:
         # Not compiled (PETVIT_COMPILE is the service's): one image at a time, compiling costs more than it saves.
         # int8 compiles anyway (model/inference.py), for its one batch size.
-        predictor = Predictor.from_artifact(checkpoint, args.device or settings.device, args.dtype or settings.dtype)
+        classifier = Classifier.from_artifact(checkpoint, args.device or settings.device, args.dtype or settings.dtype)
     except (ArtifactError, MissingExtraError) as err:
         print(f"petvit predict: {err}")
         return 2
-    k = max(1, min(args.top_k, len(predictor.labels)))
-    want_map = args.heatmap is not None
     status, answers = 0, []
     for index, path in enumerate(args.images):
-        try:
-            prepared = prepare(path.read_bytes(), predictor.preprocessing, settings.max_pixels, keep_image=want_map)
-        except (OSError, ServiceError) as err:
-            print(f"{path}: {getattr(err, 'message', err)}")
+        answer = _answer(classifier, args, settings.max_pixels, settings.unknown_threshold, index, path)
+        if answer is None:
             status = 1
             continue
-        [result] = predictor.predict([prepared.tensor], [want_map], [args.heatmap_method])
-        predictions = [{**p, "score": round(p["score"], 6)} for p in predictor.top_k(result.probs, k)]
-        threshold, score = predictor.unknown_threshold(settings.unknown_threshold), result.ood_score
-        unknown = None if threshold is None or score is None else score > threshold  # as POST /classify decides
-        answer = {"image": str(path), "predictions": predictions, "unknown": unknown, "ood_score": score}
-        if want_map and result.grid is not None and prepared.image is not None:
-            out = heatmap_path(args.heatmap, index, len(args.images))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            # The service sends the overlay alone; a person looking at a file wants it over the photo.
-            compose(prepared.image, render_overlay(result.grid, prepared.size, prepared.crop_box)).save(out)
-            answer["heatmap"] = str(out)
         answers.append(answer)
         if not args.json:
-            print(path)
-            if unknown:
-                print(f"  no pet recognised (open-set score {score:.4g} > threshold {threshold:.4g}); best guesses:")
-            for p in predictions:
-                print(f"  {p['score']:7.2%}  {p['label']} ({p['species']})")
-            if "heatmap" in answer:
-                print(f"  heatmap -> {answer['heatmap']}")
+            _print(answer, classifier.unknown_threshold(settings.unknown_threshold))
     if args.json:
         print(json.dumps(answers, indent=2))
-    if not predictor.metadata.trained:
-        print(f"note: {predictor.metadata.name} is marked untrained; its predictions mean nothing yet")
+    if not classifier.metadata.trained:
+        print(f"note: {classifier.metadata.name} is marked untrained; its predictions mean nothing yet")
     return status
+
+
+def _answer(
+    classifier: Classifier, args: argparse.Namespace, max_pixels: int, override: float | None, index: int, path: Path
+) -> dict[str, Any] | None:
+    """One file's answer, as POST /classify gives it (plus where its heatmap went); None after printing why not."""
+    from model.overlay import compose, render_overlay
+    from model.preprocess import ImageRejected, prepare
+
+    want_map = args.heatmap is not None
+    try:
+        prepared = prepare(path.read_bytes(), classifier.preprocessing, max_pixels, keep_image=want_map)
+    except (OSError, ImageRejected) as err:
+        print(f"{path}: {err}")
+        return None
+    [result] = classifier.predict([prepared.tensor], [want_map], [args.heatmap_method])
+    k = max(1, min(args.top_k, len(classifier.labels)))
+    predictions = [{**p, "score": round(p["score"], 6)} for p in classifier.top_k(result.probs, k)]
+    score = result.ood_score
+    unknown = classifier.is_unknown(score, override)  # as POST /classify decides
+    answer = {"image": str(path), "predictions": predictions, "unknown": unknown, "ood_score": score}
+    if want_map and result.grid is not None and prepared.image is not None:
+        out = heatmap_path(args.heatmap, index, len(args.images))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # The service sends the overlay alone; a person looking at a file wants it over the photo.
+        compose(prepared.image, render_overlay(result.grid, prepared.size, prepared.crop_box)).save(out)
+        answer["heatmap"] = str(out)
+    return answer
+
+
+def _print(answer: dict[str, Any], threshold: float | None) -> None:
+    print(answer["image"])
+    if answer["unknown"] and threshold is not None:
+        score = answer["ood_score"]
+        print(f"  no pet recognised (open-set score {score:.4g} > threshold {threshold:.4g}); best guesses:")
+    for p in answer["predictions"]:
+        print(f"  {p['score']:7.2%}  {p['label']} ({p['species']})")
+    if "heatmap" in answer:
+        print(f"  heatmap -> {answer['heatmap']}")

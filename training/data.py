@@ -84,7 +84,7 @@ def eval_transform(
     """Resize the shorter side to 256/224 of the crop, centre-crop: deterministic, no normalisation.
 
     policy: an artifact's preprocessing instead (an imported checkpoint's, e.g. Hugging Face's squash to the input
-    size): its resize mode, size and interpolation, as the service applies them (app/preprocess.py)."""
+    size): its resize mode, size and interpolation, as the service applies them (model/preprocess.py)."""
     if policy is None:
         resize = v2.Resize(resize_size_for(image_size), antialias=True)
     else:

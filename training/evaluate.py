@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.artifact import ArtifactMetadata, file_sha256, load_artifact, save_artifact
+from model.inference import batch_outputs as vit_outputs
 from model.inference import prepare_for_inference
 from model.precision import autocast_dtype, dtype_name, is_quantised
 from model.vit import ViT
@@ -42,16 +43,14 @@ def batch_outputs(
 ) -> torch.Tensor:
     """One batch's logits (B, C), or a ViT's pre-logits features (B, D), in float32.
 
-    For a ViT the backbone runs under autocast and the head(s) in float32 outside it: they cost nothing next to
-    the blocks, logits keep float32's resolution (bfloat16's 3 digits flip near-ties), and a linear probe's head
+    A ViT goes through model.inference.batch_outputs (its rule for where autocast stops), so a linear probe's head
     over cached features computes exactly these numbers. Other networks (a convnet teacher) answer directly.
     """
-    with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
-        if not isinstance(model, ViT):
+    if not isinstance(model, ViT):
+        with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
             return model(images).float()
-        tokens = model.forward_features(images)  # (B, prefix + N, D)
-    special = tokens[:, : model.num_prefix_tokens].to(model.head.weight.dtype)  # (B, prefix, D): what heads read
-    return model.forward_head(special, pre_logits=pre_logits).float()
+    outputs = vit_outputs(model, images, amp)
+    return outputs.pre_logits if pre_logits else outputs.logits
 
 
 def _scored_model(model: ViT, dtype: str, device: torch.device) -> tuple[ViT, torch.dtype | None, str]:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from model.inference import batch_outputs
 from model.trust import CLASS_MEANS, DEFAULT_ACCEPTANCE, DEFAULT_SCORE, PRECISION, SCORES, Calibration, OpenSet
 from model.vit import ViT
 from training.calibration import fit_calibration
@@ -57,18 +58,16 @@ def collect_outputs(
     amp: torch.dtype | None = None,
     desc: str = "outputs",
 ) -> Outputs:
-    """Logits and CLS features of every image, from one pass: the backbone under autocast, the head in float32
-    (training.evaluate.batch_outputs' rule, so these logits are the ones `predict` gives)."""
+    """Logits and CLS features of every image, from one pass (model.inference.batch_outputs, so these logits are
+    the ones training.evaluate's `predict` gives)."""
     model.eval()
     device = torch.device(device)
     logits, features, targets = [], [], []
     for images, labels in tqdm(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers), desc=desc,
                                unit="batch", leave=False):  # fmt: skip
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            tokens = model.forward_features(images.to(device))  # (B, prefix + N, D)
-        special = tokens[:, : model.num_prefix_tokens].to(model.head.weight.dtype)  # (B, prefix, D)
-        logits.append(model.forward_head(special).float().cpu())
-        features.append(special[:, 0].float().cpu())  # the CLS token (model/trust.py)
+        outputs = batch_outputs(model, images.to(device), amp)
+        logits.append(outputs.logits.cpu())
+        features.append(outputs.features.cpu())  # the CLS token (model/trust.py)
         targets.append(torch.as_tensor(labels, dtype=torch.long))
     if not logits:
         c, d = model.config.num_classes, model.config.hidden_dim

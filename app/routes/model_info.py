@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.deps import ServiceDep
-from app.predictor import Predictor
 from app.schemas import ERROR_RESPONSES, ModelInfo
+from model.inference import Classifier
 
 router = APIRouter(tags=["model"])
 
@@ -39,7 +39,7 @@ async def model_info(service: ServiceDep) -> ModelInfo:
     )
 
 
-def open_set_info(predictor: Predictor, override: float | None) -> dict[str, Any] | None:
+def open_set_info(predictor: Classifier, override: float | None) -> dict[str, Any] | None:
     """The artifact's open-set record plus the threshold this service applies and where it comes from."""
     if predictor.open_set is None:
         return None

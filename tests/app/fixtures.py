@@ -23,12 +23,12 @@ from app.client import wait_until_ready
 from app.config import Settings
 from app.lifecycle import ServiceLifecycle
 from app.main import create_app
-from app.predictor import ImagePrediction, Predictor
-from app.preprocess import prepare
 from model.artifact import load_artifact
+from model.inference import Classifier, ImagePrediction
 from model.labels import PET_LABELS, PET_SPECIES
+from model.preprocess import prepare
 
-Loader = Callable[[Settings], Predictor]
+Loader = Callable[[Settings], Classifier]
 
 
 def encode(image: Image.Image, fmt: str = "JPEG", **params) -> bytes:
@@ -48,7 +48,7 @@ def png_bytes(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
     return encode(noise_image(seed, size), "PNG")
 
 
-class RecordingPredictor(Predictor):
+class RecordingPredictor(Classifier):
     """The real predictor, plus a record of every batch it ran, an optional delay, and optional failures."""
 
     delay_s: float = 0.0
@@ -67,7 +67,7 @@ class RecordingPredictor(Predictor):
 
 
 def recording_loader(artifact: Path, delay_s: float = 0.0, fail_when=None) -> Loader:
-    def load(settings: Settings) -> Predictor:
+    def load(settings: Settings) -> Classifier:
         predictor = RecordingPredictor.from_artifact(artifact, "cpu", "float32")
         predictor.delay_s = 0.0  # warm-up runs undelayed
         predictor.fail_when = None

@@ -1,5 +1,5 @@
 """Overload admission: refusals before the body is read or decoded, by queue room and by deadline, with an honest
-Retry-After; queued images of clients that went away never reach the model (app/batcher.py, app/routes/classify.py)."""
+Retry-After; queued images of clients that went away never reach the model (app/batcher.py, app/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import time
 import httpx
 import pytest
 
-import app.routes.classify
-from app.batcher import DynamicBatcher, OverloadedError, QueueFullError
+import app.pipeline
+from app.batch_errors import OverloadedError, QueueFullError
+from app.batcher import DynamicBatcher
 
 from .fixtures import (
     live_server,
@@ -29,15 +30,15 @@ from .fixtures import (
 
 @pytest.fixture
 def decodes(monkeypatch) -> list[int]:
-    """Every upload the route decodes, counted at app.preprocess.prepare as the route calls it."""
+    """Every upload the route decodes, counted at model.preprocess.prepare as the pipeline calls it."""
     calls: list[int] = []
-    real = app.routes.classify.prepare
+    real = app.pipeline.prepare
 
     def counting(data, *args, **kwargs):
         calls.append(len(data))
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(app.routes.classify, "prepare", counting)
+    monkeypatch.setattr(app.pipeline, "prepare", counting)
     return calls
 
 
@@ -72,8 +73,8 @@ async def test_a_request_that_would_miss_its_deadline_gets_429_with_retry_after_
     settings = make_settings(tiny_artifact, max_batch_size=1, max_wait_ms=0, queue_limit=16, request_timeout_s=1.0)
     async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.3)) as (client, service):
         assert (await post_png(client, png_bytes(0))).status_code == 200  # measures the time per image
-        await until(lambda: service.batcher.seconds_per_image is not None)  # the worker records it after answering
-        per_image = service.batcher.seconds_per_image
+        await until(lambda: service.batcher.policy.seconds_per_image is not None)  # recorded after answering
+        per_image = service.batcher.policy.seconds_per_image
         decodes.clear()
         responses = await asyncio.gather(*(post_png(client, png_bytes(i)) for i in range(1, 7)))
         overloaded = rejected(service, "overloaded")
@@ -91,7 +92,7 @@ async def test_a_request_that_would_miss_its_deadline_gets_429_with_retry_after_
 async def test_what_the_headers_refuse_is_refused_as_such_even_when_overloaded(tiny_artifact, decodes):
     settings = make_settings(tiny_artifact, max_upload_bytes=1000)
     async with running_app(settings) as (client, service):
-        service.batcher.seconds_per_image = 100.0  # as if the model took 100 s an image: nothing fits 30 s
+        service.batcher.policy.seconds_per_image = 100.0  # as if the model took 100 s an image: nothing fits 30 s
         png = png_bytes(0)[:900]
         overloaded = await post_png(client, png)
         wrong_type = await client.post("/classify", content=png, headers={"Content-Type": "text/plain"})
@@ -107,7 +108,7 @@ async def test_what_the_headers_refuse_is_refused_as_such_even_when_overloaded(t
 
 async def test_under_overload_a_wrong_api_key_is_still_401(tiny_artifact):
     async with running_app(make_settings(tiny_artifact, api_key="k")) as (client, service):
-        service.batcher.seconds_per_image = 100.0
+        service.batcher.policy.seconds_per_image = 100.0
         anonymous = await post_png(client, png_bytes(0))
         keyed = await client.post(
             "/classify", content=png_bytes(0), headers={"Content-Type": "image/png", "X-API-Key": "k"}
@@ -126,7 +127,7 @@ async def test_admission_holds_room_from_before_the_body_is_read_until_the_image
             with pytest.raises(QueueFullError):
                 batcher.admit(deadline).need(1)  # 2 + 1 held: no room, although nothing is queued yet
         batcher.submit(["a", "b"], deadline, first)  # the held room becomes the queued items
-        assert (batcher.depth, batcher._reserved) == (2, 0)
+        assert (batcher.depth, batcher.policy.reserved) == (2, 0)
     batcher.admit(deadline).need(1)  # the second request's room was released when it left
 
 
@@ -134,7 +135,7 @@ async def test_retry_after_is_the_time_until_the_estimated_wait_fits_a_fresh_dea
     batcher = DynamicBatcher(lambda items: items, max_batch_size=4, queue_limit=12, request_timeout_s=1.0)
     deadline = time.monotonic() + 1.0
     batcher.submit(list(range(10)), deadline)  # not started: all stay queued
-    batcher.seconds_per_image = 0.5  # 10 queued + 1 = 11 images, 3 batches of 4: 6 s > 1 s left
+    batcher.policy.seconds_per_image = 0.5  # 10 queued + 1 = 11 images, 3 batches of 4: 6 s > 1 s left
     with pytest.raises(OverloadedError) as info:
         batcher.check(1, deadline)
     # a fresh request is admitted when its wait is within 90 % of its 1 s: once 6 - 0.9 = 5.1 s have drained

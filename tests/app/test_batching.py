@@ -10,13 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.batcher import (
-    BatcherClosedError,
-    DeadlineExceededError,
-    DynamicBatcher,
-    InferenceFailedError,
-    QueueFullError,
-)
+from app.batch_errors import BatcherClosedError, DeadlineExceededError, InferenceFailedError, QueueFullError
+from app.batcher import DynamicBatcher
 from app.metrics import Metrics
 
 from .fixtures import (

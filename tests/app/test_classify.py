@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.preprocess import crop_box
 from model.artifact import load_artifact
+from model.preprocess import crop_box
 
 from .fixtures import assert_matches_model, direct_probs, encode, make_settings, noise_image, png_bytes, running_app
 

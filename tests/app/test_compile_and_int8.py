@@ -3,18 +3,29 @@ warm-up compiles every bucket before /readyz turns 200, int8 is served and named
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import threading
 from collections.abc import Callable
 
 import pytest
 import torch
 from pydantic import ValidationError
 
-from app.batch_sizes import bucket_for, bucket_split
 from app.config import Settings, describe_invalid_settings
-from app.predictor import Predictor
+from model.artifact import save_artifact
+from model.batch_sizes import bucket_for, bucket_split
+from model.inference import Classifier, GraphThread, compiled_forward
+from tests.conftest import make_tiny_model
 
 from .fixtures import direct_probs, make_settings, png_bytes, running_app, until
+
+
+@pytest.fixture(scope="module")
+def second_artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("second") / "second.safetensors"
+    save_artifact(make_tiny_model(seed=1), path, {"name": "petvit-tiny-second", "variant": "tiny"})
+    return path
 
 
 def recording_compile(shapes: list[int]) -> Callable:
@@ -54,8 +65,8 @@ def test_a_cpu_batch_splits_into_buckets_largest_first(batch: int, chunks: list[
 def test_cpu_batches_split_into_buckets_answer_exactly_as_whole_ones(tiny_artifact, monkeypatch) -> None:
     shapes: list[int] = []
     monkeypatch.setattr(torch, "compile", recording_compile(shapes))
-    eager = Predictor.from_artifact(tiny_artifact, "cpu", "float32")
-    bucketed = Predictor.from_artifact(tiny_artifact, "cpu", "float32", compile=True, max_batch_size=8)
+    eager = Classifier.from_artifact(tiny_artifact, "cpu", "float32")
+    bucketed = Classifier.from_artifact(tiny_artifact, "cpu", "float32", compile=True, max_batch_size=8)
     assert bucketed.compiled and bucketed.buckets == [1, 2, 4, 8] and eager.buckets is None
     images = random_images(11)
     for n in (1, 3, 5, 8, 11):
@@ -96,13 +107,47 @@ def test_gpu_batches_are_padded_to_one_bucket(tiny_artifact, monkeypatch: pytest
     The device is only named "cuda" here (the stand-in forward runs on the CPU), so this runs without a GPU."""
     shapes: list[int] = []
     monkeypatch.setattr(torch, "compile", recording_compile(shapes))
-    eager = Predictor.from_artifact(tiny_artifact, "cpu", "float32")
-    padded = Predictor.from_artifact(tiny_artifact, "cpu", "float32", compile=True, max_batch_size=8)
+    eager = Classifier.from_artifact(tiny_artifact, "cpu", "float32")
+    padded = Classifier.from_artifact(tiny_artifact, "cpu", "float32", compile=True, max_batch_size=8)
     padded.device = torch.device("cuda")
     images = torch.stack(random_images(11))
     for n in (3, 5, 11):  # 11: past the largest bucket, run as 8 + 3 (padded to 4)
         torch.testing.assert_close(padded.logits(images[:n]), eager.logits(images[:n]), rtol=1e-5, atol=1e-6)
     assert shapes == [4, 8, 8, 4]
+
+
+def graph_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("petvit-cuda-graphs")]
+
+
+async def test_a_retired_generation_shuts_its_cuda_graph_thread_down(tiny_artifact, second_artifact, monkeypatch):
+    """CUDA graphs ("reduce-overhead") run the compiled forward on a thread of its own (model.inference.GraphThread);
+    a reload retires the old generation, which shuts that thread down instead of leaving one behind per reload, and
+    shutdown does the same for the live one. The device is only named "cuda" here: torch.compile is stood in by the
+    eager function, so each graphs' thread runs the CPU forward."""
+    monkeypatch.setattr(torch, "compile", lambda target, **options: target)
+    loaded: list[Classifier] = []
+
+    def load(settings: Settings) -> Classifier:
+        classifier = Classifier.from_artifact(settings.checkpoint, "cpu", "float32")
+        classifier.runner.compile_mode = "reduce-overhead"  # what prepare_for_inference picks on a CUDA device
+        classifier.runner._forward = compiled_forward(classifier.model, "reduce-overhead")
+        loaded.append(classifier)
+        return classifier
+
+    before = len(graph_threads())
+    async with running_app(make_settings(tiny_artifact, admin_key="k"), load) as (client, service):
+        assert service.ready and len(graph_threads()) == before + 1  # warm-up ran on the first model's thread
+        reloaded = await client.post(
+            "/v1/admin/reload", json={"checkpoint": str(second_artifact)}, headers={"X-Admin-Key": "k"}
+        )
+        assert reloaded.status_code == 200
+        await asyncio.gather(*service._retiring)
+        assert isinstance(loaded[0].runner._forward, GraphThread) and loaded[0].runner._forward.pool._shutdown
+        assert len(graph_threads()) == before + 1  # the new model's thread only
+        response = await client.post("/classify", content=png_bytes(1), headers={"Content-Type": "image/png"})
+        assert response.status_code == 200  # the live model still answers through its own thread
+    assert len(graph_threads()) == before  # shutdown closed the live one's too
 
 
 async def test_int8_is_served_named_and_close_to_float32(tiny_artifact) -> None:

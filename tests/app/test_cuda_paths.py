@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from app.errors import ServiceError
-from app.predictor import Predictor
 from app.reload import check_fits
+from model.inference import Classifier
 
 
 @pytest.mark.gpu
@@ -22,8 +22,8 @@ def test_cuda_graph_forward_pads_to_buckets_and_answers_as_eager(tiny_artifact: 
     """reduce-overhead (CUDA graphs): batches padded up to one bucket (11 -> 8 + 3 padded to 4), the padding's rows
     dropped, answers as the eager float32 model's (TF32 off: float32 means float32)."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    eager = Predictor.from_artifact(tiny_artifact, "cuda", "float32")
-    graphs = Predictor.from_artifact(tiny_artifact, "cuda", "float32", compile=True, max_batch_size=8)
+    eager = Classifier.from_artifact(tiny_artifact, "cuda", "float32")
+    graphs = Classifier.from_artifact(tiny_artifact, "cuda", "float32", compile=True, max_batch_size=8)
     assert graphs.compiled and graphs.runner.compile_mode == "reduce-overhead"
     graphs.warmup(graphs.buckets or [])
     size = graphs.image_size
@@ -40,8 +40,8 @@ def test_cuda_graph_forward_with_features_answers_as_eager(open_set_digits) -> N
     """An open set that reads the CLS feature: forward_with_features is what the CUDA graphs capture, and the
     open-set scores come out as the eager model's."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    eager = Predictor.from_artifact(open_set_digits.artifact, "cuda", "float32")
-    graphs = Predictor.from_artifact(open_set_digits.artifact, "cuda", "float32", compile=True, max_batch_size=8)
+    eager = Classifier.from_artifact(open_set_digits.artifact, "cuda", "float32")
+    graphs = Classifier.from_artifact(open_set_digits.artifact, "cuda", "float32", compile=True, max_batch_size=8)
     assert graphs.compiled and graphs.wants_features
     graphs.warmup(graphs.buckets or [])
     images = list(open_set_digits.unseen_images[:11])

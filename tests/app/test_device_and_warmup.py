@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.predictor import Predictor, warmup_sizes
 from model import precision
 from model.artifact import ArtifactError
+from model.batch_sizes import warmup_sizes
+from model.inference import Classifier
 
 from .fixtures import make_settings, png_bytes, running_app
 
@@ -29,13 +30,13 @@ def test_warmup_sizes_follow_the_policy_and_device(max_batch, policy, device, ex
 def test_a_missing_device_is_refused_with_its_name(monkeypatch, tiny_artifact):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA GPU") as err:
-        Predictor.from_artifact(tiny_artifact, device="cuda")
+        Classifier.from_artifact(tiny_artifact, device="cuda")
     assert not isinstance(err.value, ArtifactError)  # the artifact is fine; the device is what is missing
 
 
 def test_bfloat16_predictor_keeps_float32_normalisation_and_matches_float32(tiny_artifact):
-    fp32 = Predictor.from_artifact(tiny_artifact, device="cpu", dtype="float32")
-    bf16 = Predictor.from_artifact(tiny_artifact, device="cpu", dtype="bfloat16")
+    fp32 = Classifier.from_artifact(tiny_artifact, device="cpu", dtype="float32")
+    bf16 = Classifier.from_artifact(tiny_artifact, device="cpu", dtype="bfloat16")
     assert bf16.model.mean.dtype is torch.float32 and bf16.model.patch_embed.weight.dtype is torch.bfloat16
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     [a], [b] = fp32.predict([image]), bf16.predict([image])

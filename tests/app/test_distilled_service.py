@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.preprocess import prepare
 from model.artifact import load_artifact, save_artifact
 from model.explain import DEFAULT_METHOD, SERVICE_METHODS
+from model.preprocess import prepare
 from model.rollout import attention_rollout
 from model.teachers import build_convnet, save_convnet_artifact
 from tests.conftest import make_tiny_model

@@ -13,17 +13,26 @@ import torch
 from PIL import Image, ImageOps
 
 import app.gpu_decode as gpu_decode
-from app.errors import ServiceError
-from app.gpu_decode import GpuDecoder, crop_resize, decode_jpegs, gpu_decoder_for, orient, stack_to_device
+from app.errors import ServiceError, rejected_image
+from app.gpu_decode import GpuDecoder, crop_resize, decode_jpegs, gpu_decoder_for, orient
 from app.metrics import Metrics
-from app.preprocess import DeferredJpeg, Preprocessing, crop_box, prepare
 from model.artifact import load_artifact
+from model.inference import stack_to_device
+from model.preprocess import DeferredJpeg, ImageRejected, Preprocessing, crop_box, prepare
 
 from .fixtures import encode, make_settings, metric_value, recording_loader, running_app
 
 CPU = torch.device("cpu")
 PRE = Preprocessing(224, 256)
-# The deferred path against the CPU path (app/preprocess.prepare), in uint8 levels. The CPU path decodes big JPEGs at
+
+
+def answered(rejected: ImageRejected) -> tuple[int, str]:
+    """(HTTP status, code) the service answers a rejected upload with."""
+    error = rejected_image(rejected)
+    return error.status, error.code
+
+
+# The deferred path against the CPU path (model/preprocess.prepare), in uint8 levels. The CPU path decodes big JPEGs at
 # a reduced DCT scale (draft mode) and the device decoder cannot, so the two low-pass filters differ: up to ~2.5 levels
 # on average and isolated edge pixels far more. Against PIL on the *fully* decoded image, same box, the only
 # difference is rounding (PIL rounds to uint8 after each of its two passes, we once): at most 1 level.
@@ -115,9 +124,9 @@ def test_cmyk_and_truncated_jpegs_stay_on_the_cpu_path(chelsea):
     good = encode(chelsea, "JPEG", quality=90)
     prepared = prepare(cmyk, PRE, 10**9, defer=True)
     assert prepared.deferred is None and torch.equal(prepared.tensor, prepare(cmyk, PRE, 10**9).tensor)
-    with pytest.raises(ServiceError) as info:
+    with pytest.raises(ImageRejected) as info:
         prepare(good[: len(good) // 2], PRE, 10**9, defer=True)  # not deferred: PIL finds it truncated, here
-    assert (info.value.status, info.value.code) == (400, "undecodable_image")
+    assert answered(info.value) == (400, "undecodable_image")
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
@@ -186,12 +195,12 @@ def test_header_checks_refuse_before_any_decode(chelsea, monkeypatch):
     big = encode(chelsea.resize((1200, 800)), "JPEG", quality=90)
     monkeypatch.setattr(gpu_decode, "decode_jpeg", no_decoding)
     monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)  # what decodes an opened file's pixels
-    with pytest.raises(ServiceError) as info:
+    with pytest.raises(ImageRejected) as info:
         prepare(big, PRE, max_pixels=1199 * 800, defer=True)
-    assert (info.value.status, info.value.code) == (413, "image_too_large")
-    with pytest.raises(ServiceError) as info:
+    assert answered(info.value) == (413, "image_too_large")
+    with pytest.raises(ImageRejected) as info:
         prepare(b"\x00\x00\x00\x18ftypheic" + bytes(64), PRE, 10**9, defer=True)
-    assert (info.value.status, info.value.code) == (415, "unsupported_media_type")
+    assert answered(info.value) == (415, "unsupported_media_type")
     assert deferred_of(big).size == (1200, 800)  # under the limit: deferred, still nothing decoded
 
 

@@ -1,4 +1,4 @@
-"""app/heatmap.py: the transparent overlay (heat over the crop, veil outside, no photo) and the CLI's composition."""
+"""model/overlay.py: the transparent overlay (heat over the crop, veil outside, no photo) and the CLI's composition."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.heatmap import compose, overlay_png, overlay_png_base64, render_overlay
-from app.preprocess import Preprocessing, crop_box
+from model.overlay import compose, overlay_png, overlay_png_base64, render_overlay
+from model.preprocess import Preprocessing, crop_box
 
 SIZE = (500, 375)  # a typical upload, landscape
 # b16/b32's crop (224/256 of the shorter side): a 328.1 px square in the middle. Fixed here rather than taken from

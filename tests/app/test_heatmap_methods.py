@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from app.predictor import Predictor
-from app.preprocess import prepare
 from app.schemas import DEFAULT_HEATMAP_METHOD, HeatmapMethodName
 from model.artifact import load_artifact
 from model.explain import DEFAULT_METHOD, SERVICE_METHODS, heatmaps
+from model.inference import Classifier
+from model.preprocess import prepare
 
 from .fixtures import png_bytes
 
@@ -79,7 +79,7 @@ async def test_the_openapi_page_documents_the_choices(client) -> None:
 
 def test_one_batch_can_mix_methods_and_plain_images(tiny_artifact) -> None:
     """The batcher groups requests with different methods into one batch: each image must get its own method's map."""
-    predictor = Predictor.from_artifact(tiny_artifact, "cpu", "float32")
+    predictor = Classifier.from_artifact(tiny_artifact, "cpu", "float32")
     pre = predictor.preprocessing
     images = [prepare(png_bytes(30 + i), pre, 10**9).tensor for i in range(4)]
     wants, methods = [True, True, False, True], ["gradient", "rollout", "rollout", "rollout"]

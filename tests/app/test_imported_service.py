@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from app.gpu_decode import GpuDecoder
-from app.preprocess import Preprocessing, crop_box, prepare
 from cli.main import main as petvit
 from model.artifact import ArtifactMetadata, read_metadata
+from model.preprocess import Preprocessing, crop_box, prepare
 from tests.conftest import make_tiny_config
 from tests.hub_checkpoints import HF_PET_LABELS, hf_vit, photo_pixels
 

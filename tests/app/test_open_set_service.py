@@ -116,7 +116,7 @@ def test_compiled_forward_with_features_runs_in_buckets_and_answers_as_eager(
     """With an open set that reads the CLS feature, the compiled function is forward_with_features: one graph per
     bucket serves logits and features, and splitting a batch into buckets (a CPU) changes neither (torch.compile
     stood in by the eager function, recording what it was given)."""
-    from app.predictor import Predictor
+    from model.inference import Classifier
 
     compiled: list[object] = []
     shapes: list[int] = []
@@ -132,8 +132,8 @@ def test_compiled_forward_with_features_runs_in_buckets_and_answers_as_eager(
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     artifact = open_set_digits.artifact
-    eager = Predictor.from_artifact(artifact, "cpu", "float32")
-    bucketed = Predictor.from_artifact(artifact, "cpu", "float32", compile=True, max_batch_size=8)
+    eager = Classifier.from_artifact(artifact, "cpu", "float32")
+    bucketed = Classifier.from_artifact(artifact, "cpu", "float32", compile=True, max_batch_size=8)
     assert getattr(compiled[0], "__name__", "") == "forward_with_features" and bucketed.wants_features
     images = list(open_set_digits.unseen_images[:11])
     for n in (1, 3, 11):  # on a CPU: 1 | 2 + 1 | 8 + 2 + 1

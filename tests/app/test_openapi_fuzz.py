@@ -75,3 +75,23 @@ def test_every_operation_survives_generated_requests(live_url: str, mode: schema
     assert calls.get("POST /v1/admin/reload", 0) >= 5, calls
     if mode == schemathesis.GenerationMode.POSITIVE:  # random checkpoint paths: outside the model folder, refused
         assert 403 in reload_statuses, reload_statuses
+
+
+def test_the_classify_schema_needs_at_least_one_image(live_url: str) -> None:
+    """An empty multipart form (no `file` field, or none in it) is answered 422 no_images, so the schema must not
+    call it valid: `file` is required with at least one item; a raw image body is the declared alternative."""
+    import httpx
+    import jsonschema
+
+    spec = httpx.get(f"{live_url}/openapi.json").json()
+    body = spec["paths"]["/classify"]["post"]["requestBody"]
+    assert body["required"] is True
+    multipart = body["content"]["multipart/form-data"]["schema"]
+    validator = jsonschema.Draft202012Validator(multipart)
+    assert not validator.is_valid({}) and not validator.is_valid({"file": []})
+    assert validator.is_valid({"file": ["<binary>"]})
+    assert {"image/jpeg", "image/png", "image/webp"} <= set(body["content"])  # one image as the raw body
+    answered = httpx.post(
+        f"{live_url}/classify", content=b"--b--\r\n", headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert answered.status_code == 422 and answered.json()["error"]["code"] == "no_images"

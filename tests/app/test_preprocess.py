@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from app.errors import ServiceError
-from app.preprocess import Preprocessing, crop_box, decode, prepare, to_rgb
+from app.errors import rejected_image
+from model.preprocess import ImageRejected, Preprocessing, crop_box, decode, prepare, to_rgb
 from training.data import eval_transform, resize_size_for
 
 from .fixtures import encode
@@ -92,6 +92,6 @@ def test_extreme_aspect_ratios_never_build_a_huge_intermediate_image(size, monke
 
 
 def test_empty_upload_is_a_bad_image():
-    with pytest.raises(ServiceError) as info:
+    with pytest.raises(ImageRejected) as info:
         prepare(b"", PRE, 10**6)
-    assert info.value.status == 400
+    assert rejected_image(info.value).status == 400

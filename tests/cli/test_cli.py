@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,8 @@ from PIL import Image
 from app.client import AsyncPetvitClient, PetvitClient, PetvitError, wait_until_ready
 from cli.main import main as petvit
 from tests.app.fixtures import direct_probs, live_server, make_settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -65,6 +69,25 @@ def test_predict_prints_the_models_top_k_and_writes_a_heatmap(chelsea_jpeg, tiny
     assert shown[:, :90].mean() == pytest.approx(0.45 * photo[:, :90].mean(), abs=3)
     assert shown[:, :90].std() > 5  # the photo's texture, not a flat fill
     assert "untrained" in printed
+
+
+def test_predict_classifies_without_the_service_package(chelsea_jpeg, tiny_artifact):
+    """`petvit predict` answers through the model library: importing it loads nothing from app/, and running it
+    loads only the settings (app.config), never the service's routes, batcher or lifecycle."""
+    code = f"""
+import sys
+import cli.predict
+print("on import:", sorted(m for m in sys.modules if m == "app" or m.startswith("app.")))
+from cli.main import main
+status = main(["predict", {str(chelsea_jpeg)!r}, "--checkpoint", {str(tiny_artifact)!r}, "--json"])
+print("status:", status)
+print("on run:", sorted(m for m in sys.modules if m == "app" or m.startswith("app.")))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "on import: []" in result.stdout
+    assert "status: 0" in result.stdout
+    assert "on run: ['app', 'app.config']" in result.stdout
 
 
 def test_predict_serves_int8_and_training_refuses_it(chelsea_jpeg, tiny_artifact, capsys):

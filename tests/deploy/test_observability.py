@@ -92,12 +92,11 @@ def test_alert_rules_query_only_series_and_labels_the_app_exports(check_expr):
 def test_label_values_matched_in_rules_and_dashboard_are_emitted_by_the_app(selectors, app_routes):
     """route="/classify" must be a route template the app labels with; reason="queue_full" one the rejection counter
     counts (not merely a string somewhere in app/: "queue_full" is also an error code); status a 3-digit code."""
-    from app.metrics import REJECTION_REASONS_BY_CODE, REJECTION_REASONS_BY_STATUS, Metrics
+    from app.metrics import REJECTION_REASONS, Metrics
 
     reasons = {
         "petvit_rejected_total": {
-            *REJECTION_REASONS_BY_CODE.values(),
-            *REJECTION_REASONS_BY_STATUS.values(),
+            *REJECTION_REASONS,
             "unauthorized",  # app/deps.py, the API-key check
         },
         "petvit_batch_flush_total": {

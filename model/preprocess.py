@@ -1,8 +1,11 @@
-"""Upload bytes -> a checked, upright RGB image -> the model's uint8 (3, S, S) crop.
+"""Upload bytes -> a checked, upright RGB image -> the model's uint8 (3, S, S) crop: what the service and
+`petvit predict` feed a Classifier (model/inference.py).
 
-Runs in a thread pool (PIL releases the GIL while decoding). Cheap checks come first: the pixel count is read
-from the header before any pixel is decoded, so a 30 kB PNG that inflates to 2 GB is refused at 413 without
-allocating it. Normalisation is not done here: the model does it on its device (uint8 is 4x fewer bytes to move).
+What is wrong with an upload is an ImageRejected, whose `code` names the kind (the service answers each with its own
+HTTP status: app/errors.py). The service runs this in a thread pool (PIL releases the GIL while decoding). Cheap
+checks come first: the pixel count is read from the header before any pixel is decoded, so a 30 kB PNG that inflates
+to 2 GB is refused (image_too_large) without allocating it. Normalisation is not done here: the model does it on
+its device (uint8 is 4x fewer bytes to move).
 """
 
 from __future__ import annotations
@@ -15,13 +18,35 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import ServiceError, bad_image, image_too_large, unsupported_type
 from model.artifact import Preprocessing
 
 # Formats we decode. Anything else PIL happens to recognise (PSD, ICO, EPS through Ghostscript, ...) is refused:
 # each extra decoder is extra attack surface, and none is how people send photos of pets.
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+class ImageRejected(ValueError):
+    """An upload the model cannot take: `code` is "undecodable_image" (damaged, empty, not an image),
+    "image_too_large" (too many pixels) or "unsupported_media_type" (a format we do not read); the message says
+    what to send instead."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def bad_image(message: str) -> ImageRejected:
+    return ImageRejected("undecodable_image", message)
+
+
+def image_too_large(message: str) -> ImageRejected:
+    return ImageRejected("image_too_large", message)
+
+
+def unsupported_type(message: str) -> ImageRejected:
+    return ImageRejected("unsupported_media_type", message)
 
 
 @dataclass(frozen=True)
@@ -125,7 +150,7 @@ def decode(data: bytes, max_pixels: int, draft_size: int | None = None) -> tuple
             image.draft("RGB", (draft_size, draft_size))
         image = ImageOps.exif_transpose(image)  # also loads the pixels
         return to_rgb(image), upright
-    except ServiceError:
+    except ImageRejected:
         raise
     except Image.DecompressionBombError:
         raise image_too_large(f"the image has too many pixels; the limit is {max_pixels}") from None
@@ -198,7 +223,7 @@ def defer_jpeg(data: bytes, pre: Preprocessing, max_pixels: int) -> DeferredJpeg
 def prepare(
     data: bytes, pre: Preprocessing, max_pixels: int, keep_image: bool = False, defer: bool = False
 ) -> PreparedImage:
-    """The whole pipeline for one upload; raises ServiceError (400/413/415) for what is wrong with it.
+    """The whole pipeline for one upload; raises ImageRejected for what is wrong with it.
 
     defer=True (PETVIT_GPU_DECODE on) checks a JPEG's header here and leaves its pixels to the model's device
     (`PreparedImage.deferred`); every other upload takes the CPU path below, unchanged.
