@@ -7,7 +7,8 @@
 #   2. build the image (classic builder); run the Kubernetes preStop hook's command in it
 #   3. the first run without an artifact or a network, once per compose found: `up` (attached, as a person types
 #      it) must show the api's explanation (train's reason with host folders, the route without training) while
-#      /healthz answers 200 and /readyz 503; then Ctrl-C (SIGINT) must leave nothing running
+#      /healthz answers 200 and /readyz 503 (its advice the compose command, with the host folder); train's own
+#      message names the host folder too; then Ctrl-C (SIGINT) must leave nothing running
 #   4. the route without training, into a bind-mounted host folder that belongs to an ordinary user (as root: uid
 #      SMOKE_USER_UID, default 1000), with docs/deploy.md's command: `petvit export` writes the file as that user
 #      and the folder Docker creates for the data goes to them too; then `up api prometheus` (train sees the file
@@ -171,6 +172,16 @@ first_run() {  # $1: a number for its project and folders, then the compose comm
     sleep 1
   done
   ((i < 60)) || { cat "$log" >&2; fail "$label: api not answering /healthz 200 and /readyz 503"; }
+  # In host terms everywhere: train's own message (petvit prints it so under compose), and /readyz's advice is the
+  # compose command that makes an artifact, naming the host folder.
+  grep -E '^train[-_]1 +\| petvit train: ' "$log" | grep -qF "$dir/data/oxford-iiit-pet" \
+    || { cat "$log" >&2; fail "$label: train's own message does not name the host folder $dir/data"; }
+  local ready
+  ready=$(curl_body /readyz)
+  for want in "$dir/artifacts/petvit.safetensors" \
+    '`docker compose run --rm train export --variant ti16 --init random --out /artifacts/petvit.safetensors`'; do
+    grep -qF -- "$want" <<<"$ready" || fail "$label: /readyz's 503 does not say $want: $ready"
+  done
   kill -INT "$up_pid"
   for ((i = 0; i < 60; i++)); do kill -0 "$up_pid" 2>/dev/null || break; sleep 1; done
   kill -0 "$up_pid" 2>/dev/null && fail "$label: 'up' still running 60 s after Ctrl-C"
@@ -182,6 +193,12 @@ first_run() {  # $1: a number for its project and folders, then the compose comm
   sed -n '/NOT READY/,/====/p' "$log" | sed 's/^/    /' | head -8 >&2
   "$@" -p "$project" -f docker-compose.yml down -v --remove-orphans >/dev/null 2>&1 || true
 }
+curl_body() { python3 -c '
+import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
+except urllib.error.HTTPError as err:
+    print(err.read().decode())' "http://127.0.0.1:$API_PORT$1"; }
 curl_code() { python3 -c '
 import sys, urllib.error, urllib.request
 try:

@@ -203,7 +203,7 @@ def test_every_petvit_command_line_is_one_the_cli_accepts(petvit_args):
     assert json.loads(entrypoint) == ["petvit"] and petvit_args(json.loads(cmd)).port == SERVE_PORT
     # The smoke test places its artifact exactly where train --if-missing looks, so train skips.
     smoke = (ROOT / "scripts" / "compose-smoke.sh").read_text()
-    exports = set(re.findall(r"compose run --rm train (export [^\\\n']*)", smoke))
+    exports = set(re.findall(r"compose run --rm train (export [^\\\n'`]*)", smoke))
     assert exports
     for export in exports:
         assert str(petvit_args(export.split()).out) == train.out
