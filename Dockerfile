@@ -1,7 +1,8 @@
 # petvit: one image for `petvit serve` (default) and `petvit train` (the compose `train` service, the k8s Job).
 #
-#   docker build -t petvit .                                   # CUDA torch wheels (default; also run on CPU)
-#   docker build -t petvit:cpu --build-arg TORCH_FLAVOR=cpu .  # CPU-only torch: a far smaller image
+#   docker build -t petvit:cpu .                                 # CPU-only torch (default): no NVIDIA libraries
+#   docker build -t petvit:cuda --build-arg TORCH_FLAVOR=cuda .  # CUDA torch wheels (runs on CPU too, ~6 GB bigger)
+# (docker-compose.yml builds the first, with docker-compose.gpu.yml the second; README gives sizes and build times.)
 #   docker build --build-arg PIP_INDEX_URL=https://mirror.example/simple --build-arg PIP_FIND_LINKS=http://host/w/ ...
 #   (mirrors are URLs: a path on the host is not visible inside the build)
 #
@@ -39,9 +40,9 @@ FROM ${PYTHON_IMAGE} AS runtime
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
-# cuda: torch/torchvision wheels from the package index (CUDA builds, NVIDIA libraries as pip deps, run on CPU too)
 # cpu:  torch/torchvision from TORCH_CPU_INDEX_URL (+cpu builds, no NVIDIA libraries: a far smaller image)
-ARG TORCH_FLAVOR=cuda
+# cuda: torch/torchvision wheels from the package index (CUDA builds, NVIDIA libraries as pip deps, run on CPU too)
+ARG TORCH_FLAVOR=cpu
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # A fixed numeric uid so Kubernetes `runAsNonRoot` can verify it and volume permissions are predictable.
@@ -85,11 +86,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TORCH_HOME=/cache/torch \
     MPLCONFIGDIR=/tmp/matplotlib \
     PETVIT_CHECKPOINT=/artifacts/petvit.safetensors \
-    PETVIT_DEVICE=auto
+    PETVIT_DEVICE=auto \
+    PETVIT_IN_IMAGE=1
 
 USER petvit
 WORKDIR /home/petvit
 # /artifacts, /data and /cache exist owned by petvit, so a named volume mounted there starts writable by it.
+# A bind-mounted host folder keeps its owner: `docker run --user "$(id -u):$(id -g)" ...` writes into yours, and
+# without it petvit says so in one line (PETVIT_IN_IMAGE: cli/messages.py). compose switches to the folder's
+# owner by itself (deploy/compose/entrypoint.py).
 EXPOSE 8000
 
 # Ready = model loaded and warmed (GET /readyz answers 200; urlopen raises on 503). No curl in slim images.

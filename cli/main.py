@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from cli.messages import is_not_writable, not_writable_line, use_host_terms
+
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cli.export", "write an untrained (or ImageNet-initialised) model artifact"),
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    use_host_terms()
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints usage / help and exits
@@ -57,7 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     sub = argparse.ArgumentParser(prog=f"petvit {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
-    return int(module.main(sub.parse_args(argv[1:])) or 0)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.main(args) or 0)
+    except OSError as err:
+        if not is_not_writable(err):  # a folder nobody may write is the user's to fix: one line, no traceback
+            raise
+        print(f"petvit {name}: {not_writable_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Compose smoke test: the image and docker-compose.yml, end to end, on any machine with a Docker engine.
 #
-#   1. docker-compose config accepts the files (with every compose it finds); promtool accepts the Prometheus
-#      config and passes the alert tests
+#   1. docker-compose config accepts the files (with every compose it finds) and selects the CPU flavour of the
+#      image by default, the CUDA flavour with docker-compose.gpu.yml; promtool accepts the Prometheus config and
+#      passes the alert tests
 #   2. build the image (classic builder); run the Kubernetes preStop hook's command in it
 #   3. the first run without an artifact or a network, once per compose found: `up` (attached, as a person types
 #      it) must show the api's explanation (train's reason with host folders, the route without training) while
-#      /healthz answers 200 and /readyz 503; then Ctrl-C (SIGINT) must leave nothing running
+#      /healthz answers 200 and /readyz 503 (its advice the compose command, with the host folder); train's own
+#      message names the host folder too; then Ctrl-C (SIGINT) must leave nothing running
 #   4. the route without training, into a bind-mounted host folder that belongs to an ordinary user (as root: uid
 #      SMOKE_USER_UID, default 1000), with docs/deploy.md's command: `petvit export` writes the file as that user
 #      and the folder Docker creates for the data goes to them too; then `up api prometheus` (train sees the file
 #      and exits 0), wait until the api container is healthy (/readyz)
+#   4b. `docker run -v HOST_FOLDER:/artifacts IMAGE export ...` (no compose, the image's own user) into that same
+#      user's folder: one clear line naming the --user to pass, no traceback; with that --user it writes the file
 #   5. POST /classify a real photo (scikit-image's chelsea, as a JPEG); check the answer
 #   6. ask Prometheus's HTTP API that the api target is up and that petvit_requests_total{route="/classify"} grew
 # Everything it started is removed on exit, pass or fail (containers, networks, volumes, its host folders).
@@ -79,11 +83,26 @@ trap 'exit 130' INT TERM
 
 # 1. static checks with the real tools --------------------------------------------------------------------------
 say "using ${COMPOSE[*]} ($(compose_version "${COMPOSE[@]}"))${COMPOSE_V2:+ and $COMPOSE_V2 ($(compose_version "$COMPOSE_V2"))}"
+flavours() {  # the image and TORCH_FLAVOR each petvit service gets, from a compose's own `config` output
+  "$PYTHON" -c '
+import sys, yaml
+services = yaml.safe_load(sys.stdin)["services"]
+pairs = {services[s]["image"] + "/" + services[s]["build"]["args"]["TORCH_FLAVOR"] for s in ("prepare", "train", "api")}
+print(" ".join(sorted(pairs)))'
+}
 for c in "${COMPOSE[*]}" ${COMPOSE_V2:+"$COMPOSE_V2"}; do
   # shellcheck disable=SC2086  # "docker compose" is two words
   $c -f docker-compose.yml config -q || fail "$c rejects docker-compose.yml"
   # shellcheck disable=SC2086
   $c -f docker-compose.yml -f docker-compose.gpu.yml config -q || fail "$c rejects the GPU override"
+  # Which flavour a user gets, with none of this script's settings: CPU by default, CUDA with the GPU override.
+  # shellcheck disable=SC2086
+  cpu=$(env -u PETVIT_IMAGE -u PETVIT_TORCH_FLAVOR $c -f docker-compose.yml config | flavours)
+  # shellcheck disable=SC2086
+  gpu=$(env -u PETVIT_IMAGE -u PETVIT_TORCH_FLAVOR $c -f docker-compose.yml -f docker-compose.gpu.yml config | flavours)
+  [[ $cpu == petvit:cpu/cpu ]] || fail "$c: docker-compose.yml builds '$cpu', not petvit:cpu with TORCH_FLAVOR=cpu"
+  [[ $gpu == petvit:cuda/cuda ]] || fail "$c: the GPU override builds '$gpu', not petvit:cuda with TORCH_FLAVOR=cuda"
+  say "$c: image flavour cpu by default, cuda with docker-compose.gpu.yml"
 done
 PROM_IMAGE=$(compose config | sed -n 's#^ *image: *\(.*prom/prometheus.*\)$#\1#p' | head -1)
 [[ -n $PROM_IMAGE ]] || fail "no prometheus image in docker-compose.yml"
@@ -98,12 +117,12 @@ if [[ ${SMOKE_SKIP_BUILD:-0} != 1 ]]; then
   b0=$(date +%s)
   # shellcheck disable=SC2086  # DOCKER_BUILD and SMOKE_BUILD_ARGS are word lists on purpose
   $DOCKER_BUILD -t "$IMAGE" ${SMOKE_BUILD_ARGS:-} . >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; fail "image build failed"; }
-  BUILD_S=$(($(date +%s) - b0))
+  BUILD="$(($(date +%s) - b0)) s"
 else
-  BUILD_S=skipped
+  BUILD=skipped
 fi
 SIZE=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')
-say "image $IMAGE: build ${BUILD_S} s, size $SIZE"
+say "image $IMAGE: build $BUILD, size $SIZE"
 # The Deployment's preStop hook execs a command in this image (it has no `sleep` binary we may count on): run it
 # here as Kubernetes would, as the image's user on a read-only root file system.
 mapfile -t PRE_STOP < <("$PYTHON" -c '
@@ -153,6 +172,16 @@ first_run() {  # $1: a number for its project and folders, then the compose comm
     sleep 1
   done
   ((i < 60)) || { cat "$log" >&2; fail "$label: api not answering /healthz 200 and /readyz 503"; }
+  # In host terms everywhere: train's own message (petvit prints it so under compose), and /readyz's advice is the
+  # compose command that makes an artifact, naming the host folder.
+  grep -E '^train[-_]1 +\| petvit train: ' "$log" | grep -qF "$dir/data/oxford-iiit-pet" \
+    || { cat "$log" >&2; fail "$label: train's own message does not name the host folder $dir/data"; }
+  local ready
+  ready=$(curl_body /readyz)
+  for want in "$dir/artifacts/petvit.safetensors" \
+    '`docker compose run --rm train export --variant ti16 --init random --out /artifacts/petvit.safetensors`'; do
+    grep -qF -- "$want" <<<"$ready" || fail "$label: /readyz's 503 does not say $want: $ready"
+  done
   kill -INT "$up_pid"
   for ((i = 0; i < 60; i++)); do kill -0 "$up_pid" 2>/dev/null || break; sleep 1; done
   kill -0 "$up_pid" 2>/dev/null && fail "$label: 'up' still running 60 s after Ctrl-C"
@@ -164,6 +193,12 @@ first_run() {  # $1: a number for its project and folders, then the compose comm
   sed -n '/NOT READY/,/====/p' "$log" | sed 's/^/    /' | head -8 >&2
   "$@" -p "$project" -f docker-compose.yml down -v --remove-orphans >/dev/null 2>&1 || true
 }
+curl_body() { python3 -c '
+import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())
+except urllib.error.HTTPError as err:
+    print(err.read().decode())' "http://127.0.0.1:$API_PORT$1"; }
 curl_code() { python3 -c '
 import sys, urllib.error, urllib.request
 try:
@@ -197,6 +232,20 @@ compose run --rm train export --variant ti16 --init random --out /artifacts/petv
 [[ $(stat -c %u:%g "$MINE/data") == "$OWNER" ]] \
   || fail "the data folder Docker created belongs to $(stat -c %u:%g "$MINE/data"), not $OWNER"
 say "export into a host folder of uid $OWNER: $(tail -1 "$WORK/export.log"), owned by $OWNER (no chmod)"
+
+# 4b. the same folder with plain `docker run` (the image's uid 10001, no compose entrypoint): one line naming the
+# --user to pass, no traceback; with that --user, the file is written and is the folder owner's.
+run_export() { docker run --rm "$@" -v "$MINE/artifacts:/artifacts" "$IMAGE" export --variant ti16 --out /artifacts/run/m.safetensors; }
+if [[ $OWNER != 10001:* ]]; then
+  run_export >"$WORK/run.out" 2>"$WORK/run.err" && fail "docker run wrote into a folder of uid $OWNER as uid 10001?"
+  [[ $(wc -l <"$WORK/run.err") == 1 ]] && ! grep -q Traceback "$WORK/run.err" \
+    || { cat "$WORK/run.err" >&2; fail "docker run into a folder it cannot write: not one line"; }
+  grep -qF -- "docker run --user $OWNER" "$WORK/run.err" || { cat "$WORK/run.err" >&2; fail "the line does not say --user $OWNER"; }
+  say "docker run into a folder of uid $OWNER, as the image's uid 10001: $(cat "$WORK/run.err")"
+fi
+run_export --user "$OWNER" >"$WORK/run.out" 2>"$WORK/run.err" || { cat "$WORK/run.err" >&2; fail "docker run --user $OWNER export failed"; }
+[[ $(stat -c %u:%g "$MINE/artifacts/run/m.safetensors") == "$OWNER" ]] || fail "docker run --user $OWNER wrote a file of another owner"
+say "docker run --user $OWNER: $(tail -1 "$WORK/run.out"), owned by $OWNER"
 
 u0=$(date +%s)
 compose up -d --no-build api prometheus >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; fail "compose up failed"; }
@@ -284,4 +333,4 @@ after = wait_for("petvit_requests_total{route=\"/classify\"} to grow in Promethe
 say(f"Prometheus: classify requests {before:g} -> {after[0]:g}")
 PY
 
-say "SUMMARY build=${BUILD_S}s size=${SIZE} ready=${READY_S}s total=$(($(date +%s) - T0))s"
+say "SUMMARY build=${BUILD// /} size=${SIZE// /} ready=${READY_S}s total=$(($(date +%s) - T0))s"

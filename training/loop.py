@@ -30,7 +30,7 @@ from model.precision import autocast_dtype
 from model.teachers import ConvNet
 from model.trust import Calibration
 from model.vit import ViT
-from training.calibration import calibration_report
+from training.calibration import calibration_report, too_few_for_a_temperature
 from training.data import DataConfig, DatasetUnavailable, DataSplits, load_splits
 from training.distributed import (
     DistInfo,
@@ -391,6 +391,8 @@ def trust_fields(job: TrainJob) -> dict[str, Any]:
         return {}
     fields = fit_trust(*outputs, num_classes=len(job.splits.labels))
     cal, open_set = fields["calibration"], fields["open_set"]
+    if refused := too_few_for_a_temperature(cal.num_images or 0, cal.split):  # said, not silently kept at 1
+        print(f"WARNING {refused}")
     print(
         f"calibration on val: temperature {cal.temperature:.3f}, ECE {cal.ece_before:.4f} -> {cal.ece_after:.4f}; "
         f"open set: {open_set.score} threshold {open_set.threshold:.4g} accepts "

@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.deps import ServiceDep
+from app.errors import ServiceError
 from app.schemas import ErrorResponse, Health, Readiness
+from model.host_paths import in_host_terms
 
 router = APIRouter(tags=["health"])
 
@@ -27,7 +29,12 @@ async def healthz() -> Health:
     },
 )
 async def readyz(service: ServiceDep) -> Readiness:
-    predictor, _ = service.require_ready()
+    try:
+        predictor, _ = service.require_ready()
+    except ServiceError as err:
+        # The advice as the operator types it: under compose, its host folders and `docker compose run ...`
+        # (docker-compose.yml says how, model/host_paths.py); elsewhere the message is unchanged.
+        raise ServiceError(err.status, err.code, in_host_terms(err.message), err.headers) from None
     return Readiness(
         status="ready",
         model=predictor.metadata.name,

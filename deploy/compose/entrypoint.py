@@ -10,9 +10,9 @@ compose mounts this folder read-only at /compose and runs the image through this
   as-owner ARGS    as root only long enough to switch to the stack's owner, then `petvit ARGS`. For `train` it also
                    records the outcome, and the reason when there is one, where api can read it.
   after-train ARGS as root only long enough to switch to the stack's owner too; wait until the artifact exists or
-                   train has failed; on failure print train's reason with the container paths turned into host
-                   folders, and the ways forward; then `petvit ARGS` (serve), which answers /healthz 200 and
-                   /readyz 503 until it has a model.
+                   train has failed; on failure print train's reason (in host folders: under compose petvit
+                   writes its messages so, see PETVIT_HOST_MOUNTS) and the ways forward; then `petvit ARGS`
+                   (serve), which answers /healthz 200 and /readyz 503 until it has a model.
 
 The stack's owner is the owner of the artifacts folder, or, when Docker has just created that folder (empty and
 root-owned: what Docker does with a missing bind-mount source), the owner of the checkout this file lives in; and
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -40,11 +39,12 @@ DATA = Path("/data")
 STATUS_DIR = Path("/status")  # a named volume shared by train (writes) and api (reads)
 CHECKOUT = Path("/compose")  # this folder, bind-mounted from the checkout
 IMAGE_UID = 10001  # the image's `petvit` user
-# Each container folder: the environment variable compose fills with its host folder, the compose variable the
-# user sets, and compose's default for it.
+# Each container folder: the compose variable the user sets for its host folder, and compose's default for it.
+# compose passes the host folders in as PETVIT_HOST_MOUNTS ("/artifacts=./artifacts;/data=./data", from its own
+# volume lines); petvit reads the same variable and prints its own messages in host terms (model/host_paths.py).
 HOST_FOLDERS = {
-    "/artifacts": ("HOST_ARTIFACTS_DIR", "PETVIT_ARTIFACTS_DIR", "./artifacts"),
-    "/data": ("HOST_DATA_DIR", "PETVIT_DATA_DIR", "./data"),
+    "/artifacts": ("PETVIT_ARTIFACTS_DIR", "./artifacts"),
+    "/data": ("PETVIT_DATA_DIR", "./data"),
 }
 DEFAULT_ARTIFACT_FILE = "petvit.safetensors"
 RULE = "=" * 100
@@ -137,8 +137,8 @@ def become(uid: int, gid: int) -> None:
 
 
 def host_folder(inside: str) -> str:
-    env, _, default = HOST_FOLDERS[inside]
-    return (os.environ.get(env) or default).rstrip("/") or "/"
+    mounts = dict(pair.partition("=")[::2] for pair in os.environ.get("PETVIT_HOST_MOUNTS", "").split(";"))
+    return (mounts.get(inside) or HOST_FOLDERS[inside][1]).rstrip("/") or "/"
 
 
 def host_path(path: str) -> str:
@@ -149,17 +149,9 @@ def host_path(path: str) -> str:
     return path
 
 
-_CONTAINER_PATH = re.compile(r"(?<![\w.~/-])(/artifacts|/data)(?![\w.-])")
-
-
-def in_host_terms(text: str) -> str:
-    """Every /artifacts/... and /data/... in a message, as the host path (URLs and other paths untouched)."""
-    return _CONTAINER_PATH.sub(lambda m: host_folder(m.group(1)), text)
-
-
 def env_prefix(checkpoint: Path) -> str:
     """The compose variables the user set, so that a suggested command finds the same folders and file."""
-    settings = [(variable, host_folder(inside), default) for inside, (_, variable, default) in HOST_FOLDERS.items()]
+    settings = [(variable, host_folder(inside), default) for inside, (variable, default) in HOST_FOLDERS.items()]
     settings.append(("PETVIT_ARTIFACT_FILE", checkpoint.name, DEFAULT_ARTIFACT_FILE))
     return "".join(f"{name}={shlex.quote(value)} " for name, value, default in settings if value != default)
 
@@ -217,7 +209,9 @@ def run_recording(argv: list[str], status: Path, program: str = "petvit") -> int
 
 
 def explain_failure(status: dict, checkpoint: Path) -> str:
-    reason = in_host_terms(str(status.get("reason", ""))).strip()
+    # Already in host terms: petvit prints its messages so under compose. Translating again would turn a host
+    # folder that itself starts with /data (PETVIT_DATA_DIR=/data/pets) into /data/pets/pets.
+    reason = str(status.get("reason", "")).strip()
     file_on_host = host_path(str(checkpoint))
     prefix = env_prefix(checkpoint)
     lines = [
@@ -228,7 +222,7 @@ def explain_failure(status: dict, checkpoint: Path) -> str:
         *("    " + line for line in reason.splitlines()),
         "",
     ]
-    if "Permission denied" in reason or "Read-only file system" in reason:
+    if any(words in reason for words in ("Permission denied", "Read-only file system", "cannot write")):
         lines += [
             "train runs as the owner of the artifacts folder (or of this checkout when Docker created that folder);",
             "the folder above must be writable by that user. `ls -ln` shows who owns it.",
@@ -318,7 +312,7 @@ def after_train(argv: list[str]) -> int:
     # Without `init: true`, PID 1 ignores SIGTERM unless handled: `docker compose stop` must not wait 10 s.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
-    # The same user as train: petvit writes artifacts owner-only (0600), and a file you copied in may be too.
+    # The same user as train, who can read what train wrote and what you copied in, whatever its mode.
     become(*stack_owner())
     checkpoint = Path(os.environ.get("PETVIT_CHECKPOINT", str(ARTIFACTS / DEFAULT_ARTIFACT_FILE)))
     explanation = wait_for_model(checkpoint, STATUS_DIR / "train.json")

@@ -90,17 +90,19 @@ def test_api_starts_with_train_and_serves_what_train_writes():
     assert train["image"] == api["image"] == prepare["image"] and train["build"] == api["build"]
 
 
-def test_the_host_folders_the_explanations_name_are_the_ones_mounted():
-    """entrypoint.py turns /artifacts and /data back into host folders from HOST_*: compose fills them from the
-    same variables as the mounts, so the folder a message names is the folder mounted."""
+def test_the_host_folders_the_messages_name_are_the_ones_mounted():
+    """entrypoint.py and petvit's own messages (model/host_paths.py) turn /artifacts and /data back into host
+    folders from PETVIT_HOST_MOUNTS: compose fills it from the same variables as the mounts, so the folder a message
+    names is the folder mounted; PETVIT_RUN_COMMAND is how the messages suggest running petvit."""
     services = compose()["services"]
     for name in ("prepare", "train", "api"):
         service = services[name]
         sources = {target: source for source, target in (split_volume(v)[:2] for v in service["volumes"])}
-        assert service["environment"]["HOST_ARTIFACTS_DIR"] == sources["/artifacts"], name
         assert sources["/artifacts"] == "${PETVIT_ARTIFACTS_DIR:-./artifacts}"
-        if "/data" in sources:
-            assert service["environment"]["HOST_DATA_DIR"] == sources["/data"] == "${PETVIT_DATA_DIR:-./data}"
+        told = dict(pair.split("=", 1) for pair in service["environment"]["PETVIT_HOST_MOUNTS"].split(";"))
+        assert told == {"/artifacts": sources["/artifacts"], "/data": "${PETVIT_DATA_DIR:-./data}"}, name
+        assert sources.get("/data", told["/data"]) == told["/data"], name
+        assert service["environment"]["PETVIT_RUN_COMMAND"] == "docker compose run --rm train"
 
 
 def test_root_is_only_a_step_and_nothing_starts_before_the_api():
@@ -129,9 +131,10 @@ def test_compose_passes_every_setting_through_and_no_unknown_ones(setting_names)
     fields = setting_names
     for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
         env = {k for k in compose(name)["services"]["api"]["environment"] if k.startswith("PETVIT_")}
+        env -= {"PETVIT_HOST_MOUNTS", "PETVIT_RUN_COMMAND"}
         assert env <= fields, f"{name}: unknown settings {sorted(env - fields)}"
-    others = {k for k in compose()["services"]["api"]["environment"] if not k.startswith("PETVIT_")}
-    assert others == {"HOST_ARTIFACTS_DIR", "HOST_DATA_DIR"}
+    others = {k for k in compose()["services"]["api"]["environment"] if k not in fields}
+    assert others == {"PETVIT_HOST_MOUNTS", "PETVIT_RUN_COMMAND"}  # how it was started: model/host_paths.py
     missing = fields - set(compose()["services"]["api"]["environment"])
     assert not missing, f"settings users cannot set through compose: {sorted(missing)}"
 
@@ -156,13 +159,34 @@ def test_every_bind_mount_and_build_context_exists():
 
 def test_gpu_override_reserves_nvidia_devices_and_serves_on_cuda():
     gpu = compose("docker-compose.gpu.yml")["services"]
-    assert set(gpu) == {"train", "api"} and set(gpu) <= set(compose()["services"])
-    for service in gpu.values():
-        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert set(gpu) == {"prepare", "train", "api"} and set(gpu) <= set(compose()["services"])
+    for name in ("train", "api"):
+        (device,) = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert gpu["api"]["environment"]["PETVIT_DEVICE"] == "cuda"
     # the default file must run where there is no NVIDIA runtime
     assert "deploy" not in compose()["services"]["api"] and "nvidia" not in (ROOT / "docker-compose.yml").read_text()
+
+
+def merged_build(files: list[str], service: str) -> tuple[str, dict[str, str]]:
+    """(image, build args) of a service as compose merges the files: later files win key by key, defaults filled.
+    scripts/compose-smoke.sh checks the same with `config` of docker-compose v1.29 and Compose v2 themselves."""
+    image, args = "", {}
+    for name in files:
+        service_dict = compose(name)["services"].get(service, {})
+        image = service_dict.get("image", image)
+        args |= service_dict.get("build", {}).get("args", {})
+    return expand_defaults(image), {k: expand_defaults(v) for k, v in args.items()}
+
+
+@pytest.mark.parametrize("service", ["prepare", "train", "api"])
+def test_compose_builds_the_cpu_flavour_unless_the_gpu_override_is_used(service):
+    """A CPU-only user's `docker compose up` must not build the CUDA image (NVIDIA libraries it cannot use); the GPU
+    override selects CUDA, under its own tag, so neither flavour's image replaces the other."""
+    assert merged_build(["docker-compose.yml"], service) == ("petvit:cpu", {"TORCH_FLAVOR": "cpu"})
+    gpu = merged_build(["docker-compose.yml", "docker-compose.gpu.yml"], service)
+    assert gpu == ("petvit:cuda", {"TORCH_FLAVOR": "cuda"})
+    assert compose()["services"][service]["build"]["context"] == "."
 
 
 def test_every_petvit_command_line_is_one_the_cli_accepts(petvit_args):
@@ -179,7 +203,7 @@ def test_every_petvit_command_line_is_one_the_cli_accepts(petvit_args):
     assert json.loads(entrypoint) == ["petvit"] and petvit_args(json.loads(cmd)).port == SERVE_PORT
     # The smoke test places its artifact exactly where train --if-missing looks, so train skips.
     smoke = (ROOT / "scripts" / "compose-smoke.sh").read_text()
-    exports = set(re.findall(r"compose run --rm train (export [^\\\n']*)", smoke))
+    exports = set(re.findall(r"compose run --rm train (export [^\\\n'`]*)", smoke))
     assert exports
     for export in exports:
         assert str(petvit_args(export.split()).out) == train.out
@@ -192,8 +216,8 @@ def test_the_cli_check_refuses_bad_command_lines(petvit_args):
             petvit_args(argv)
 
 
-# `docker-compose config` on both file sets runs in scripts/compose-smoke.sh, where the engine is guaranteed: here
-# it could only skip on a machine without Docker.
+# `docker-compose config` on both file sets (with v1.29 and v2, and the flavour each selects) runs in
+# scripts/compose-smoke.sh, where both composes are guaranteed: here it could only skip on a machine without them.
 
 
 # ---- Dockerfile -------------------------------------------------------------------------------------------------

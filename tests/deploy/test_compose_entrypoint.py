@@ -1,5 +1,5 @@
 """deploy/compose/entrypoint.py, the compose stack's entrypoint, without Docker: who owns the host folders, train's
-reason in host terms, the explanation api prints, and the waiting. scripts/compose-smoke.sh runs it for real."""
+train's reason, the explanation api prints, and the waiting. scripts/compose-smoke.sh runs it for real."""
 
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ spec = importlib.util.spec_from_file_location("compose_entrypoint", ENTRYPOINT)
 entrypoint = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(entrypoint)
 
+# As petvit prints it under compose: in host folders (PETVIT_HOST_MOUNTS; tests/deploy/test_host_terms.py).
 PETS_FAILURE = """\
   3%|▎         | 1/37 [00:01<00:40]\r 5%|▌         | 2/37 [00:02<00:39]
-petvit train: Oxford-IIIT Pet is not in /data/oxford-iiit-pet and could not be downloaded (download failed: x).
+petvit train: Oxford-IIIT Pet is not in ./data/oxford-iiit-pet and could not be downloaded (download failed: x).
 On a machine with network access download the two archives
     https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz
     https://www.robots.ox.ac.uk/~vgg/data/pets/data/annotations.tar.gz
-and extract both into /data/oxford-iiit-pet/ so that it holds images/*.jpg:
-    mkdir -p /data/oxford-iiit-pet && tar -xzf images.tar.gz -C /data/oxford-iiit-pet
+and extract both into ./data/oxford-iiit-pet/ so that it holds images/*.jpg:
+    mkdir -p ./data/oxford-iiit-pet && tar -xzf images.tar.gz -C ./data/oxford-iiit-pet
 """
 CHECKPOINT = Path("/artifacts/petvit.safetensors")
 
@@ -37,8 +38,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid 
 @pytest.fixture
 def host(monkeypatch):
     """compose's defaults for the host folders, as docker-compose.yml passes them."""
-    monkeypatch.setenv("HOST_ARTIFACTS_DIR", "./artifacts")
-    monkeypatch.setenv("HOST_DATA_DIR", "./data")
+    monkeypatch.setenv("PETVIT_HOST_MOUNTS", "/artifacts=./artifacts;/data=./data")
     return monkeypatch
 
 
@@ -47,8 +47,8 @@ def host(monkeypatch):
 
 def test_the_reason_is_petvits_own_message_without_progress_bars():
     reason = entrypoint.reason_from(PETS_FAILURE)
-    assert reason.startswith("Oxford-IIIT Pet is not in /data/oxford-iiit-pet")
-    assert reason.endswith("tar -xzf images.tar.gz -C /data/oxford-iiit-pet")
+    assert reason.startswith("Oxford-IIIT Pet is not in ./data/oxford-iiit-pet")
+    assert reason.endswith("tar -xzf images.tar.gz -C ./data/oxford-iiit-pet")
     assert "%|" not in reason
 
 
@@ -60,15 +60,14 @@ def test_without_petvits_message_the_reason_is_the_tracebacks_end():
     assert len(reason.splitlines()) <= 12
 
 
-def test_container_paths_become_host_folders_and_urls_stay(host):
-    text = entrypoint.in_host_terms(entrypoint.reason_from(PETS_FAILURE))
-    assert "extract both into ./data/oxford-iiit-pet/ " in text
-    assert "mkdir -p ./data/oxford-iiit-pet && tar -xzf images.tar.gz -C ./data/oxford-iiit-pet" in text
-    assert "https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz" in text  # /data inside a URL: kept
-    assert " /data" not in text
-    host.setenv("HOST_DATA_DIR", "/srv/pets data/")
-    assert entrypoint.in_host_terms("(/data) /datasets /data/t") == "(/srv/pets data) /datasets /srv/pets data/t"
-    assert entrypoint.in_host_terms("'/artifacts/runs'") == "'./artifacts/runs'"
+def test_the_reason_is_shown_as_petvit_wrote_it_never_translated_twice(host):
+    """petvit writes host folders itself; a host folder that starts with /data must not become /data/pets/pets."""
+    host.setenv("PETVIT_HOST_MOUNTS", "/artifacts=/artifacts/mine;/data=/data/pets")
+    reason = "Oxford-IIIT Pet is not in /data/pets/oxford-iiit-pet"
+    text = entrypoint.explain_failure({"state": "failed", "exit_code": 2, "reason": reason}, CHECKPOINT)
+    assert f"    {reason}\n" in text
+    assert "/data is /data/pets (PETVIT_DATA_DIR" in text and "/artifacts is /artifacts/mine (" in text
+    assert "copy it to /artifacts/mine/petvit.safetensors" in text
 
 
 # ---- the explanation ---------------------------------------------------------------------------------------------
@@ -99,7 +98,7 @@ def load_compose_checkpoint() -> str:
 
 
 def test_suggested_commands_carry_the_users_own_folders_and_file(host, petvit_args):
-    host.setenv("HOST_ARTIFACTS_DIR", "/home/me/my models")
+    host.setenv("PETVIT_HOST_MOUNTS", "/artifacts=/home/me/my models;/data=./data")
     mine = Path("/artifacts/my-pets.safetensors")
     text = entrypoint.explain_failure({"state": "failed", "exit_code": 2, "reason": "x"}, mine)
     (export,) = [c for c in suggested_commands(text) if "export" in c]
@@ -108,10 +107,16 @@ def test_suggested_commands_carry_the_users_own_folders_and_file(host, petvit_ar
     assert "copy it to /home/me/my models/my-pets.safetensors" in text
 
 
-def test_a_permission_failure_says_who_must_be_able_to_write(host):
-    reason = "PermissionError: [Errno 13] Permission denied: '/artifacts/runs'"
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "PermissionError: [Errno 13] Permission denied: './artifacts/runs'",  # a traceback's last line
+        "cannot write ./artifacts/runs: ./artifacts belongs to uid 0 (mode 755), not uid 1000, ...",  # petvit's line
+    ],
+)
+def test_a_permission_failure_says_who_must_be_able_to_write(host, reason):
     text = entrypoint.explain_failure({"state": "failed", "exit_code": 1, "reason": reason}, CHECKPOINT)
-    assert "'./artifacts/runs'" in text and "must be writable" in text
+    assert "./artifacts/runs" in text and "must be writable" in text
 
 
 # ---- train's outcome and the api's wait ---------------------------------------------------------------------------
@@ -133,7 +138,7 @@ def test_the_api_waits_for_the_artifact_or_explains_trains_failure(tmp_path, hos
     artifact.write_bytes(b"x")
     assert entrypoint.wait_for_model(artifact, status, poll_s=0.01) is None
     artifact.unlink()
-    entrypoint.write_status(status, "failed", exit_code=2, reason="no Pets at /data/oxford-iiit-pet")
+    entrypoint.write_status(status, "failed", exit_code=2, reason="no Pets at ./data/oxford-iiit-pet")
     assert "no Pets at ./data/oxford-iiit-pet" in entrypoint.wait_for_model(artifact, status, poll_s=0.01)
     entrypoint.write_status(status, "succeeded")
     assert "train finished, but there is no artifact" in entrypoint.wait_for_model(artifact, status, poll_s=0.01)
