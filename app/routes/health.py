@@ -34,7 +34,7 @@ async def readyz(service: ServiceDep) -> Readiness:
     except ServiceError as err:
         # The advice as the operator types it: under compose, its host folders and `docker compose run ...`
         # (docker-compose.yml says how, model/host_paths.py); elsewhere the message is unchanged.
-        raise ServiceError(err.status, err.code, in_host_terms(err.message), err.headers) from None
+        raise ServiceError(err.kind, in_host_terms(err.message), err.headers) from None
     return Readiness(
         status="ready",
         model=predictor.metadata.name,

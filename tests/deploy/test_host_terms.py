@@ -18,7 +18,7 @@ from model.host_paths import host_path, in_host_terms
 
 ROOT = Path(__file__).resolve().parents[2]
 NOT_FOUND = (
-    "no model artifact at /artifacts/petvit.safetensors; train one with `petvit train --out "
+    "cannot load /artifacts/petvit.safetensors: no model artifact there; train one with `petvit train --out "
     "/artifacts/petvit.safetensors` or write an untrained one with `petvit export --variant ti16 --init random --out "
     "/artifacts/petvit.safetensors`. The service stays up"
 )
@@ -53,7 +53,7 @@ def test_outside_compose_every_message_is_left_as_it_is(plain):
 def test_under_compose_prose_names_host_folders_and_commands_are_compose_runs(under_compose):
     assert under_compose["PETVIT_RUN_COMMAND"] == "docker compose run --rm train"
     text = in_host_terms(NOT_FOUND)
-    assert text.startswith("no model artifact at ./artifacts/petvit.safetensors; train one with ")
+    assert text.startswith("cannot load ./artifacts/petvit.safetensors: no model artifact there; train one with ")
     # the commands run inside the container: their paths stay the container's
     assert "`docker compose run --rm train train --out /artifacts/petvit.safetensors`" in text
     assert (
@@ -161,7 +161,7 @@ async def test_readyz_advice_is_the_compose_command_under_compose(under_compose,
     message = answer.json()["error"]["message"]
     assert answer.status_code == 503 and status == "failed", message
     assert answer.json()["error"]["code"] == "not_ready" and answer.headers["retry-after"] == "5"
-    assert message.startswith("no model artifact at ./artifacts/petvit.safetensors"), message
+    assert message.startswith("cannot load ./artifacts/petvit.safetensors: no model artifact there"), message
     assert (
         "`docker compose run --rm train export --variant ti16 --init random --out /artifacts/petvit.safetensors`"
         in (message)
