@@ -155,3 +155,23 @@ def hf_dinov2(folder: Path, image_size: int = 56, crop: int = 28, seed: int = 0)
                                   image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
     processor.save_pretrained(folder)
     return model
+
+
+def digits_folder(root: Path, per_class: int = 20) -> Path:
+    """per_class of each of scikit-learn's real 8x8 handwritten digits as an ImageFolder tree (root/<digit>/<n>.png)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for digit in range(10):
+        (root / str(digit)).mkdir(parents=True)
+        for i in np.flatnonzero(digits.target == digit)[:per_class]:
+            pixels = (digits.images[i] * 255 / 16).astype(np.uint8)  # the dataset's 0..16 ink levels -> 0..255
+            Image.fromarray(pixels, "L").convert("RGB").save(root / str(digit) / f"{i}.png")
+    return root
+
+
+def probe_argv(start: Path, data: Path, out: Path, recipe: str = "linear-probe") -> list[str]:
+    """`petvit train` of a head (or the whole network) from an imported artifact on an ImageFolder tree, quietly."""
+    return ["train", "--recipe", recipe, "--init", str(start), "--dataset", "folder", "--data-dir", str(data),
+            "--epochs", "2", "--batch-size", "32", "--out", str(out), "--output-dir", str(out.parent / "run"),
+            "--workers", "0", "--threads", "1", "--no-download"]  # fmt: skip

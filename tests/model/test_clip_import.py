@@ -16,7 +16,7 @@ from model.artifact import load_artifact
 from model.labels import PET_LABELS, PET_SPECIES
 from model.rollout import attention_rollout
 from model.zero_shot import DEFAULT_TEMPLATES
-from tests.hub_checkpoints import hf_clip, normalized, photo_pixels
+from tests.hub_checkpoints import digits_folder, hf_clip, normalized, photo_pixels, probe_argv
 
 TOLERANCE = 1e-4
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -149,3 +149,18 @@ def test_siglip_is_refused_by_name(tmp_path: Path, capsys) -> None:
     assert petvit(["import", str(tmp_path / "siglip"), "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "no class token" in err and "attention-pooling head" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("recipe", ["linear-probe", "finetune"])
+def test_a_clip_tower_starts_training_with_its_own_preprocessing(clip, tmp_path: Path, recipe: str) -> None:
+    """--init from the zero-shot artifact: the new head reads the projected, normalised feature (width 32)."""
+    folder, _, _ = clip
+    start = tmp_path / "zero-shot.safetensors"
+    assert petvit(["import", str(folder), "--zero-shot", "pets", "--template", "a {}.", "--out", str(start)]) == 0
+    out = tmp_path / "trained.safetensors"
+    assert petvit(probe_argv(start, digits_folder(tmp_path / "digits", per_class=6), out, recipe)) == 0
+    model, meta = load_artifact(out)
+    _, start_meta = load_artifact(start)
+    assert meta.config == start_meta.config.replace(num_classes=10) and model.head.weight.shape == (10, 32)
+    assert meta.preprocessing == start_meta.preprocessing and meta.preprocessing.interpolation == "bicubic"
+    assert torch.count_nonzero(model.head.weight) > 0
