@@ -79,7 +79,10 @@ def main(args: argparse.Namespace) -> int:
         f"{'distilled, ' if config.distilled else ''}depth {config.depth}, width {config.hidden_dim}; "
         f"preprocessing: {pre.resize_mode} resize to {pre.resize_size}, {crop}, {pre.interpolation}, "
         f"mean {list(pre.mean)} std {list(pre.std)}"
-        + ("" if meta.trained else "; no classifier: an untrained head, for `petvit train --init` (linear-probe, "
-           "finetune)")
+        + (
+            ""
+            if meta.trained
+            else "; no classifier: an untrained head, for `petvit train --init` (linear-probe, finetune)"
+        )
     )
     return 0

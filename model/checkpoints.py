@@ -102,4 +102,5 @@ def policy_at(policy: Preprocessing, side: int) -> Preprocessing:
     """The processor's policy for another input side: the crop becomes `side`, the resize keeps its ratio to it."""
     if side == policy.image_size:
         return policy
-    return dataclasses.replace(policy, image_size=side, resize_size=round(side * policy.resize_size / policy.image_size))
+    resize = round(side * policy.resize_size / policy.image_size)
+    return dataclasses.replace(policy, image_size=side, resize_size=resize)

@@ -41,22 +41,27 @@ class ViTConfig:
     # DeiT (Touvron et al. 2021): a distillation token right after CLS, with its own position embedding and its
     # own head (head_dist) that learns from a teacher; at inference the two heads' logits are averaged.
     distilled: bool = False
-    # Switches for the towers of image-text and self-supervised models (model/clip_convert.py, dinov2_convert.py).
-    # Each default is the plain ViT's behaviour, and to_dict leaves a field out while it has its default, so
-    # artifacts written before these existed load and hash unchanged.
-    pre_norm: bool = False  # a LayerNorm (norm_pre) between the position embedding and the first block: CLIP's
-    # pre_layrnorm
-    activation: str = "gelu"  # the MLP's: "gelu" (exact erf) or "quick_gelu", x * sigmoid(1.702 x), OpenAI CLIP's
-    layer_scale: bool = False  # a learned per-channel scale (ls1, ls2) on each residual branch, DINOv2's LayerScale
-    # (Touvron et al. 2021, CaiT), before the branch joins the residual stream
-    projection_dim: int = 0  # > 0: a bias-free linear map (feature_proj, D -> projection_dim) of the CLS token after
-    # the final norm; the head then reads the projected feature (CLIP's visual_projection, into the image-text space)
-    normalize_features: bool = False  # L2-normalise the head's input: with a head of unit text embeddings x the logit
-    # scale, the logits are CLIP's cosine similarities x logit_scale, exactly
-    # Position embeddings: learned for the image_size grid; any other grid is resampled bicubically (align_corners
-    # False, float32) at run time, as transformers' ViT, CLIP and DINOv2 interpolate_pos_encoding do. An importer
-    # whose processor crops to another size resamples them once, with the source library's own rule, and stores the
-    # result at that size (model/checkpoints.py resample_position_embedding): exact there and at the published size.
+    # Switches for the towers of image-text and self-supervised models (model/clip_convert.py, dinov2_convert.py,
+    # timm_convert.py). Each default is the plain ViT's behaviour, and to_dict leaves a field out while it has its
+    # default, so artifacts written before these existed load and hash unchanged.
+    # A LayerNorm (norm_pre) between the position embedding and the first block: CLIP's pre_layrnorm.
+    pre_norm: bool = False
+    # The MLP's activation: "gelu" (exact erf) or "quick_gelu", x * sigmoid(1.702 x), which OpenAI's CLIP used.
+    activation: str = "gelu"
+    # A learned per-channel scale (ls1, ls2) on each residual branch before it joins the stream: LayerScale (CaiT,
+    # Touvron et al. 2021), as DINOv2 uses it.
+    layer_scale: bool = False
+    # > 0: a bias-free linear map (feature_proj, D -> projection_dim) of the CLS token after the final norm, which
+    # the head then reads: CLIP's visual_projection into the image-text space.
+    projection_dim: int = 0
+    # L2-normalise the head's input: with a head of unit text embeddings x the logit scale, the logits are CLIP's
+    # cosine similarities x logit_scale, exactly.
+    normalize_features: bool = False
+    # Position embeddings are learned for the image_size grid; any other grid is resampled bicubically
+    # (align_corners False, in float32) at run time, as transformers' ViT, CLIP and DINOv2 interpolate_pos_encoding
+    # do. An importer whose processor crops another size resamples them once, with the source library's own rule
+    # (timm's adds antialiasing), and stores them at that size: exact there and at the published size.
+
     def __post_init__(self) -> None:
         sizes = ("image_size", "patch_size", "in_channels", "hidden_dim", "depth", "num_heads", "mlp_dim")
         for name in sizes:  # checked first: a zero patch_size or num_heads would divide by zero below

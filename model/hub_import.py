@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 
 from model.artifact import ArtifactMetadata, file_sha256, save_artifact
 from model.checkpoints import Converted, UnsupportedCheckpoint
-from model.clip_convert import convert_clip
 from model.clip_convert import MODEL_TYPES as CLIP_TYPES
+from model.clip_convert import convert_clip
 from model.dinov2_convert import MODEL_TYPES as DINOV2_TYPES
 from model.dinov2_convert import convert_dinov2
 from model.hf_convert import convert_transformers, is_transformers_config
@@ -83,8 +83,10 @@ def import_checkpoint(
         converted = zero_shot_head(converted, found.folder, options.zero_shot, options.templates)
     elif options.labels == "pets":
         if not converted.trained:
-            raise UnsupportedCheckpoint(f"{converted.architecture} has no classifier to put in Pets order; it imports "
-                                        "as an untrained backbone for `petvit train --init`, or with --zero-shot pets")  # fmt: skip
+            raise UnsupportedCheckpoint(
+                f"{converted.architecture} has no classifier to put in Pets order; it imports as an untrained "
+                "backbone for `petvit train --init`, or with --zero-shot pets"
+            )
         converted = in_pet_order(converted)
     try:
         model = ViT.from_weights(converted.config, converted.state_dict)
@@ -168,7 +170,7 @@ def convert_folder(folder: Path, image_size: int | None = None) -> Converted:
     processor = read_json(folder / "preprocessor_config.json", required=False)
     try:
         if is_timm_config(doc):
-            return convert_timm(doc, tensors)
+            return convert_timm(doc, tensors, image_size)
         if is_transformers_config(doc) and doc.get("model_type") in CLIP_TYPES:
             return convert_clip(doc, tensors, processor, image_size)
         if is_transformers_config(doc) and doc.get("model_type") in DINOV2_TYPES:

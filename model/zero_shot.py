@@ -124,4 +124,3 @@ def zero_shot_head(converted: Converted, folder: Path, spec: str, templates: Seq
               "ensemble": "mean of unit prompt embeddings, normalised"}  # fmt: skip
     notes = {**converted.notes, "zero_shot": record}
     return dataclasses.replace(converted, config=config, state_dict=state, labels=names, notes=notes, trained=True)
-

@@ -20,12 +20,14 @@ HF_PET_LABELS = [b.file_prefix.lower() for b in BREEDS]
 
 
 def randomize(module: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
-    """Every parameter redrawn around its role's centre (norm gains around 1, the rest around 0), eval mode."""
+    """Every parameter redrawn around its role's centre (norm and LayerScale gains around 1, the rest around 0),
+    eval mode."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * std
-            is_gain = param.ndim == 1 and ("norm" in name) and name.endswith("weight")
+            is_norm_gain = param.ndim == 1 and ("norm" in name) and name.endswith("weight")
+            is_gain = is_norm_gain or name.endswith((".gamma", ".lambda1"))  # LayerScale: a gain too
             param.copy_(noise + 1.0 if is_gain else noise)
     return module.eval()
 
@@ -72,12 +74,15 @@ def hf_deit(folder: Path, with_teacher: bool = True, image_size: int = 64, seed:
     return model
 
 
-def timm_model(folder: Path, architecture: str, seed: int = 0, labels: list[str] | None = None, **kwargs):
+def timm_model(
+    folder: Path, architecture: str, seed: int = 0, labels: list[str] | None = None, num_classes: int = 37, **kwargs
+):
     """timm.create_model(architecture, depth=2, 37 classes, **kwargs), save_for_hf (safetensors) to folder."""
     import timm
     from timm.models import save_for_hf
 
-    model = randomize(timm.create_model(architecture, pretrained=False, num_classes=37, depth=2, **kwargs), seed)
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, depth=2, **kwargs)
+    model = randomize(model, seed)
     save_for_hf(model, str(folder), model_config={"label_names": labels or HF_PET_LABELS}, safe_serialization=True)
     return model
 

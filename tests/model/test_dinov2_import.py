@@ -14,7 +14,7 @@ from cli.main import main as petvit
 from model.artifact import load_artifact
 from model.labels import PET_LABELS
 from model.rollout import attention_rollout
-from tests.hub_checkpoints import digits_folder, hf_dinov2, normalized, photo_pixels, probe_argv
+from tests.hub_checkpoints import digits_folder, hf_dinov2, normalized, photo_pixels, probe_argv, timm_model
 
 TOLERANCE = 1e-4
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -50,6 +50,27 @@ def test_cls_feature_is_transformers_pooler_output(dinov2, chelsea, tmp_path: Pa
     assert pre.resize_size == round(side * 256 / 224) and pre.mean == tuple(IMAGENET[0])
     assert not meta.trained and meta.labels == list(PET_LABELS) and torch.count_nonzero(model.head.weight) == 0
     assert meta.training["recipe"] == "imported-backbone"
+
+
+@pytest.mark.parametrize("side", [518, 224])
+def test_timm_dinov2_imports_exactly_at_its_size_and_resampled(tmp_path: Path, chelsea, side: int) -> None:
+    """timm publishes DINOv2 without a classifier, at 518 px; at 224 px it resamples the position embeddings with
+    antialiasing (dynamic_img_size), which the import reproduces once."""
+    reference = timm_model(tmp_path / "timm", "vit_small_patch14_dinov2", num_classes=0, embed_dim=64, num_heads=4,
+                           dynamic_img_size=True)  # fmt: skip
+    out = tmp_path / "dinov2.safetensors"
+    size = [] if side == 518 else ["--image-size", str(side)]
+    assert petvit(["import", str(tmp_path / "timm"), *size, "--out", str(out)]) == 0
+    model, meta = load_artifact(out)
+    pixels = photo_pixels(chelsea, side)
+    with torch.no_grad():
+        theirs = reference(normalized(pixels, *IMAGENET))  # num_classes=0: the pooled (CLS) feature
+    ours = feature(model, pixels)
+    assert theirs.shape == ours.shape == (1, 64) and theirs.std() > 0.1
+    assert (theirs - ours).abs().max().item() <= TOLERANCE
+    assert meta.config.layer_scale and meta.config.image_size == side and not meta.trained
+    pre = meta.preprocessing  # timm's pretrained_cfg: crop_pct 1.0, bicubic, ImageNet mean/std
+    assert (pre.image_size, pre.resize_size, pre.interpolation) == (side, side, "bicubic")
 
 
 def test_attention_is_transformers_own_so_rollout_reads_the_same_flow(dinov2, chelsea, tmp_path: Path) -> None:
