@@ -91,12 +91,20 @@ def test_attention_is_transformers_own_so_rollout_reads_the_same_flow(dinov2, ch
 
 
 def test_variants_we_do_not_represent_are_refused_by_name(tmp_path: Path, capsys) -> None:
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from transformers import (
+        Dinov2Config,
+        Dinov2ForImageClassification,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
 
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=28, patch_size=14)
     Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**small)).save_pretrained(tmp_path / "registers")
     Dinov2Model(Dinov2Config(**small, use_swiglu_ffn=True)).save_pretrained(tmp_path / "swiglu")
-    for name, named in (("registers", "register tokens"), ("swiglu", "SwiGLU")):
+    Dinov2ForImageClassification(Dinov2Config(**small, num_labels=3)).save_pretrained(tmp_path / "classifier")
+    refused = (("registers", "register tokens"), ("swiglu", "SwiGLU"), ("classifier", "mean patch token"))
+    for name, named in refused:
         assert petvit(["import", str(tmp_path / name), "--out", str(tmp_path / "x.safetensors")]) == 2
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err
