@@ -9,6 +9,7 @@ folder (local or through the Hugging Face hub) and writes the artifact.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,32 @@ class Converted:
     architecture: str  # e.g. "ViTForImageClassification", "deit_tiny_distilled_patch16_224"
     notes: dict[str, Any] = field(default_factory=dict)  # how anything not 1:1 was represented, for the record
     trained: bool = True  # False for a backbone without a classifier (DINOv2, a CLIP tower): its head is zero
+
+
+@dataclass
+class LayerTensors:
+    """Per-layer tensors of a transformers encoder, matched by `pattern` as (layer, part, param): parts in `qkv_names`
+    are collected for stack_qkv, parts in `names` written under ours (blocks.i.<ours>.<param>)."""
+
+    pattern: re.Pattern[str]
+    qkv_names: tuple[str, str, str]
+    names: Mapping[str, str]
+    qkv: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+
+    def take(self, key: str, value: torch.Tensor, out: dict[str, torch.Tensor]) -> bool:
+        """Map one tensor into `out` (or the q/k/v collection); False when it is not a per-layer part we have."""
+        m = self.pattern.match(key)
+        if m is None or m.group(2) not in (*self.qkv_names, *self.names):
+            return False
+        layer, part, param = m.groups()
+        if part in self.qkv_names:
+            self.qkv[(layer, part, param)] = value
+        else:  # DINOv2 calls LayerScale's vector lambda1, timm and we call it gamma
+            out[f"blocks.{layer}.{self.names[part]}.{'gamma' if param == 'lambda1' else param}"] = value
+        return True
+
+    def stacked(self, config: ViTConfig) -> dict[str, torch.Tensor]:
+        return stack_qkv(self.qkv, self.qkv_names, config)
 
 
 def stack_qkv(

@@ -31,6 +31,7 @@ import torch
 
 from model.checkpoints import (
     Converted,
+    LayerTensors,
     UnsupportedCheckpoint,
     backbone_head,
     import_side,
@@ -38,7 +39,6 @@ from model.checkpoints import (
     policy_at,
     require,
     resample_for,
-    stack_qkv,
 )
 from model.config import ACTIVATIONS, ViTConfig
 from model.hf_convert import processor_policy
@@ -125,7 +125,7 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig, grid: in
     vision tower that is not in the map is refused, never silently dropped."""
     D = config.hidden_dim
     out: dict[str, torch.Tensor] = {"patch_embed.bias": torch.zeros(D)}  # CLIP's patch conv has no bias
-    qkv: dict[tuple[str, str, str], torch.Tensor] = {}  # (layer, q/k/v, weight/bias) -> tensor
+    layers = LayerTensors(_LAYER, _QKV, _LAYER_NAMES)
     for key, value in tensors.items():
         if key.startswith(("text_model.", "text_projection.")) or key == "logit_scale":
             continue
@@ -138,11 +138,9 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig, grid: in
         elif key == f"{_V}embeddings.position_embedding.weight":
             require(value.shape[0] == 1 + grid * grid, "position embeddings are not the class token + a square grid")
             out["pos_embed"] = resample_for(value[None], 1, config.image_size, config.patch_size)  # (T, D) -> (1, T, D)
-        elif (m := _LAYER.match(key)) and m.group(2) in _QKV:
-            qkv[(m.group(1), m.group(2), m.group(3))] = value
-        elif m and m.group(2) in _LAYER_NAMES:
-            out[f"blocks.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"] = value
+        elif layers.take(key, value, out):
+            continue
         else:
             raise UnsupportedCheckpoint(f"unexpected tensor {key!r} for a CLIP image tower: not a part petvit has")
-    out.update(stack_qkv(qkv, _QKV, config))
+    out.update(layers.stacked(config))
     return out

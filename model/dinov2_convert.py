@@ -31,6 +31,7 @@ import torch
 
 from model.checkpoints import (
     Converted,
+    LayerTensors,
     UnsupportedCheckpoint,
     backbone_head,
     import_side,
@@ -39,7 +40,6 @@ from model.checkpoints import (
     require,
     resample_for,
     square_side,
-    stack_qkv,
 )
 from model.config import ViTConfig
 from model.hf_convert import processor_policy
@@ -110,7 +110,7 @@ def check_dinov2_config(doc: Mapping[str, Any], processor: Mapping[str, Any] | N
 def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
     """transformers' names -> ours; anything not in the map is refused, never silently dropped."""
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str, str], torch.Tensor] = {}  # (layer, q/k/v, weight/bias) -> tensor
+    layers = LayerTensors(_LAYER, _QKV, _LAYER_NAMES)
     for key, value in tensors.items():
         name = key.removeprefix("dinov2.")
         if name == "embeddings.cls_token":
@@ -125,12 +125,9 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig) -> dict[
             out[f"norm.{name.split('.')[1]}"] = value
         elif name == "embeddings.mask_token":
             continue  # masked-image modelling only
-        elif (m := _LAYER.match(key)) and m.group(2) in _QKV:
-            qkv[(m.group(1), m.group(2), m.group(3))] = value
-        elif m and m.group(2) in _LAYER_NAMES:
-            param = "gamma" if m.group(3) == "lambda1" else m.group(3)
-            out[f"blocks.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{param}"] = value
+        elif layers.take(key, value, out):
+            continue
         else:
             raise UnsupportedCheckpoint(f"unexpected tensor {key!r} for a Dinov2Model: not a part petvit has")
-    out.update(stack_qkv(qkv, _QKV, config))
+    out.update(layers.stacked(config))
     return out

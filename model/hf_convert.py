@@ -29,11 +29,11 @@ import torch
 from model.artifact import Preprocessing
 from model.checkpoints import (
     Converted,
+    LayerTensors,
     UnsupportedCheckpoint,
     patch_embed_from_conv,
     require,
     square_side,
-    stack_qkv,
 )
 from model.config import ViTConfig
 
@@ -168,7 +168,7 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig, architec
         "distillation_classifier.bias": "head_dist.bias",
     }
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str, str], torch.Tensor] = {}  # (layer, q/k/v, weight/bias) -> tensor
+    layers = LayerTensors(_LAYER, _QKV, _LAYER_NAMES)
     for key, value in tensors.items():
         if key in direct:
             out[direct[key]] = value
@@ -176,13 +176,11 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig, architec
             out["patch_embed.weight"] = patch_embed_from_conv(value)
         elif key.startswith((f"{prefix}pooler.", f"{prefix}embeddings.mask_token")):
             continue  # unused by the classifier: the pooler feeds no head, the mask token only pre-training
-        elif (m := _LAYER.match(key)) and m.group(2) in _QKV:
-            qkv[(m.group(1), m.group(2), m.group(3))] = value
-        elif m and m.group(2) in _LAYER_NAMES:
-            out[f"blocks.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"] = value
+        elif layers.take(key, value, out):
+            continue
         else:
             raise UnsupportedCheckpoint(f"unexpected tensor {key!r} for a {architecture}: not a part petvit has")
-    out.update(stack_qkv(qkv, _QKV, config))
+    out.update(layers.stacked(config))
     if architecture == "DeiTForImageClassification":
         out["head.weight"], out["head.bias"] = 2 * out["head.weight"], 2 * out["head.bias"]
         out["head_dist.weight"] = torch.zeros_like(out["head.weight"])
