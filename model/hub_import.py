@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from model.artifact import ArtifactMetadata, file_sha256, save_artifact
-from model.checkpoints import Converted, UnsupportedCheckpoint
+from model.checkpoints import Converted, UnsupportedCheckpoint, require
 from model.clip_convert import MODEL_TYPES as CLIP_TYPES
 from model.clip_convert import convert_clip
 from model.dinov2_convert import MODEL_TYPES as DINOV2_TYPES
@@ -147,16 +147,16 @@ def fetch_hub(spec: str, extra_files: tuple[str, ...] = ()) -> Source:
     try:
         folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=[*HUB_FILES, *extra_files]))
     except Exception as err:  # offline, no such repo or revision, gated, network: each says so in its message
-        raise ImportSourceError(hub_unavailable_message(repo, revision, err)) from None
+        raise ImportSourceError(hub_unavailable_message(repo, revision, err, extra_files)) from None
     return Source(folder, {"source": "hf-hub", "repo": repo, "revision": folder.name, "requested": revision or "main"})
 
 
-def hub_unavailable_message(repo: str, revision: str, err: Exception) -> str:
+def hub_unavailable_message(repo: str, revision: str, err: Exception, extra_files: tuple[str, ...] = ()) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     at = f"@{revision}" if revision else ""
     return (
         f"could not get {repo}{at} from the Hugging Face hub ({type(err).__name__}: {first}). Check the name; "
-        f"offline, fill the hub cache where the network is (`hf download {repo} {' '.join(HUB_FILES)}`"
+        f"offline, fill the hub cache where the network is (`hf download {repo} {' '.join((*HUB_FILES, *extra_files))}`"
         f"{f' --revision {revision}' if revision else ''}), copy that cache here and run with HF_HOME=<the cache's "
         "parent folder> HF_HUB_OFFLINE=1; or import a local folder holding those files"
     )
@@ -176,6 +176,8 @@ def convert_folder(folder: Path, image_size: int | None = None) -> Converted:
         if is_transformers_config(doc) and doc.get("model_type") in DINOV2_TYPES:
             return convert_dinov2(doc, tensors, processor, image_size)
         if is_transformers_config(doc):
+            require(image_size is None, "--image-size applies to CLIP, DINOv2 and timm checkpoints; a transformers "
+                    "ViT/DeiT keeps its processor's size")  # fmt: skip
             return convert_transformers(doc, tensors, processor)
     except UnsupportedCheckpoint:
         raise
@@ -226,7 +228,7 @@ def read_weights(folder: Path) -> dict[str, Any]:
 def artifact_metadata(converted: Converted, found: Source, name: str) -> ArtifactMetadata:
     """Labels (species where they name Pet breeds), the library's preprocessing, and where the weights came from."""
     folder = found.folder
-    files = {f: file_sha256(folder / f) for f in HUB_FILES if (folder / f).exists()}
+    files = {f: file_sha256(folder / f) for f in (*HUB_FILES, *TOKENIZER_FILES) if (folder / f).exists()}
     provenance = {
         **found.provenance,
         "library": converted.library,

@@ -84,7 +84,7 @@ def load_text_tower(folder: Path):
     except ModuleNotFoundError:
         raise ZeroShotError("--zero-shot runs the checkpoint's text tower through transformers: "
                             "pip install 'petvit[zero-shot]'") from None  # fmt: skip
-    if not any((folder / name).exists() for name in TOKENIZER_FILES[:1] + TOKENIZER_FILES[2:3]):
+    if not ((folder / "tokenizer.json").exists() or (folder / "vocab.json").exists()):
         raise ZeroShotError(f"{folder} has no tokenizer (tokenizer.json or vocab.json + merges.txt): the class "
                             "prompts cannot be written as tokens; save the tokenizer beside the model")  # fmt: skip
     try:

@@ -58,6 +58,7 @@ def test_zero_shot_logits_are_transformers_logits_per_image(clip, chelsea, tmp_p
     assert theirs.std() > 0.1, "the reference logits are nearly constant: the comparison would prove nothing"
     assert (theirs - ours).abs().max().item() <= TOLERANCE
     assert meta.labels == names and meta.species == ["unknown"] * 4
+    assert set(meta.provenance["files_sha256"]) >= {"model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     assert meta.trained and meta.training["recipe"] == "zero-shot"
     assert meta.training["templates"] == ["a photo of a {}."]
     assert meta.training["logit_scale"] == pytest.approx(float(reference.logit_scale.detach().exp()))
@@ -137,6 +138,11 @@ def test_zero_shot_refusals_say_what_to_fix(clip, tmp_path: Path, capsys) -> Non
     assert "--template applies with --zero-shot only" in capsys.readouterr().err
     assert petvit(["import", str(folder), "--labels", "pets", "--out", out]) == 2
     assert "no classifier to put in Pets order" in capsys.readouterr().err
+    (folder.parent / "tokenless").mkdir()
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        (folder.parent / "tokenless" / name).symlink_to(folder / name)
+    assert petvit(["import", str(folder.parent / "tokenless"), "--zero-shot", "pets", "--out", out]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
     assert not Path(out).exists()
 
 

@@ -161,6 +161,13 @@ def test_transformers_with_another_activation_is_refused(tmp_path: Path, capsys)
     assert "hidden_act 'gelu_new'" in capsys.readouterr().err
 
 
+def test_image_size_is_refused_where_it_does_not_apply(tmp_path: Path, capsys) -> None:
+    hf_vit(tmp_path / "hf")
+    argv = ["import", str(tmp_path / "hf"), "--image-size", "32", "--out", str(tmp_path / "x.safetensors")]
+    assert petvit(argv) == 2
+    assert "--image-size applies to CLIP, DINOv2 and timm" in capsys.readouterr().err
+
+
 def test_a_config_that_does_not_match_its_weights_is_refused(tmp_path: Path, capsys) -> None:
     hf_vit(tmp_path / "hf")
     config = tmp_path / "hf" / "config.json"
