@@ -61,14 +61,15 @@ ENV PATH=/opt/venv/bin:$PATH \
 #    versions come from constraints.txt in both flavours ("torch==X" also matches the CPU index's "X+cpu").
 #    The service's dependencies plus the [train] extra: this one image also runs `petvit train` (compose's train
 #    service, the k8s Job); plus the [int8] extra (torchao), so PETVIT_DTYPE=int8 works, and the [import] extra
-#    (huggingface_hub), so `petvit import hf-hub:ORG/NAME` works inside the container too.
+#    (huggingface_hub), so `petvit import hf-hub:ORG/NAME` works inside the container too, and [zero-shot]
+#    (transformers: a CLIP text tower for `petvit import ... --zero-shot`, compose's PETVIT_ZERO_SHOT).
 COPY pyproject.toml constraints.txt /tmp/deps/
 RUN set -eux; \
     python -m venv /opt/venv; \
     cd /tmp/deps; \
     python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 extras = p['optional-dependencies']; \
-print('\n'.join(p['dependencies'] + extras['train'] + extras['int8'] + extras['import']))" > requirements.txt; \
+print('\n'.join(p['dependencies'] + extras['train'] + extras['int8'] + extras['import'] + extras['zero-shot']))" > requirements.txt; \
     case "$TORCH_FLAVOR" in \
       cuda) ;; \
       cpu) pip install -c constraints.txt --index-url "$TORCH_CPU_INDEX_URL" torch torchvision ;; \

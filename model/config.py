@@ -41,6 +41,26 @@ class ViTConfig:
     # DeiT (Touvron et al. 2021): a distillation token right after CLS, with its own position embedding and its
     # own head (head_dist) that learns from a teacher; at inference the two heads' logits are averaged.
     distilled: bool = False
+    # Switches for the towers of image-text and self-supervised models (model/clip_convert.py, dinov2_convert.py,
+    # timm_convert.py). Each default is the plain ViT's behaviour, and to_dict leaves a field out while it has its
+    # default, so artifacts written before these existed load and hash unchanged.
+    # A LayerNorm (norm_pre) between the position embedding and the first block: CLIP's pre_layrnorm.
+    pre_norm: bool = False
+    # The MLP's activation: "gelu" (exact erf) or "quick_gelu", x * sigmoid(1.702 x), which OpenAI's CLIP used.
+    activation: str = "gelu"
+    # A learned per-channel scale (ls1, ls2) on each residual branch before it joins the stream: LayerScale (CaiT,
+    # Touvron et al. 2021), as DINOv2 uses it.
+    layer_scale: bool = False
+    # > 0: a bias-free linear map (feature_proj, D -> projection_dim) of the CLS token after the final norm, which
+    # the head then reads: CLIP's visual_projection into the image-text space.
+    projection_dim: int = 0
+    # L2-normalise the head's input: with a head of unit text embeddings x the logit scale, the logits are CLIP's
+    # cosine similarities x logit_scale, exactly.
+    normalize_features: bool = False
+    # Position embeddings are learned for the image_size grid; any other grid is resampled bicubically
+    # (align_corners False, in float32) at run time, as transformers' ViT, CLIP and DINOv2 interpolate_pos_encoding
+    # do. An importer whose processor crops another size resamples them once, with the source library's own rule
+    # (timm's adds antialiasing), and stores them at that size: exact there and at the published size.
 
     def __post_init__(self) -> None:
         sizes = ("image_size", "patch_size", "in_channels", "hidden_dim", "depth", "num_heads", "mlp_dim")
@@ -58,8 +78,15 @@ class ViTConfig:
             raise ValueError(f"mean and std need {self.in_channels} values each, got {self.mean}, {self.std}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {self.num_classes}")
-        if not isinstance(self.distilled, bool):  # --set distilled=yes would otherwise be truthy and half-work
-            raise ValueError(f"distilled must be true or false, got {self.distilled!r}")
+        for name in ("distilled", "pre_norm", "layer_scale", "normalize_features"):
+            if not isinstance(getattr(self, name), bool):  # --set distilled=yes would otherwise be truthy, half-working
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not isinstance(self.projection_dim, int) or self.projection_dim < 0:
+            raise ValueError(f"projection_dim must be 0 (none) or a positive integer, got {self.projection_dim!r}")
+        if self.distilled and (self.projection_dim or self.normalize_features):
+            raise ValueError("a distilled ViT's two heads read the raw tokens: no projection_dim or normalize_features")
 
     @property
     def grid_size(self) -> int:
@@ -69,6 +96,11 @@ class ViTConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the feature the head reads: the projection's when there is one, else the token width D."""
+        return self.projection_dim or self.hidden_dim
 
     @property
     def head_dim(self) -> int:
@@ -87,8 +119,10 @@ class ViTConfig:
         # `distilled` is stored only when set: a plain ViT's config stays the document petvit always wrote, so
         # older releases (which refuse unknown fields) still read every non-distilled artifact, and the linear
         # probe's feature-cache keys (a hash of this dict) stay valid.
-        if not self.distilled:
-            del data["distilled"]
+        # The tower switches likewise: stored only when they differ from the plain ViT.
+        for f in fields():
+            if f.name in _STORED_WHEN_SET and data[f.name] == f.default:
+                del data[f.name]
         return data
 
     @classmethod
@@ -99,6 +133,10 @@ class ViTConfig:
             raise ValueError(f"unknown ViTConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
         return cls(**values)
+
+
+ACTIVATIONS = ("gelu", "quick_gelu")
+_STORED_WHEN_SET = ("distilled", "pre_norm", "activation", "layer_scale", "projection_dim", "normalize_features")
 
 
 def fields() -> tuple[dataclasses.Field, ...]:

@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from model.artifact import Preprocessing
-from model.checkpoints import Converted, UnsupportedCheckpoint, patch_embed_from_conv, require, square_side
+from model.checkpoints import (
+    Converted,
+    LayerTensors,
+    UnsupportedCheckpoint,
+    patch_embed_from_conv,
+    require,
+    square_side,
+)
 from model.config import ViTConfig
 
 ARCHITECTURES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
@@ -40,6 +47,20 @@ _LAYER_NAMES = {
     "output.dense": "mlp.fc2",
 }
 _QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+# Families close to a ViT that petvit refuses, and why (docs/models.md says the same).
+_SIGLIP = (
+    "SigLIP's image tower has no class token: a separate attention-pooling head (a learned probe query attending "
+    "over the last layer's patch tokens, then an MLP) makes its embedding, while petvit's heads, open set and "
+    "attention-rollout heatmaps read the class token"
+)
+REFUSED_TYPES = {
+    "siglip": _SIGLIP,
+    "siglip2": _SIGLIP,
+    "siglip_vision_model": _SIGLIP,
+    "siglip2_vision_model": _SIGLIP,
+    "dinov2_with_registers": "DINOv2 with register tokens (Darcet et al. 2024): petvit imports DINOv2 without "
+    "registers (Dinov2Model)",
+}
 # PIL's resample codes, as preprocessor_config.json stores them; the ones petvit's resizers implement.
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
@@ -101,9 +122,11 @@ def check_transformers_config(doc: Mapping[str, Any]) -> str:
     """The supported architecture the config names; UnsupportedCheckpoint names what differs otherwise."""
     model_type = doc.get("model_type")
     architectures = list(doc.get("architectures") or [])
+    require(model_type not in REFUSED_TYPES, f"transformers model_type {model_type!r}: {REFUSED_TYPES.get(model_type)}")
     require(
         model_type in ("vit", "deit"),
-        f"transformers model_type {model_type!r}: petvit imports ViT and DeiT ({', '.join(ARCHITECTURES)})",
+        f"transformers model_type {model_type!r}: petvit imports ViT and DeiT ({', '.join(ARCHITECTURES)}), CLIP "
+        "(CLIPModel, CLIPVisionModel[WithProjection]) and DINOv2 (Dinov2Model)",
     )
     require(
         len(architectures) == 1 and architectures[0] in ARCHITECTURES,
@@ -145,7 +168,7 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig, architec
         "distillation_classifier.bias": "head_dist.bias",
     }
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str, str], torch.Tensor] = {}  # (layer, q/k/v, weight/bias) -> tensor
+    layers = LayerTensors(_LAYER, _QKV, _LAYER_NAMES)
     for key, value in tensors.items():
         if key in direct:
             out[direct[key]] = value
@@ -153,18 +176,11 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig, architec
             out["patch_embed.weight"] = patch_embed_from_conv(value)
         elif key.startswith((f"{prefix}pooler.", f"{prefix}embeddings.mask_token")):
             continue  # unused by the classifier: the pooler feeds no head, the mask token only pre-training
-        elif (m := _LAYER.match(key)) and m.group(2) in _QKV:
-            qkv[(m.group(1), m.group(2), m.group(3))] = value
-        elif m and m.group(2) in _LAYER_NAMES:
-            out[f"blocks.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"] = value
+        elif layers.take(key, value, out):
+            continue
         else:
             raise UnsupportedCheckpoint(f"unexpected tensor {key!r} for a {architecture}: not a part petvit has")
-    params = ("weight", "bias") if config.qkv_bias else ("weight",)
-    for layer in range(config.depth):
-        for param in params:
-            parts = [qkv.get((str(layer), name, param)) for name in _QKV]
-            require(all(p is not None for p in parts), f"layer {layer} lacks its query/key/value {param}")
-            out[f"blocks.{layer}.attn.qkv.{param}"] = torch.cat(parts, dim=0)  # 3 x (D, ...) -> (3D, ...): q, k, v
+    out.update(layers.stacked(config))
     if architecture == "DeiTForImageClassification":
         out["head.weight"], out["head.bias"] = 2 * out["head.weight"], 2 * out["head.bias"]
         out["head_dist.weight"] = torch.zeros_like(out["head.weight"])
@@ -186,12 +202,20 @@ def _size_dict(value: Any) -> dict[str, int]:
 def _preprocessing(
     processor: Mapping[str, Any] | None, model_type: str, config: ViTConfig
 ) -> tuple[Preprocessing, str]:
-    """preprocessor_config.json (or the processor class's defaults) -> our policy, and where it came from.
+    """preprocessor_config.json (or the processor class's defaults) -> our policy, and where it came from."""
+    source = "preprocessor_config.json" if processor is not None else f"{model_type} processor defaults"
+    policy = processor_policy(processor_defaults(model_type, config.image_size) if processor is None else processor)
+    side = policy.image_size
+    require(side == config.image_size, f"the processor makes {side}px inputs, the model takes {config.image_size}px")
+    return policy, source
+
+
+def processor_policy(doc: Mapping[str, Any]) -> Preprocessing:
+    """A transformers image processor's settings -> our policy.
 
     ViTImageProcessor resizes both sides to size (no crop); DeiTImageProcessor resizes both sides to size, then
-    centre-crops crop_size: both are the squash policy. A shortest_edge size keeps the aspect ratio."""
-    source = "preprocessor_config.json" if processor is not None else f"{model_type} processor defaults"
-    doc = dict(processor_defaults(model_type, config.image_size) if processor is None else processor)
+    centre-crops crop_size: both are the squash policy. A shortest_edge size keeps the aspect ratio (CLIP's and
+    DINOv2's processors: shorter side, then the centre crop)."""
     require(doc.get("do_rescale", True), "the processor does not rescale 0..255 to 0..1 (do_rescale false)")
     require(abs(float(doc.get("rescale_factor", 1 / 255)) - 1 / 255) < 1e-9, "the processor rescales by another factor")
     require(doc.get("do_resize", True), "the processor does not resize (do_resize false): petvit always does")
@@ -205,8 +229,7 @@ def _preprocessing(
     else:
         mode, resize = "squash", square_side([size.get("height"), size.get("width")], "the processor's size")
     side = side or resize
-    require(side == config.image_size, f"the processor makes {side}px inputs, the model takes {config.image_size}px")
     normalize = doc.get("do_normalize", True)
     mean = tuple(float(v) for v in doc.get("image_mean", [0.5] * 3)) if normalize else (0.0,) * 3
     std = tuple(float(v) for v in doc.get("image_std", [0.5] * 3)) if normalize else (1.0,) * 3
-    return Preprocessing(side, resize, _RESAMPLE[resample], mean, std, resize_mode=mode), source
+    return Preprocessing(side, resize, _RESAMPLE[resample], mean, std, resize_mode=mode)

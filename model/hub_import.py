@@ -25,11 +25,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from model.artifact import ArtifactMetadata, file_sha256, save_artifact
-from model.checkpoints import Converted, UnsupportedCheckpoint
+from model.checkpoints import Converted, UnsupportedCheckpoint, require
+from model.clip_convert import MODEL_TYPES as CLIP_TYPES
+from model.clip_convert import convert_clip
+from model.dinov2_convert import MODEL_TYPES as DINOV2_TYPES
+from model.dinov2_convert import convert_dinov2
 from model.hf_convert import convert_transformers, is_transformers_config
 from model.labels import BREEDS, PET_LABELS, breed_key, breed_species
 from model.timm_convert import convert_timm, is_timm_config
 from model.vit import ViT
+from model.zero_shot import DEFAULT_TEMPLATES, TOKENIZER_FILES, zero_shot_head
 
 HUB_PREFIX = "hf-hub:"
 WEIGHTS_FILE = "model.safetensors"
@@ -51,17 +56,37 @@ class Source:
 LABEL_CHOICES = ("published", "pets")
 
 
+@dataclass(frozen=True)
+class ImportOptions:
+    """How `petvit import` shapes what it converts (cli/import_.py's flags)."""
+
+    labels: str = "published"  # LABEL_CHOICES
+    zero_shot: str | None = None  # "pets" or a labels file: a CLIP text-tower head (model/zero_shot.py)
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES  # the prompt ensemble, "{}" standing for the class name
+    image_size: int | None = None  # the input side; None: the processor's crop (position embeddings resampled)
+
+
 def import_checkpoint(
-    source: str, out: str | os.PathLike, name: str | None = None, labels: str = "published"
-) -> tuple[Path, ArtifactMetadata]:
+    source: str, out: str | os.PathLike, name: str | None = None, labels: str = "published",
+    options: ImportOptions | None = None,
+) -> tuple[Path, ArtifactMetadata]:  # fmt: skip
     """Fetch or find `source`, convert it, write the artifact at `out`; returns (path, its metadata).
 
     labels="published" keeps the checkpoint's labels and class order; "pets" (a 37-breed head only) renames them
     to petvit's breed names and reorders the head to petvit's class order, so the artifact can be evaluated on
-    Pets and teach a distillation like one petvit trained."""
-    found = resolve_source(source)
-    converted = convert_folder(found.folder)
-    if labels == "pets":
+    Pets and teach a distillation like one petvit trained. options.zero_shot gives a CLIP checkpoint the head its
+    text tower writes for the named classes."""
+    options = options or ImportOptions(labels=labels)
+    found = resolve_source(source, with_tokenizer=options.zero_shot is not None)
+    converted = convert_folder(found.folder, options.image_size)
+    if options.zero_shot is not None:
+        converted = zero_shot_head(converted, found.folder, options.zero_shot, options.templates)
+    elif options.labels == "pets":
+        if not converted.trained:
+            raise UnsupportedCheckpoint(
+                f"{converted.architecture} has no classifier to put in Pets order; it imports as an untrained "
+                "backbone for `petvit train --init`, or with --zero-shot pets"
+            )
         converted = in_pet_order(converted)
     try:
         model = ViT.from_weights(converted.config, converted.state_dict)
@@ -95,9 +120,9 @@ def in_pet_order(converted: Converted) -> Converted:
     return dataclasses.replace(converted, state_dict=state, labels=list(PET_LABELS), notes=notes)
 
 
-def resolve_source(source: str) -> Source:
+def resolve_source(source: str, with_tokenizer: bool = False) -> Source:
     if source.startswith(HUB_PREFIX):
-        return fetch_hub(source[len(HUB_PREFIX) :])
+        return fetch_hub(source[len(HUB_PREFIX) :], TOKENIZER_FILES if with_tokenizer else ())
     folder = Path(source)
     if not folder.is_dir():
         raise ImportSourceError(
@@ -107,7 +132,7 @@ def resolve_source(source: str) -> Source:
     return Source(folder, {"source": "folder", "folder": str(folder.resolve())})
 
 
-def fetch_hub(spec: str) -> Source:
+def fetch_hub(spec: str, extra_files: tuple[str, ...] = ()) -> Source:
     """ORG/NAME[@REVISION] -> its snapshot folder in the hub cache (downloaded unless HF_HUB_OFFLINE=1)."""
     repo, _, revision = spec.partition("@")
     if not _REPO_ID.match(repo):
@@ -120,32 +145,39 @@ def fetch_hub(spec: str) -> Source:
             "(or download the repo's files into a folder and import that folder)"
         ) from None
     try:
-        folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(HUB_FILES)))
+        folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=[*HUB_FILES, *extra_files]))
     except Exception as err:  # offline, no such repo or revision, gated, network: each says so in its message
-        raise ImportSourceError(hub_unavailable_message(repo, revision, err)) from None
+        raise ImportSourceError(hub_unavailable_message(repo, revision, err, extra_files)) from None
     return Source(folder, {"source": "hf-hub", "repo": repo, "revision": folder.name, "requested": revision or "main"})
 
 
-def hub_unavailable_message(repo: str, revision: str, err: Exception) -> str:
+def hub_unavailable_message(repo: str, revision: str, err: Exception, extra_files: tuple[str, ...] = ()) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     at = f"@{revision}" if revision else ""
     return (
         f"could not get {repo}{at} from the Hugging Face hub ({type(err).__name__}: {first}). Check the name; "
-        f"offline, fill the hub cache where the network is (`hf download {repo} {' '.join(HUB_FILES)}`"
+        f"offline, fill the hub cache where the network is (`hf download {repo} {' '.join((*HUB_FILES, *extra_files))}`"
         f"{f' --revision {revision}' if revision else ''}), copy that cache here and run with HF_HOME=<the cache's "
         "parent folder> HF_HUB_OFFLINE=1; or import a local folder holding those files"
     )
 
 
-def convert_folder(folder: Path) -> Converted:
-    """A hub-layout folder -> Converted, by the library its config.json names."""
+def convert_folder(folder: Path, image_size: int | None = None) -> Converted:
+    """A hub-layout folder -> Converted, by the library its config.json names (image_size: the input side of a
+    CLIP or DINOv2 tower, see ImportOptions)."""
     doc = read_json(folder / "config.json", required=True)
     tensors = read_weights(folder)
     processor = read_json(folder / "preprocessor_config.json", required=False)
     try:
         if is_timm_config(doc):
-            return convert_timm(doc, tensors)
+            return convert_timm(doc, tensors, image_size)
+        if is_transformers_config(doc) and doc.get("model_type") in CLIP_TYPES:
+            return convert_clip(doc, tensors, processor, image_size)
+        if is_transformers_config(doc) and doc.get("model_type") in DINOV2_TYPES:
+            return convert_dinov2(doc, tensors, processor, image_size)
         if is_transformers_config(doc):
+            require(image_size is None, "--image-size applies to CLIP, DINOv2 and timm checkpoints; a transformers "
+                    "ViT/DeiT keeps its processor's size")  # fmt: skip
             return convert_transformers(doc, tensors, processor)
     except UnsupportedCheckpoint:
         raise
@@ -196,7 +228,7 @@ def read_weights(folder: Path) -> dict[str, Any]:
 def artifact_metadata(converted: Converted, found: Source, name: str) -> ArtifactMetadata:
     """Labels (species where they name Pet breeds), the library's preprocessing, and where the weights came from."""
     folder = found.folder
-    files = {f: file_sha256(folder / f) for f in HUB_FILES if (folder / f).exists()}
+    files = {f: file_sha256(folder / f) for f in (*HUB_FILES, *TOKENIZER_FILES) if (folder / f).exists()}
     provenance = {
         **found.provenance,
         "library": converted.library,
@@ -209,14 +241,22 @@ def artifact_metadata(converted: Converted, found: Source, name: str) -> Artifac
         {
             "name": name,
             "variant": None,
-            "trained": True,
+            "trained": converted.trained,
             "labels": converted.labels,
             "species": [breed_species(label) for label in converted.labels],
             "preprocessing": converted.preprocessing,
-            "training": {"recipe": "imported", "source": provenance.get("repo") or provenance.get("folder")},
+            "training": training_record(converted, provenance),
             "provenance": provenance,
         },
     )
+
+
+def training_record(converted: Converted, provenance: dict[str, Any]) -> dict[str, Any]:
+    """`imported`, `imported-backbone` (no classifier: an untrained head) or `zero-shot` (with its prompts)."""
+    source = provenance.get("repo") or provenance.get("folder")
+    if "zero_shot" in converted.notes:
+        return {"recipe": "zero-shot", "source": source, **converted.notes["zero_shot"]}
+    return {"recipe": "imported" if converted.trained else "imported-backbone", "source": source}
 
 
 def default_name(source: str) -> str:

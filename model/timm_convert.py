@@ -2,10 +2,16 @@
 
 Our parameter names are timm's (model/vit.py), so the map is the identity except the patch embedding:
     patch_embed.proj (D, C, P, P)  -> patch_embed (D, P*P*C), patchify order
+    blocks.i.ls1.gamma / ls2.gamma -> the same (LayerScale, ViTConfig.layer_scale: DINOv2, init_values)
 timm's VisionTransformer has many options our ViT does not; each is refused by name (from the tensors it adds, or
-the model argument that sets it), never guessed at: LayerScale, register tokens, average or attention pooling,
-norms in other places, other activations. What the architecture name fixes and the tensors cannot show (the number
-of heads) comes from model_args or the name's size word.
+the model argument that sets it), never guessed at: register tokens, average or attention pooling, norms in other
+places, other activations. What the architecture name fixes and the tensors cannot show (the number of heads) comes
+from model_args or the name's size word.
+
+A model without a classifier (num_classes=0, as timm publishes DINOv2: vit_small_patch14_dinov2.lvd142m) imports as
+a backbone: its feature is the CLS token after the final norm, its 37-breed head zero, written untrained. Its input
+side is pretrained_cfg's (518 for DINOv2) unless --image-size asks for another; the position embeddings are then
+resampled once as timm's dynamic_img_size resamples them (resample_abs_pos_embed: bicubic with antialias).
 """
 
 from __future__ import annotations
@@ -18,13 +24,22 @@ from typing import Any
 import torch
 
 from model.artifact import Preprocessing
-from model.checkpoints import Converted, UnsupportedCheckpoint, patch_embed_from_conv, require, square_side
+from model.checkpoints import (
+    Converted,
+    UnsupportedCheckpoint,
+    backbone_head,
+    import_side,
+    patch_embed_from_conv,
+    policy_at,
+    require,
+    resample_for,
+    square_side,
+)
 from model.config import ViTConfig
+from model.labels import PET_LABELS
 
 # Tensors that only a variant petvit does not represent has, and what that variant is.
 _REFUSED_TENSORS = (
-    (re.compile(r"\.ls[12]\.gamma$"), "LayerScale (init_values: per-channel scales on each residual branch, "
-     "as in DeiT III and CaiT)"),
     (re.compile(r"^reg_token$"), "register tokens (reg_tokens, Darcet et al. 2024)"),
     (re.compile(r"^norm_pre\."), "a LayerNorm before the blocks (pre_norm, as in CLIP)"),
     (re.compile(r"^fc_norm\."), "a LayerNorm on pooled features (fc_norm, used with global-average pooling)"),
@@ -39,7 +54,7 @@ _REFUSED_TENSORS = (
 _NEUTRAL_ARGS = {
     "num_classes", "depth", "in_chans", "img_size", "patch_size", "embed_dim", "num_heads", "mlp_ratio", "qkv_bias",
     "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
-    "weight_init", "fix_init", "dynamic_img_size", "dynamic_img_pad", "global_pool", "proj_bias",
+    "weight_init", "fix_init", "dynamic_img_size", "dynamic_img_pad", "global_pool", "proj_bias", "init_values",
 }  # fmt: skip
 # model_args whose value must be petvit's, each with what other values would mean.
 _MATCHING_ARGS: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -66,8 +81,10 @@ def is_timm_config(doc: Mapping[str, Any]) -> bool:
     return "architecture" in doc and "pretrained_cfg" in doc
 
 
-def convert_timm(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Converted:
-    """config.json and model.safetensors' tensors of a timm ViT/DeiT -> Converted."""
+def convert_timm(
+    doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], image_size: int | None = None
+) -> Converted:
+    """config.json and model.safetensors' tensors of a timm ViT/DeiT -> Converted (image_size: --image-size)."""
     architecture = str(doc.get("architecture"))
     args = dict(doc.get("model_args") or {})
     check_timm_model(architecture, args, doc, tensors)
@@ -80,8 +97,11 @@ def convert_timm(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) ->
     require(grid * grid + prefix == tensors["pos_embed"].shape[1], "position embeddings are not class token(s) + "
             "a square grid (no_embed_class or a non-square input)")  # fmt: skip
     depth = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks."))
+    classifier = "head.weight" in tensors
+    preprocessing = _preprocessing(pretrained, grid * int(conv.shape[-1]))
+    side = import_side(grid, int(conv.shape[-1]), preprocessing.image_size, image_size)
     config = ViTConfig(
-        image_size=grid * int(conv.shape[-1]),
+        image_size=side,
         patch_size=int(conv.shape[-1]),
         in_channels=int(conv.shape[1]),
         hidden_dim=D,
@@ -89,14 +109,20 @@ def convert_timm(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) ->
         num_heads=_num_heads(architecture, args, D),
         mlp_dim=int(tensors["blocks.0.mlp.fc1.weight"].shape[0]),
         qkv_bias="blocks.0.attn.qkv.bias" in tensors,
-        num_classes=int(tensors["head.weight"].shape[0]),
+        num_classes=int(tensors["head.weight"].shape[0]) if classifier else len(PET_LABELS),
+        mean=preprocessing.mean,
+        std=preprocessing.std,
         layer_norm_eps=1e-6,  # timm's ViT: partial(nn.LayerNorm, eps=1e-6)
         distilled=distilled,
+        layer_scale="blocks.0.ls1.gamma" in tensors,
     )
-    preprocessing = _preprocessing(pretrained, config)
-    config = config.replace(mean=preprocessing.mean, std=preprocessing.std)
     state_dict = _state_dict(tensors, config)
-    return Converted(config, state_dict, _labels(doc, config.num_classes), preprocessing, "timm", architecture)
+    if not classifier:
+        state_dict |= backbone_head(config)
+    labels = _labels(doc, config.num_classes) if classifier else list(PET_LABELS)
+    notes = {} if classifier else {"feature": "the CLS token after the final norm (no classifier)"}
+    return Converted(config, state_dict, labels, policy_at(preprocessing, side), "timm", architecture, notes,
+                     trained=classifier)  # fmt: skip
 
 
 def check_timm_model(
@@ -122,7 +148,6 @@ def check_timm_model(
         allowed, what = _MATCHING_ARGS.get(name, ((), ""))
         require(bool(what), f"{architecture} was built with model_args {name}={value!r}, which petvit does not know")
         require(value in allowed, f"{architecture} has {what}, {name}={value!r}: petvit's ViT has no such part")
-    require("head.weight" in tensors, f"{architecture} has no classifier (num_classes 0): petvit serves classifiers")
     for name in ("pos_embed", "patch_embed.proj.weight", "norm.weight"):
         require(name in tensors, f"{architecture} lacks {name}: not the ViT layout petvit reads")
 
@@ -155,6 +180,8 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig) -> dict[
     for key, value in tensors.items():
         if key == "patch_embed.proj.weight":
             out["patch_embed.weight"] = patch_embed_from_conv(value)
+        elif key == "pos_embed":  # timm's dynamic_img_size rule when the artifact's side is not the learned one
+            out[key] = resample_for(value, config.num_prefix_tokens, config.image_size, config.patch_size, True)
         elif key == "patch_embed.proj.bias":
             out["patch_embed.bias"] = value
         else:
@@ -165,12 +192,12 @@ def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig) -> dict[
     return out
 
 
-def _preprocessing(pretrained: Mapping[str, Any], config: ViTConfig) -> Preprocessing:
+def _preprocessing(pretrained: Mapping[str, Any], native: int) -> Preprocessing:
     """timm's eval transform: resize to floor(size / crop_pct) (shorter side for crop_mode "center", both sides
     for "squash"), centre-crop size, normalise with mean/std."""
-    input_size = pretrained.get("input_size") or [3, config.image_size, config.image_size]
+    input_size = pretrained.get("input_size") or [3, native, native]
     side = square_side(list(input_size[1:]), "input_size")
-    require(side == config.image_size, f"pretrained_cfg's input_size {side} is not the model's {config.image_size}")
+    require(side == native, f"pretrained_cfg's input_size {side} is not the model's {native}")
     crop_pct = float(pretrained.get("crop_pct") or 0.875)
     crop_mode = str(pretrained.get("crop_mode") or "center")
     require(crop_mode in ("center", "squash"), f"crop_mode {crop_mode!r}: petvit resizes by shorter side or squash")

@@ -1,8 +1,11 @@
 """The Vision Transformer (Dosovitskiy et al., 2021), written from its parts.
 
 Pipeline, each stage a named method of ViT:
-    normalize -> patchify -> patch_embed -> prepend_cls -> + position_embedding -> dropout
-    -> pre-norm blocks -> final LayerNorm -> CLS head
+    normalize -> patchify -> patch_embed -> prepend_cls -> + position_embedding -> dropout [-> norm_pre]
+    -> pre-norm blocks -> final LayerNorm -> CLS [-> feature_proj] [-> L2 normalise] -> head
+
+The bracketed stages, and LayerScale and quick_gelu inside the blocks, are ViTConfig switches that CLIP's and
+DINOv2's image towers need (model/clip_convert.py, model/dinov2_convert.py); a plain ViT has none of them.
 
 A distilled ViT (ViTConfig.distilled; DeiT, Touvron et al. 2021) has a second special token right after CLS,
 dist_token, with its own position embedding row and its own head, head_dist. Training reads both heads
@@ -21,6 +24,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ViTConfig
+
+
+def resample_position_embedding(
+    pos_embed: torch.Tensor, num_prefix_tokens: int, grid: tuple[int, int], antialias: bool = False
+) -> torch.Tensor:
+    """(1, prefix + n*n, D) position embeddings of a square n x n grid -> (1, prefix + rows*cols, D) for `grid`.
+
+    Bicubic, align_corners=False, computed in float32: transformers' ViT, CLIP and DINOv2 interpolate_pos_encoding
+    (antialias=True is timm's resample_abs_pos_embed, which smooths when shrinking). Only the patch rows are
+    resampled: the special tokens' rows have no place in the grid and are kept as they are.
+    """
+    special_pos, patch_pos = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]  # (1, p, D), (1, N, D)
+    N, D = patch_pos.shape[1:]
+    native = round(N**0.5)
+    if native * native != N:
+        raise ValueError(f"{N} position embeddings are not a square grid")
+    # (1, native*native, D) -> (1, D, native, native) so interpolate sees a D-channel image
+    patch_pos = patch_pos.reshape(1, native, native, D).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False, antialias=antialias)
+    # (1, D, rows, cols) -> (1, rows*cols, D)
+    patch_pos = patch_pos.to(special_pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D)
+    return torch.cat([special_pos, patch_pos], dim=1)  # (1, prefix + rows*cols, D)
 
 
 class Attention(nn.Module):
@@ -62,11 +87,30 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out)), weights
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (its weights expect it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (CaiT, Touvron et al. 2021; used by DINOv2)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))  # timm's name, so timm checkpoints map one to one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class MLP(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_dim, config.mlp_dim)
-        self.act = nn.GELU()  # exact erf GELU, as torchvision and the original ViT use
+        # exact erf GELU, as torchvision and the original ViT use; quick_gelu for OpenAI CLIP's towers
+        self.act = QuickGELU() if config.activation == "quick_gelu" else nn.GELU()
         self.fc2 = nn.Linear(config.mlp_dim, config.hidden_dim)
         self.drop = nn.Dropout(config.dropout)
 
@@ -83,11 +127,14 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.norm2 = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
+        # Identity unless LayerScale: a plain ViT's state dict has no ls1/ls2 entries.
+        self.ls1 = LayerScale(config.hidden_dim) if config.layer_scale else nn.Identity()
+        self.ls2 = LayerScale(config.hidden_dim) if config.layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, weights = self.attn(self.norm1(x), return_attention)
-        x = x + attended
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.ls1(attended)
+        x = x + self.ls2(self.mlp(self.norm2(x)))
         return x, weights
 
 
@@ -105,9 +152,12 @@ class ViT(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if config.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + config.num_patches, D))
         self.pos_drop = nn.Dropout(config.dropout)
+        self.norm_pre = nn.LayerNorm(D, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
-        self.head = nn.Linear(D, config.num_classes)
+        projection = config.projection_dim
+        self.feature_proj = nn.Linear(D, projection, bias=False) if projection else None
+        self.head = nn.Linear(config.feature_dim, config.num_classes)
         self.head_dist = nn.Linear(D, config.num_classes) if config.distilled else None
         self.reset_parameters()
 
@@ -158,6 +208,8 @@ class ViT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, LayerScale):
+                nn.init.ones_(module.gamma)  # an identity scale; the imports that use LayerScale bring their own
         # A zero head starts every class at equal logits, so early gradients shape features, not a random head.
         for head in self.classifiers():
             nn.init.zeros_(head.weight)
@@ -172,7 +224,7 @@ class ViT(nn.Module):
         ref = self.head.weight
 
         def fresh() -> nn.Linear:
-            head = nn.Linear(self.config.hidden_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            head = nn.Linear(self.config.feature_dim, num_classes, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
             return head
@@ -231,15 +283,7 @@ class ViT(nn.Module):
         native = self.config.grid_size
         if grid == (native, native):
             return self.pos_embed
-        prefix = self.num_prefix_tokens
-        special_pos, patch_pos = self.pos_embed[:, :prefix], self.pos_embed[:, prefix:]  # (1, prefix, D), (1, N, D)
-        D = patch_pos.shape[-1]
-        # (1, native*native, D) -> (1, D, native, native) so interpolate sees a D-channel image
-        patch_pos = patch_pos.reshape(1, native, native, D).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
-        # (1, D, rows, cols) -> (1, rows*cols, D)
-        patch_pos = patch_pos.to(special_pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D)
-        return torch.cat([special_pos, patch_pos], dim=1)  # (1, prefix + rows*cols, D)
+        return resample_position_embedding(self.pos_embed, self.num_prefix_tokens, grid)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> the token sequence the first block sees, (B, prefix + N, D)."""
@@ -248,7 +292,7 @@ class ViT(nn.Module):
         tokens = self.patch_embed(self.patchify(x))  # (B, N, P*P*C) -> (B, N, D)
         tokens = self.prepend_cls(tokens)
         tokens = tokens + self.position_embedding(grid)
-        return self.pos_drop(tokens)
+        return self.norm_pre(self.pos_drop(tokens))
 
     # ------------------------------------------------------------------ forward variants
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,12 +310,21 @@ class ViT(nn.Module):
         feature is the mean of the two tokens (timm's choice).
         """
         if self.head_dist is None:
-            cls = tokens[:, 0]
-            return cls if pre_logits else self.head(cls)
+            feature = self.head_input(tokens[:, 0])
+            return feature if pre_logits else self.head(feature)
         if pre_logits:
             return (tokens[:, 0] + tokens[:, 1]) / 2
         cls_logits, dist_logits = self.forward_heads(tokens)
         return (cls_logits + dist_logits) / 2
+
+    def head_input(self, cls: torch.Tensor) -> torch.Tensor:
+        """The CLS token after the final norm (B, D) -> what the head reads (B, feature_dim): projected into the
+        image-text space and L2-normalised when the config says so (CLIP), else the token itself."""
+        if self.feature_proj is not None:
+            cls = self.feature_proj(cls)  # (B, D) -> (B, projection_dim)
+        if self.config.normalize_features:
+            cls = F.normalize(cls, dim=-1)  # x / max(|x|, 1e-12), as CLIP divides by the norm
+        return cls
 
     def forward_heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A distilled model's two heads apart: (CLS head logits, distillation head logits), each (B, classes)."""
@@ -315,8 +368,9 @@ class ViT(nn.Module):
         T, D = n * n + c.num_prefix_tokens, c.hidden_dim
         per_block = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + 2 * 2 * T * D * c.mlp_dim
         embed = 2 * n * n * D * c.patch_size**2 * c.in_channels
-        heads = c.num_prefix_tokens * 2 * D * c.num_classes  # one head per special token
-        return float(c.depth * per_block + embed + heads)
+        heads = c.num_prefix_tokens * 2 * c.feature_dim * c.num_classes  # one head per special token
+        projection = 2 * D * c.projection_dim
+        return float(c.depth * per_block + embed + projection + heads)
 
 
-__all__ = ["MLP", "Attention", "Block", "ViT"]
+__all__ = ["MLP", "Attention", "Block", "LayerScale", "QuickGELU", "ViT"]

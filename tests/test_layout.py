@@ -21,7 +21,7 @@ MODEL_THIRD_PARTY = {"torch", "torchvision", "numpy", "PIL", "safetensors"}
 # Optional extras model/ may import only lazily, inside the function that needs them: torchao is the `[int8]` extra
 # (model/inference.py quantises with it when int8 is asked for), so `import model` works without it.
 # huggingface_hub is the `[import]` extra: model/hub_import.py fetches `hf-hub:` sources with it, and nothing else does.
-MODEL_LAZY_EXTRAS = {"torchao", "huggingface_hub"}
+MODEL_LAZY_EXTRAS = {"torchao", "huggingface_hub", "transformers"}  # transformers: --zero-shot text towers
 MAX_FUNCTION_LINES = 80
 
 

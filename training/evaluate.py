@@ -89,7 +89,7 @@ def predict(
         targets.append(torch.as_tensor(labels, dtype=torch.long))
     if not logits:
         if isinstance(model, ViT):
-            width = model.config.hidden_dim if pre_logits else model.config.num_classes
+            width = model.config.feature_dim if pre_logits else model.config.num_classes
         else:
             width = model.num_classes  # a convnet teacher
         return torch.zeros(0, width), torch.zeros(0, dtype=torch.long)

@@ -302,10 +302,22 @@ def as_owner(argv: list[str]) -> int:
         hand_over([ARTIFACTS, DATA], uid, gid)
         own_status_dir(uid, gid)
     become(uid, gid)
-    if argv[:1] == ["train"] and STATUS_DIR.is_dir():
+    argv = zero_shot_instead(argv)
+    if argv[:1] in (["train"], ["import"]) and STATUS_DIR.is_dir():
         return run_recording(argv, STATUS_DIR / "train.json")
     os.execvp("petvit", ["petvit", *argv])
     return 127  # not reached
+
+
+def zero_shot_instead(argv: list[str]) -> list[str]:
+    """PETVIT_ZERO_SHOT=SOURCE (a CLIP checkpoint, e.g. hf-hub:openai/clip-vit-base-patch16): train's artifact comes
+    from `petvit import SOURCE --zero-shot pets` instead (docs/models.md), no Pets download and no training; the hub
+    cache lives in /data/huggingface, so a cache filled elsewhere works offline. An existing artifact is kept."""
+    source = os.environ.get("PETVIT_ZERO_SHOT", "").strip()
+    if argv[:1] != ["train"] or not source or "--out" not in argv or Path(argv[argv.index("--out") + 1]).exists():
+        return argv
+    os.environ.setdefault("HF_HOME", str(DATA / "huggingface"))
+    return ["import", source, "--zero-shot", "pets", "--out", argv[argv.index("--out") + 1]]
 
 
 def after_train(argv: list[str]) -> int:

@@ -107,9 +107,17 @@ def test_transformers_deit_imports_exactly(tmp_path: Path, chelsea, with_teacher
     assert (meta.preprocessing.resize_mode, meta.preprocessing.resize_size) == ("squash", 73)
 
 
-@pytest.mark.parametrize("architecture", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
-def test_timm_vit_and_deit_import_exactly(tmp_path: Path, chelsea, architecture: str) -> None:
-    reference = timm_model(tmp_path / "timm", architecture)
+@pytest.mark.parametrize(
+    ("architecture", "kwargs"),
+    [
+        ("vit_tiny_patch16_224", {}),
+        ("deit_tiny_distilled_patch16_224", {}),
+        ("vit_tiny_patch16_224", {"init_values": 0.5}),
+    ],
+)
+def test_timm_vit_and_deit_import_exactly(tmp_path: Path, chelsea, architecture: str, kwargs) -> None:
+    """init_values: LayerScale on each residual branch (ViTConfig.layer_scale), its gammas redrawn around 1."""
+    reference = timm_model(tmp_path / "timm", architecture, **kwargs)
     model, meta = import_folder(tmp_path / "timm", tmp_path / "timm.safetensors")
     cfg = reference.pretrained_cfg
     pixels = photo_pixels(chelsea, 224)
@@ -118,6 +126,7 @@ def test_timm_vit_and_deit_import_exactly(tmp_path: Path, chelsea, architecture:
         ours = model(pixels)
     assert_same_logits(theirs, ours)
     assert meta.config.distilled == ("distilled" in architecture)
+    assert meta.config.layer_scale == ("init_values" in kwargs)
     assert meta.labels == HF_PET_LABELS
     pre = meta.preprocessing  # timm's eval transform: shorter side to floor(224 / crop_pct), centre crop, bicubic
     expected = ("shorter_side", int(224 / cfg["crop_pct"]), "bicubic")
@@ -128,7 +137,6 @@ def test_timm_vit_and_deit_import_exactly(tmp_path: Path, chelsea, architecture:
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [
-        ({"init_values": 1e-5}, "LayerScale"),
         ({"reg_tokens": 4}, "register tokens"),
         ({"global_pool": "avg", "fc_norm": False}, "pools with 'avg'"),
         ({"class_token": False, "global_pool": "avg", "fc_norm": False}, "no class token"),
@@ -151,6 +159,13 @@ def test_transformers_with_another_activation_is_refused(tmp_path: Path, capsys)
     ViTForImageClassification(config).save_pretrained(tmp_path / "hf")
     assert petvit(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "hidden_act 'gelu_new'" in capsys.readouterr().err
+
+
+def test_image_size_is_refused_where_it_does_not_apply(tmp_path: Path, capsys) -> None:
+    hf_vit(tmp_path / "hf")
+    argv = ["import", str(tmp_path / "hf"), "--image-size", "32", "--out", str(tmp_path / "x.safetensors")]
+    assert petvit(argv) == 2
+    assert "--image-size applies to CLIP, DINOv2 and timm" in capsys.readouterr().err
 
 
 def test_a_config_that_does_not_match_its_weights_is_refused(tmp_path: Path, capsys) -> None:
