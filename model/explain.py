@@ -1,6 +1,6 @@
 """Heatmap methods: one run of the model, and the heatmaps each method makes of it.
 
-The service (app/predictor.py) and the heatmap evaluation (training/heatmaps.py) both call `heatmaps`, so what
+The inference face (model/inference.py) and the heatmap evaluation (training/heatmaps.py) both call `heatmaps`, so what
 `petvit evaluate --heatmaps` measures is what POST /classify serves. The maths is in model/rollout.py.
 """
 

@@ -35,7 +35,7 @@ NOT_RUN: list[tuple[str, str]] = [
     (r"petvit train\b|^torchrun\b", "trains: minutes to hours (tests/training runs every recipe on tiny data)"),
     (r"petvit evaluate\b", "needs Oxford-IIIT Pet or a trained artifact (tests/training runs evaluate on digits)"),
     (r"petvit (classify|predict) cat\.jpg|petvit classify --url", "needs your photos and a model or a service"),
-    (r"~/Downloads/|~/not-pets|\$PWD/my-pets", "needs your own files"),
+    (r"~/Downloads/|~/not-pets|\$PWD/my-pets|\./my-clip\b", "needs your own files (a downloaded checkpoint)"),
     (r"bench/\w+\.py", "a benchmark: minutes of CPU (its figures are in the docs it writes)"),
     (r"-m pytest tests/ui", "the browser test, part of this suite already"),
 ]
