@@ -38,17 +38,34 @@ class DatasetUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "pets"  # "pets" (Oxford-IIIT Pet via torchvision) or "folder" (an ImageFolder tree)
-    data_dir: str = "data"
+    """On what to train. A field with "help" metadata is a `petvit train` flag (cli/flags.py builds it)."""
+
+    dataset: str = field(
+        default="pets",
+        metadata={
+            "help": "pets: Oxford-IIIT Pet (torchvision's layout); folder: an ImageFolder tree, one folder per class",
+            "choices": ("pets", "folder"),
+        },
+    )
+    data_dir: str = field(default="data", metadata={"help": "pets: the folder holding oxford-iiit-pet/"})
     image_size: int = 224
-    hflip: bool = True  # pets are left-right symmetric; digits or text are not
-    min_crop_scale: float = 0.08  # RandomResizedCrop's lower area bound (0.08 is the ImageNet/DeiT default)
+    hflip: bool = field(  # pets are left-right symmetric; digits or text are not
+        default=True, metadata={"help": "random horizontal flips in training", "negatable": True}
+    )
+    min_crop_scale: float = field(
+        default=0.08,
+        metadata={"help": "RandomResizedCrop's lower bound on the crop's area fraction (0.08: the ImageNet/DeiT one)"},
+    )
     # Held-out fractions. Pets keeps its official test split and carves validation out of trainval, so the
     # best epoch is chosen without ever looking at test; a folder tree is split three ways the same way.
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2  # folder trees only
-    split_seed: int = 0  # the split is a property of the data, kept fixed across training seeds
-    download: bool = True  # let torchvision fetch Pets when the network allows
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "fraction held out for validation (picks the best epoch, fits calibration)"}
+    )
+    test_fraction: float = field(default=0.2, metadata={"help": "folder datasets only"})
+    split_seed: int = field(  # the split is a property of the data, kept fixed across training seeds
+        default=0, metadata={"help": "seed of the held-out split (keep fixed)"}
+    )
+    download: bool = field(default=True, metadata={"help": "never try to download Pets", "flag": "--no-download"})
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

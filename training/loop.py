@@ -18,7 +18,7 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from model.device import resolve_device
-from model.precision import autocast_dtype
+from model.precision import TRAINING_DTYPE_CHOICES, autocast_dtype
 from model.teachers import ConvNet
 from model.trust import Calibration
 from model.vit import ViT
@@ -60,17 +60,38 @@ LOG_FILE = "log.json"
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Where and how to run, as opposed to what to train (TrainConfig) and on what (DataConfig)."""
+    """Where and how to run, as opposed to what to train (TrainConfig) and on what (DataConfig). A field with
+    "help" metadata is a `petvit train` flag (cli/flags.py builds it)."""
 
-    out: str = "artifacts/petvit.safetensors"
-    output_dir: str = "artifacts/runs/petvit"
-    device: str = "auto"
-    dtype: str = "auto"  # autocast dtype by model.precision's rule: auto = bfloat16 on CUDA, float32 elsewhere
-    workers: int | None = None  # DataLoader processes; None = a sensible number for this machine
-    resume: bool = False
-    stop_after: int | None = None  # epochs to run in this invocation (pre-emptible jobs continue with --resume)
-    evaluate: bool = True  # evaluate the best epoch on the test split and store the summary in the artifact
-    threads: int | None = None  # torch CPU threads; on a shared box fewer threads avoid oversubscription stalls
+    out: str = field(default="artifacts/petvit.safetensors", metadata={"help": "artifact to write"})
+    output_dir: str = field(
+        default="artifacts/runs/petvit",
+        metadata={
+            "help": "run directory (default: <artifact folder>/runs/<artifact name>)",
+            "default": None,  # the command derives it from --out
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto: CUDA when present, else MPS, else the CPU", "choices": ("auto", "cpu", "cuda", "mps")},
+    )
+    # autocast dtype by model.precision's rule: auto = bfloat16 on CUDA, float32 elsewhere
+    dtype: str = field(
+        default="auto", metadata={"help": "autocast dtype; auto: bfloat16 on CUDA", "choices": TRAINING_DTYPE_CHOICES}
+    )
+    # None = a sensible number for this machine (default_workers)
+    workers: int | None = field(default=None, metadata={"help": "DataLoader worker processes"})
+    resume: bool = field(default=False, metadata={"help": "continue from the run directory's last state"})
+    # pre-emptible jobs run a few epochs per invocation and continue with --resume
+    stop_after: int | None = field(
+        default=None, metadata={"help": "run at most N epochs now; continue later with --resume"}
+    )
+    # evaluate the best epoch on the test split and store the summary in the artifact
+    evaluate: bool = field(
+        default=True, metadata={"help": "skip the final test-split evaluation", "flag": "--no-evaluate"}
+    )
+    # on a shared box fewer threads avoid oversubscription stalls
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
 
 
 # ---------------------------------------------------------------------------------------------- environment

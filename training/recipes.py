@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from model.config import VARIANTS, canonical_variant, get_config
 from model.pretrained import load_pretrained
 from model.teachers import ConvNet, build_convnet, check_convnet_name
 from model.vit import ViT
+from training.data import AUGMENTATIONS
 from training.distill import DISTILL_MODES
 
 RECIPES = ("finetune", "linear-probe", "scratch", "distill", "teacher")
@@ -41,31 +42,83 @@ INIT_RECIPES = ("finetune", "linear-probe")  # the recipes that start from a giv
 
 @dataclass(frozen=True)
 class TrainConfig:
-    recipe: str = "finetune"
-    variant: str = "b16"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-4  # peak LR after warmup
+    """What to train. A field with "help" metadata is a `petvit train` flag (cli/flags.py builds it); the flags
+    parse to None when not given, so the recipe's defaults (RECIPE_DEFAULTS) apply."""
+
+    recipe: str = field(
+        default="finetune",
+        metadata={
+            "help": "auto: finetune on CUDA, linear-probe otherwise; distill: DeiT, a ViT with a distillation token "
+            "taught by --teacher; teacher: a torchvision convnet (--arch) for distill",
+            "choices": ("auto", *RECIPES),
+            "default": "auto",  # the command resolves it by the device (training.loop.default_recipe)
+        },
+    )
+    variant: str = field(
+        default="b16", metadata={"help": "model variant (recipe default: b16, scratch and distill: ti16)"}
+    )
+    epochs: int = field(default=10, metadata={"help": "epochs to train"})
+    batch_size: int = field(default=64, metadata={"help": "images per step on each rank"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})  # reached after the warmup
     min_lr: float = 1e-6  # cosine floor
-    weight_decay: float = 0.05  # AdamW decoupled decay; not applied to biases, norms, embeddings, tokens
-    warmup_epochs: float = 1.0  # linear warmup protects pretrained features from the new head's large gradients
-    label_smoothing: float = 0.1
+    weight_decay: float = field(
+        default=0.05,
+        metadata={"help": "AdamW decoupled weight decay; not applied to biases, norms, embeddings, tokens"},
+    )
+    # linear warmup protects pretrained features from the new head's large gradients
+    warmup_epochs: float = field(default=1.0, metadata={"help": "epochs of linear LR warmup (fractions allowed)"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "cross-entropy label smoothing"})
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    augment: str = "trivial"  # see training.data.train_transform
-    mixup: bool = False  # MixUp/CutMix per batch (soft targets)
-    seed: int = 0
+    augment: str = field(
+        default="trivial",
+        metadata={"help": "training augmentation (training.data.train_transform)", "choices": AUGMENTATIONS},
+    )
+    mixup: bool = field(default=False, metadata={"help": "MixUp/CutMix", "negatable": True})  # per batch, soft targets
+    seed: int = field(
+        default=0, metadata={"help": "training seed (the held-out split has its own, --split-seed)", "default": 0}
+    )
     # ViTConfig field overrides on top of the variant (e.g. a tiny model for tests: depth=2, hidden_dim=32).
-    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_overrides: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "scratch, distill: override a ViTConfig field, e.g. --set depth=6 --set image_size=128 (teacher: "
+            "image_size only)",
+            "flag": "--set",
+        },
+    )
     # distill: the teacher artifact and DeiT's loss (training/distill.py).
-    teacher: str | None = None
-    distill: str = "hard"  # "hard" | "soft"
-    distill_tau: float = 3.0  # soft distillation's temperature
-    distill_alpha: float = 0.5  # the teacher term's weight (both modes)
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "distill: the teacher, a petvit ViT artifact or a convnet teacher artifact",
+            "metavar": "ARTIFACT",
+        },
+    )
+    distill: str = field(
+        default="hard",
+        metadata={
+            "help": "distill: hard (the teacher's argmax; default) or soft (its tempered distribution)",
+            "choices": DISTILL_MODES,
+        },
+    )
+    distill_tau: float = field(default=3.0, metadata={"help": "distill: soft distillation's temperature (default 3)"})
+    distill_alpha: float = field(default=0.5, metadata={"help": "distill: the teacher term's weight (default 0.5)"})
     # teacher: which torchvision convnet, from which weights.
-    arch: str | None = None
+    arch: str | None = field(
+        default=None,
+        metadata={"help": "teacher: a torchvision convnet, e.g. resnet18, resnet50, regnet_y_400mf (default resnet50)"},
+    )
     # teacher: "imagenet" or "random"; finetune / linear-probe: "imagenet" or the path of a petvit artifact to start
     # from (its backbone, a new head).
-    init: str = "imagenet"
+    init: str = field(
+        default="imagenet",
+        metadata={
+            "help": "finetune, linear-probe: start from this petvit artifact's backbone (e.g. one `petvit import` "
+            "wrote) with a new head, keeping its preprocessing; teacher: torchvision's ImageNet weights (default) "
+            "or random ones",
+            "metavar": "ARTIFACT|" + "|".join(INITS),
+        },
+    )
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
