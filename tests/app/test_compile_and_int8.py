@@ -136,7 +136,10 @@ async def test_a_retired_generation_shuts_its_cuda_graph_thread_down(tiny_artifa
         return classifier
 
     before = len(graph_threads())
-    async with running_app(make_settings(tiny_artifact, admin_key="k"), load) as (client, service):
+    async with running_app(make_settings(tiny_artifact, admin_key="k", model_dirs=[second_artifact.parent]), load) as (
+        client,
+        service,
+    ):
         assert service.ready and len(graph_threads()) == before + 1  # warm-up ran on the first model's thread
         reloaded = await client.post(
             "/v1/admin/reload", json={"checkpoint": str(second_artifact)}, headers={"X-Admin-Key": "k"}
