@@ -30,7 +30,7 @@ class QuietProbes(logging.Filter):
             return True
         _, method, full_path, _, status = args
         path = str(full_path).split("?", 1)[0]
-        return not (method == "GET" and path in PROBE_PATHS and int(status) < 400)
+        return not (method == "GET" and path in PROBE_PATHS and int(str(status)) < 400)
 
 
 def uvicorn_log_config(log_level: str) -> dict[str, Any]:

@@ -107,7 +107,8 @@ def bad_image(message: str) -> ServiceError:
 
 def rejected_image(error: ImageRejected) -> ServiceError:
     """What model.preprocess refused an upload for, answered with that kind's status (400/413/415)."""
-    return ServiceError(ErrorCode(error.code), error.message)
+    # a lookup by value; mypy reads ErrorCode(...) as a call of the members' own __new__ (code, status, ...)
+    return ServiceError(ErrorCode(error.code), error.message)  # type: ignore[call-arg]
 
 
 def malformed_multipart(message: str) -> ServiceError:
@@ -255,7 +256,7 @@ def error_response(status: int, code: str, message: str, headers: Mapping[str, s
 
 
 # FastAPI's and Starlette's own errors (404 unknown route, 405, ...), by status.
-_HTTP_CODES = {
+_HTTP_CODES: dict[int, ErrorCode] = {
     code.status: code
     for code in (
         ErrorCode.bad_request,

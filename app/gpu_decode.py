@@ -31,7 +31,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from app.errors import ServiceError, rejected_image
 from app.metrics import Metrics
-from model.preprocess import DeferredJpeg, ImageRejected, Preprocessing, crop_box, prepare, resized_crop
+from model.artifact import Preprocessing
+from model.preprocess import DeferredJpeg, ImageRejected, crop_box, prepare, resized_crop
 
 log = logging.getLogger("petvit.gpu_decode")
 

@@ -3,11 +3,16 @@ the reasons petvit_rejected_total counts refused requests by."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 from app.errors import ErrorCode, ServiceError
 from model.batch_sizes import pow2_batch_sizes
+
+if TYPE_CHECKING:  # torch is imported where a GPU gauge is refreshed, not when metrics load
+    import torch
 
 # The *_created series double the exposition for no dashboard we draw; Prometheus itself ignores them.
 disable_created_metrics()
@@ -100,7 +105,7 @@ class Metrics:
             "petvit_gpu_memory_max_allocated_bytes", "peak CUDA memory held by tensors", registry=r
         )
 
-    def update_gpu_memory(self, device: object) -> None:
+    def update_gpu_memory(self, device: torch.device) -> None:
         """Refresh the GPU gauges at scrape time (cheap: allocator counters, no sync)."""
         if self.gpu_allocated is None or getattr(device, "type", None) != "cuda":
             return

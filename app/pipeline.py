@@ -28,10 +28,11 @@ from app.errors import ServiceError, client_disconnected, in_image, invalid_para
 from app.gpu_decode import GpuDecoder, Pixels
 from app.schemas import ClassifyResponse, Heatmap, ImageResult, Prediction, Timings
 from app.uploads import Upload, check_headers, read_uploads
+from model.artifact import Preprocessing
 from model.explain import DEFAULT_METHOD
 from model.inference import Classifier, ImagePrediction
 from model.overlay import overlay_png_base64
-from model.preprocess import ImageRejected, PreparedImage, Preprocessing, prepare
+from model.preprocess import ImageRejected, PreparedImage, prepare
 
 if TYPE_CHECKING:  # the lifecycle runs predict_batch: it imports this module
     from app.lifecycle import ModelGeneration, ServiceLifecycle
@@ -138,12 +139,13 @@ async def _prepare(service: ServiceLifecycle, generation: ModelGeneration, uploa
         *(loop.run_in_executor(pool, _timed_prepare, u.data, pre, max_pixels, defer) for u in uploads),
         return_exceptions=True,
     )
+    images: list[DecodedImage] = []
     for number, (upload, outcome) in enumerate(zip(uploads, outcomes, strict=True), start=1):
         if isinstance(outcome, ImageRejected):
             raise in_image(rejected_image(outcome), number, upload.filename)
         if isinstance(outcome, BaseException):
             raise outcome
-    images = [DecodedImage(upload, *outcome) for upload, outcome in zip(uploads, outcomes, strict=True)]
+        images.append(DecodedImage(upload, *outcome))
     for image in images:
         service.metrics.preprocess_duration.observe(image.preprocess_s)
     return images
@@ -280,7 +282,8 @@ async def _overlays(
     )
 
 
-def _timed_overlay(prepared: PreparedImage, grid: torch.Tensor) -> _Overlay:
+def _timed_overlay(prepared: PreparedImage, grid: torch.Tensor | None) -> _Overlay:
+    assert grid is not None  # a heatmap was asked for, so the inference face computed every image's grid
     # The overlay needs only the upload's size and the crop box, not its pixels: the client composes it.
     start = time.perf_counter()
     png = overlay_png_base64(grid, prepared.size, prepared.crop_box)

@@ -184,4 +184,8 @@ def install_sighup_handler(service: ServiceLifecycle) -> Callable[[], None]:
         loop.call_soon_threadsafe(reload_in_background, service)
 
     previous = signal.signal(signal.SIGHUP, on_sighup)
-    return lambda: signal.signal(signal.SIGHUP, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGHUP, previous)
+
+    return restore

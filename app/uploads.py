@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
@@ -22,6 +23,9 @@ from app.errors import (
     upload_too_large,
     wrong_field,
 )
+
+if TYPE_CHECKING:  # python_multipart declares its callbacks TypedDict for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 FILE_FIELD = "file"
 _MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers per file, generously
@@ -66,7 +70,7 @@ class _MultipartCollector:
         self._field = b""
         self._value = b""
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self.on_part_begin,
             "on_header_field": lambda d, s, e: setattr(self, "_field", self._field + d[s:e]),
@@ -134,8 +138,8 @@ def check_headers(request: Request, max_bytes: int, max_files: int) -> DeclaredB
     """Refuse from the headers alone a body that cannot be served whatever the load: a type we don't read (415),
     multipart without a boundary (400), a declared Content-Length over the byte limits (413). The route calls this
     before admission, so such a request is told what is wrong, not to retry later (429)."""
-    content_type, params = parse_options_header(request.headers.get("content-type", ""))
-    content_type = content_type.decode("latin-1").lower()
+    raw_type, params = parse_options_header(request.headers.get("content-type", ""))
+    content_type = raw_type.decode("latin-1").lower()
     declared = request.headers.get("content-length")
     length = int(declared) if declared and declared.isdigit() else None
     if content_type == "multipart/form-data":

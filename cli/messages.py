@@ -39,8 +39,8 @@ class HostTermsStream:
 def use_host_terms() -> None:
     """Under compose (which says where its folders are), stdout and stderr speak in host folders."""
     if os.environ.get(MOUNTS_VARIABLE) or os.environ.get(RUN_COMMAND_VARIABLE):
-        sys.stdout = HostTermsStream(sys.stdout)  # type: ignore[assignment]
-        sys.stderr = HostTermsStream(sys.stderr)  # type: ignore[assignment]
+        sys.stdout = HostTermsStream(sys.stdout)
+        sys.stderr = HostTermsStream(sys.stderr)
 
 
 def is_not_writable(err: OSError) -> bool:

@@ -91,6 +91,7 @@ def _answer(
     except (OSError, ImageRejected) as err:
         print(f"{path}: {err}")
         return None
+    assert prepared.tensor is not None  # prepare() decodes on the CPU here: no JPEG is deferred to a device
     [result] = classifier.predict([prepared.tensor], [want_map], [args.heatmap_method])
     k = max(1, min(args.top_k, len(classifier.labels)))
     predictions = [{**p, "score": round(p["score"], 6)} for p in classifier.top_k(result.probs, k)]

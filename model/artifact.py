@@ -190,7 +190,8 @@ class ArtifactMetadata:
         }
         for key in ("format", "format_version", "config"):  # these describe the file itself: never the caller's
             doc.pop(key, None)
-        known = {k: doc.pop(k) for k in ("name", "variant", "trained", "training", "evaluation") if k in doc}
+        named = ("name", "variant", "trained", "training", "evaluation")
+        known: dict[str, Any] = {k: doc.pop(k) for k in named if k in doc}
         known |= _trust_fields(doc.pop("calibration", None), doc.pop("open_set", None), "the metadata")
         return cls(
             config=config,
@@ -232,7 +233,9 @@ class ArtifactMetadata:
             variant=doc.get("variant"),
             trained=bool(doc.get("trained")),
             extra={k: v for k, v in doc.items() if k not in modelled | {"trained", *records}},
-            **records,
+            training=records["training"],
+            evaluation=records["evaluation"],
+            provenance=records["provenance"],
             **_trust_fields(doc.get("calibration"), doc.get("open_set"), source),
         )
 
@@ -285,7 +288,7 @@ def check_format(doc: Mapping[str, Any], source: str) -> None:
 
 
 def save_file_atomically(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> Path:
     """safetensors save_file through a uniquely named temp file in the same folder, then a rename: a crash never
     leaves half a file, and two writers of the same path never interleave."""
@@ -308,7 +311,7 @@ def save_file_atomically(
 
 
 def save_artifact(
-    model: ViT, path: str | os.PathLike, metadata: ArtifactMetadata | Mapping[str, Any] | None = None
+    model: ViT, path: str | os.PathLike[str], metadata: ArtifactMetadata | Mapping[str, Any] | None = None
 ) -> Path:
     """Write weights + metadata to one .safetensors file, atomically (a crash never leaves half a file).
 
@@ -364,7 +367,8 @@ def _read_header(path: Path) -> dict[str, Any]:
                 f"{path} is truncated or not a safetensors file: the header length it starts with runs past its end "
                 f"({size} bytes); copy or download it again"
             )
-        header = _parse_header_json(f.read(header_len), path)
+        # JSON of any shape until `.items()` below proves it a mapping (AttributeError otherwise)
+        header: dict[str, Any] = _parse_header_json(f.read(header_len), path)
     try:
         data_end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
     except (AttributeError, KeyError, IndexError, TypeError, ValueError):
@@ -387,12 +391,12 @@ def _parse_header_json(raw: bytes, path: Path) -> Any:
         raise ArtifactError(f"{path} is not a safetensors file: its header is not JSON; {_WHAT_TO_LOAD}") from None
 
 
-def read_metadata(path: str | os.PathLike) -> ArtifactMetadata:
+def read_metadata(path: str | os.PathLike[str]) -> ArtifactMetadata:
     """The artifact's metadata alone (cheap: reads only the header)."""
     return ArtifactMetadata.from_dict(read_metadata_document(path), source=str(Path(path)))
 
 
-def read_metadata_document(path: str | os.PathLike) -> dict[str, Any]:
+def read_metadata_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The raw JSON document in an artifact's header, checked to be one (any architecture; not yet validated)."""
     path = Path(path)
     header = _read_header(path)
@@ -408,7 +412,9 @@ def read_metadata_document(path: str | os.PathLike) -> dict[str, Any]:
     return doc
 
 
-def load_artifact(path: str | os.PathLike, device: str | torch.device | None = None) -> tuple[ViT, ArtifactMetadata]:
+def load_artifact(
+    path: str | os.PathLike[str], device: str | torch.device | None = None
+) -> tuple[ViT, ArtifactMetadata]:
     """Rebuild the model from its stored config and weights; returns (model in eval mode, metadata)."""
     path = Path(path)
     meta = read_metadata(path)
@@ -451,7 +457,7 @@ def _with_open_set_tensors(meta: ArtifactMetadata, tensors: dict[str, torch.Tens
     return meta.replace(open_set=open_set)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -30,7 +30,7 @@ def host_mounts() -> dict[str, str]:
     return mounts
 
 
-def host_path(path: str | os.PathLike) -> str:
+def host_path(path: str | os.PathLike[str]) -> str:
     """/data/torch/hub/x.pth -> ./data/torch/hub/x.pth under compose; unchanged elsewhere or outside the mounts."""
     text = os.fspath(path)
     for inside, outside in host_mounts().items():

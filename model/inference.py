@@ -80,14 +80,17 @@ class InferenceModel:
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self._forward is None:
-            return self.model(images)
-        return self._forward(images)[0] if self.with_features else self._forward(images)
+            logits: torch.Tensor = self.model(images)
+        else:  # compiled with features, the forward answers (logits, features)
+            logits = self._forward(images)[0] if self.with_features else self._forward(images)
+        return logits
 
     def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, classes), CLS features (B, D)) from one pass (ViT.forward_with_features); compiled when the
         model was prepared with features=True and compiled."""
         if self._forward is not None and self.with_features:
-            return self._forward(images)
+            both: tuple[torch.Tensor, torch.Tensor] = self._forward(images)
+            return both
         return self.model.forward_with_features(images)
 
     def forward_with_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -374,14 +377,14 @@ class Classifier:
         if self.buckets is None:
             return self._fast(images)
         if self.device.type == "cpu":
-            chunks = images.split(bucket_split(len(images), self.buckets))
+            chunks = torch.split(images, bucket_split(len(images), self.buckets))
             parts = [self._fast(chunk) for chunk in chunks]
         else:
-            parts = [self._padded(chunk) for chunk in images.split(self.buckets[-1])]
+            parts = [self._padded(chunk) for chunk in torch.split(images, self.buckets[-1])]
         if len(parts) == 1:
             return parts[0]
-        features = [f for _, f in parts]
-        return torch.cat([lg for lg, _ in parts]), None if features[0] is None else torch.cat(features)
+        features = [f for _, f in parts if f is not None]  # every chunk or none: they all run the same forward
+        return torch.cat([lg for lg, _ in parts]), torch.cat(features) if features else None
 
     def _padded(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fast path on `images` padded with blank images up to their bucket; the padding's rows dropped."""
@@ -430,8 +433,8 @@ class Classifier:
                 if g is not None:
                     for i, grid in zip(rows, g.float().cpu(), strict=True):
                         grids[i] = grid
-            probs, scores = probs.cpu(), scores.tolist()
-        return [ImagePrediction(probs[i], grids[i], _score(scores[i])) for i in range(len(images))]
+            probs, score_list = probs.cpu(), scores.tolist()
+        return [ImagePrediction(probs[i], grids[i], _score(score_list[i])) for i in range(len(images))]
 
     def warmup(self, batch_sizes: list[int]) -> float:
         """Run each batch size once (and the heatmap path once) so first requests don't pay for kernel selection,

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from model.config import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, ViTConfig, canonical_variant
 from model.vit import ViT
 
 if TYPE_CHECKING:  # torchvision.models is imported lazily: model/ stays cheap to import
-    from torchvision.models import WeightsEnum
+    from torchvision.models import VisionTransformer, WeightsEnum
 
 _LAYER = re.compile(r"^encoder\.layers\.encoder_layer_(\d+)\.(.+)$")
 _BLOCK_NAMES = {
@@ -117,7 +116,7 @@ def _infer_heads(width: int) -> int:
     return max(1, width // 64)  # head_dim 64, the convention behind all the published shapes
 
 
-def from_torchvision(module: nn.Module) -> ViT:
+def from_torchvision(module: VisionTransformer) -> ViT:
     """Copy a torchvision VisionTransformer (any variant, any weights) into our ViT, numerically equal."""
     config, state_dict = convert_torchvision_state_dict(module.state_dict(), image_size=module.image_size)
     heads = getattr(module.encoder.layers[0].self_attention, "num_heads", config.num_heads)
@@ -178,7 +177,7 @@ def fetch_state_dict(entry: WeightsEnum) -> dict[str, torch.Tensor]:
     unpickling). Raises PretrainedWeightsUnavailable with the exact file name and folder when neither works."""
     target = hub_checkpoint_path(entry.url)
     try:
-        state_dict = entry.get_state_dict(progress=True, weights_only=True)
+        state_dict: dict[str, torch.Tensor] = entry.get_state_dict(progress=True, weights_only=True)
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
         raise PretrainedWeightsUnavailable(
             f"could not get torchvision's {type(entry).__name__}.{entry.name} weights ({err}). "

@@ -73,6 +73,9 @@ class ConvNet(nn.Module):
     `net` is the torchvision model itself; its state dict is what a teacher artifact stores.
     """
 
+    mean: torch.Tensor  # (1, C, 1, 1) buffers registered in __init__, declared here for the type checker
+    std: torch.Tensor
+
     def __init__(
         self,
         arch: str,
@@ -93,7 +96,8 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = (255.0 * self.std).reciprocal() if x.dtype == torch.uint8 else self.std.reciprocal()  # (1, C, 1, 1)
         x = torch.addcmul(-self.mean / self.std, x.float(), scale)  # (B, C, H, W) normalised, float32
-        return self.net(x.to(next(self.net.parameters()).dtype))  # (B, classes)
+        logits: torch.Tensor = self.net(x.to(next(self.net.parameters()).dtype))  # (B, classes)
+        return logits
 
 
 def build_convnet(arch: str, num_classes: int, init: str = "random", image_size: int = 224) -> ConvNet:
@@ -155,14 +159,14 @@ def convnet_document(model: ConvNet, fields: Mapping[str, Any]) -> dict[str, Any
     }
 
 
-def save_convnet_artifact(model: ConvNet, path: str | os.PathLike, fields: Mapping[str, Any]) -> Path:
+def save_convnet_artifact(model: ConvNet, path: str | os.PathLike[str], fields: Mapping[str, Any]) -> Path:
     """Write a convnet teacher: torchvision's state dict of model.net + the JSON document, atomically."""
     doc = convnet_document(model, fields)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.net.state_dict().items()}
     return save_file_atomically(tensors, path, metadata={METADATA_KEY: json.dumps(doc)})
 
 
-def load_convnet_artifact(path: str | os.PathLike) -> tuple[ConvNet, dict[str, Any]]:
+def load_convnet_artifact(path: str | os.PathLike[str]) -> tuple[ConvNet, dict[str, Any]]:
     """Rebuild torchvision.models.<name>(num_classes=...) and load its weights; returns (model in eval mode, the
     JSON document). ArtifactError says what is wrong with a file that is not a convnet teacher."""
     path = Path(path)
@@ -208,7 +212,7 @@ class Teacher:
         return {"path": self.path, "sha256": self.sha256, "arch": self.arch, "test_top1": self.test_top1}
 
 
-def load_teacher(path: str | os.PathLike, device: str | torch.device | None = None) -> Teacher:
+def load_teacher(path: str | os.PathLike[str], device: str | torch.device | None = None) -> Teacher:
     """A petvit ViT artifact or a convnet teacher artifact, frozen (eval mode, requires_grad off) on `device`."""
     path = Path(path)
     if not path.exists():
@@ -217,13 +221,15 @@ def load_teacher(path: str | os.PathLike, device: str | torch.device | None = No
             f"{path}` (a torchvision convnet) or `petvit train --recipe finetune --out {path}` (a ViT)"
         )
     architecture = read_metadata_document(path).get(ARCHITECTURE_KEY)
+    module: nn.Module
     if isinstance(architecture, Mapping) and architecture.get("kind") == CONVNET_KIND:
-        module, doc = load_convnet_artifact(path)
-        arch, labels, evaluation = module.arch, list(doc["labels"]), doc.get("evaluation") or {}
+        convnet, doc = load_convnet_artifact(path)
+        module, arch, labels, evaluation = convnet, convnet.arch, list(doc["labels"]), doc.get("evaluation") or {}
     else:
-        module, meta = load_artifact(path)
-        distilled = " (distilled)" if module.config.distilled else ""
+        vit, meta = load_artifact(path)
+        distilled = " (distilled)" if vit.config.distilled else ""
         arch, labels, evaluation = f"vit-{meta.variant or 'custom'}{distilled}", list(meta.labels), meta.evaluation
+        module = vit
     module.requires_grad_(False)
     if device is not None:
         module = module.to(device)

@@ -12,7 +12,7 @@ import urllib.error
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from torchvision.transforms import v2
 from model.artifact import Preprocessing
 from model.config import resize_size_for
 from model.labels import BREEDS, PET_LABELS, PET_SPECIES, species_of
+
+if TYPE_CHECKING:  # torchvision.datasets is imported where a dataset is built
+    from torchvision.datasets import OxfordIIITPet
 
 PETS_FOLDER = "oxford-iiit-pet"  # torchvision's OxfordIIITPet looks for <root>/oxford-iiit-pet/{images,annotations}
 PETS_ARCHIVES = (
@@ -75,9 +78,9 @@ class DataConfig:
 class DataSplits:
     """Train / validation / test views plus the class names, in class-index order."""
 
-    train: Dataset
-    val: Dataset
-    test: Dataset
+    train: TransformedSubset
+    val: TransformedSubset
+    test: TransformedSubset
     labels: list[str]
     species: list[str]
     sizes: dict[str, int] = field(default_factory=dict)  # images per split, for logs and the artifact's record
@@ -247,7 +250,7 @@ def pets_missing_message(data_dir: str | Path, reason: str = "") -> str:
 
 def pets_dataset(
     data_dir: str | Path, split: str, download: bool = True, target_types: str | Sequence[str] = "category"
-) -> Dataset:
+) -> OxfordIIITPet:
     """torchvision's OxfordIIITPet (category targets by default, PIL images), or DatasetUnavailable with what to do."""
     from torchvision.datasets import OxfordIIITPet
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -91,9 +92,18 @@ class Optimization:
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing), logits
 
 
+class EpochStats(TypedDict):
+    """One rank's sums over an epoch (training/loop.py all-reduces the first three across ranks)."""
+
+    loss_sum: float  # per-example loss, summed
+    correct: float  # top-1 hits against the hard targets
+    seen: int  # examples
+    lr: float  # the last step's learning rate
+
+
 def train_one_epoch(
     module: nn.Module, batches: Batches, opt: Optimization, step: int, env: Runtime, desc: str | None = "train"
-) -> tuple[int, dict[str, float]]:
+) -> tuple[int, EpochStats]:
     """One pass over `batches`, one optimizer step per batch, starting at global step `step`.
 
     Returns the global step after the epoch and this rank's sums: loss_sum, correct, seen, and the last lr.
@@ -128,7 +138,7 @@ def train_one_epoch(
         correct += (logits.argmax(dim=1) == hard).sum()  # stays on the device until the epoch ends
         seen += batch
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
-    return step, {"loss_sum": loss_sum, "correct": float(correct), "seen": seen, "lr": lr}
+    return step, EpochStats(loss_sum=loss_sum, correct=float(correct), seen=seen, lr=lr)
 
 
 @torch.no_grad()

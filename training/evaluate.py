@@ -26,6 +26,7 @@ from model.artifact import ArtifactMetadata, file_sha256, load_artifact, save_ar
 from model.inference import batch_outputs as vit_outputs
 from model.inference import prepare_for_inference
 from model.precision import autocast_dtype, dtype_name, is_quantised
+from model.teachers import ConvNet
 from model.vit import ViT
 from training.calibration import calibration_report
 from training.data import DataConfig, eval_transform, load_splits
@@ -90,8 +91,10 @@ def predict(
     if not logits:
         if isinstance(model, ViT):
             width = model.config.feature_dim if pre_logits else model.config.num_classes
+        elif isinstance(model, ConvNet):  # a convnet teacher
+            width = model.num_classes
         else:
-            width = model.num_classes  # a convnet teacher
+            raise TypeError(f"no output width known for an empty pass of a {type(model).__name__}")
         return torch.zeros(0, width), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(targets)
 

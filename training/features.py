@@ -11,15 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sized
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
 
 from model.artifact import save_file_atomically
 from model.vit import ViT
+from training.data import TransformedSubset
 from training.evaluate import predict
 
 
@@ -45,7 +46,7 @@ def _file_stamp(path: str) -> list[Any]:
     return [path, stat.st_size, stat.st_mtime_ns]
 
 
-def dataset_fingerprint(dataset: Dataset) -> str:
+def dataset_fingerprint(dataset: Sized) -> str:
     """Hash of the image files (names, sizes, mtimes), targets and transform when the dataset exposes them,
     else just its length."""
     digest = hashlib.sha256(str(len(dataset)).encode())
@@ -64,7 +65,7 @@ def cached_features(
     cache_dir: str | Path,
     split: str,
     model: ViT,
-    dataset: Dataset,
+    dataset: TransformedSubset,
     preprocessing: dict[str, Any],
     **extract_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:

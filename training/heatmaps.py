@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -185,7 +186,8 @@ def plot_examples(
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         _, maps = heatmaps(model, images.to(device), [known[key] for key in dict.fromkeys(shown.values())])
     size = (images.shape[-2], images.shape[-1])
-    panels, notes = {}, {}
+    panels: dict[str, Sequence[np.ndarray]] = {}
+    notes: dict[str, Sequence[str]] = {}
     for name, key in shown.items():
         grid = maps[key].float().cpu()
         cover = pool_mask(masks, (grid.shape[-2], grid.shape[-1]))

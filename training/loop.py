@@ -20,7 +20,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from tqdm import tqdm
@@ -201,6 +201,13 @@ def require_examples(splits: DataSplits, data: DataConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+class BestEpoch(TypedDict):
+    """The best epoch so far: what best_weights.safetensors holds, kept in the resumable state and the summary."""
+
+    epoch: int | None  # 1-based; None before the first epoch
+    val_top1: float  # its held-out top-1 (-1.0 before the first epoch, so any epoch beats it)
+
+
 @dataclass
 class TrainJob:
     """One run as prepare() leaves it: the epochs advance `best` and the log, finish() exports from both."""
@@ -215,7 +222,7 @@ class TrainJob:
     opt: Optimization
     log: RunLog  # every epoch so far, those of earlier invocations of a resumed run included
     start_epoch: int  # the first epoch this invocation trains, 0-based
-    best: dict[str, Any]  # {"epoch": 1-based or None, "val_top1"}: what best_weights.safetensors holds
+    best: BestEpoch
 
     @property
     def run_dir(self) -> Path:
@@ -265,14 +272,14 @@ def prepare(cfg: TrainConfig, data: DataConfig, run: RunConfig, info: DistInfo) 
 
 def resume_point(
     cfg: TrainConfig, run: RunConfig, plan: Plan, optimizer: torch.optim.Optimizer, env: Runtime
-) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[int, BestEpoch, list[dict[str, Any]]]:
     """(first epoch to train, best epoch so far, history so far). With --resume and a state in the run directory,
     the plan's `trained` part and the optimizer are restored from it; otherwise the run starts fresh."""
     state_path = Path(run.output_dir) / STATE_FILE
     if not (run.resume and state_path.exists()):
         if run.resume and env.show:
             print(f"--resume: no state in {run.output_dir}, starting from scratch")
-        return 0, {"epoch": None, "val_top1": -1.0}, []
+        return 0, BestEpoch(epoch=None, val_top1=-1.0), []
     # Check before loading: a state of another recipe or model would otherwise die in load_state_dict.
     check_resumable(state_path, read_train_state_info(state_path), cfg, plan.fingerprint())
     try:
@@ -335,7 +342,7 @@ def record_epoch(job: TrainJob, record: dict[str, Any]) -> None:
     """Log the epoch; rank 0 prints it and saves the resumable state, and the weights when it is the best yet."""
     is_main = job.env.info.is_main
     if record["is_best"]:
-        job.best = {"epoch": record["epoch"], "val_top1": record["val_top1"]}
+        job.best = BestEpoch(epoch=record["epoch"], val_top1=record["val_top1"])
         if is_main:
             save_weights(job.run_dir / BEST_FILE, job.plan.trained)  # a probe's head alone: no 350 MB rewrites
     job.log.append(record)

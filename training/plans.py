@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -77,9 +77,15 @@ class Plan(ABC):
         self.policy = self.init.preprocessing if self.init else None
 
     @property
+    def vit(self) -> ViT:
+        """The model as the ViT it is for every plan but ConvNetTeacher, which overrides each method that reads this."""
+        assert isinstance(self.model, ViT), f"{type(self).__name__} trains a ViT, not {type(self.model).__name__}"
+        return self.model
+
+    @property
     def image_size(self) -> int:
         """The side the train and held-out images are cropped to: the model's native size."""
-        return self.model.config.image_size
+        return self.vit.config.image_size
 
     @property
     def model_name(self) -> str:
@@ -100,7 +106,7 @@ class Plan(ABC):
     def write_artifact(self, out: str | Path, fields: dict[str, Any]) -> Path:
         """Save the model (on the CPU) with its metadata `fields` as the run's artifact; with --init, under the
         starting artifact's preprocessing policy."""
-        model = self.model.cpu()
+        model = self.vit.cpu()
         if self.policy is not None:
             fields = {**fields, "preprocessing": self.policy}
         return save_artifact(model, out, ArtifactMetadata.create(model.config, fields))
@@ -108,7 +114,7 @@ class Plan(ABC):
     def trust_outputs(self, splits: DataSplits) -> tuple[Outputs, Outputs] | None:
         """(train, val) logits and CLS features of the model as it now is, for calibration and the open set
         (training/open_set.py fit_trust); None for a network the service does not serve (a convnet teacher)."""
-        model, env = self.model, self.env
+        model, env = self.vit, self.env
         views = [
             getattr(splits, name).with_transform(eval_transform(self.image_size, policy=self.policy))
             for name in ("train", "val")
@@ -150,13 +156,13 @@ class HeadOnFeatures(Plan):
         if not self.env.info.is_main:
             return  # the other ranks train nothing: they wait for rank 0's artifact
         # Features once, on the deterministic eval view; every epoch after this is a few matrix multiplies.
-        image_size = self.model.config.image_size
+        image_size = self.vit.config.image_size
         eval_tf = eval_transform(image_size, policy=self.policy)
         for name in ("train", "val", "test") if with_test else ("train", "val"):
             feats, targets, hit = cached_features(
                 run_dir / "features",
                 name,
-                self.model,
+                self.vit,
                 getattr(splits, name).with_transform(eval_tf),
                 {"image_size": image_size, "transform": "eval"},
                 batch_size=max(16, self.cfg.batch_size // 4),
@@ -183,10 +189,10 @@ class HeadOnFeatures(Plan):
     def trust_outputs(self, splits: DataSplits) -> tuple[Outputs, Outputs] | None:
         # The cached features are the CLS token after the final LayerNorm (forward_head's pre-logits of a ViT with
         # one head): the head over them gives the logits, no image runs through the backbone again.
-        if self.model.config.distilled:  # pre-logits would be the mean of two tokens, not the CLS token
+        if self.vit.config.distilled:  # pre-logits would be the mean of two tokens, not the CLS token
             return super().trust_outputs(splits)
         return tuple(  # type: ignore[return-value]
-            Outputs(self.model.head(feats).float().cpu(), feats.float().cpu(), targets.cpu())
+            Outputs(self.vit.head(feats).float().cpu(), feats.float().cpu(), targets.cpu())
             for feats, targets in (self.features["train"], self.features["val"])
         )
 
@@ -194,13 +200,13 @@ class HeadOnFeatures(Plan):
     def test_logits(self, splits: DataSplits) -> tuple[torch.Tensor, torch.Tensor]:
         # The head over the cached test features: the same numbers as the whole model over the test images.
         feats, targets = self.features["test"]
-        return self.model.head(feats).float().cpu(), targets.cpu()
+        return self.vit.head(feats).float().cpu(), targets.cpu()
 
     def write_artifact(self, out: str | Path, fields: dict[str, Any]) -> Path:
         # A distilled backbone (an imported DeiT) answers with (head(cls) + head_dist(dist)) / 2, and its features
         # are (cls + dist) / 2: with head_dist = head, that is exactly the head over the features the probe trained on.
-        if self.model.head_dist is not None:
-            self.model.head_dist.load_state_dict(self.model.head.state_dict())
+        if self.vit.head_dist is not None:
+            self.vit.head_dist.load_state_dict(self.vit.head.state_dict())
         return super().write_artifact(out, fields)
 
 
@@ -251,6 +257,7 @@ class WholeNetwork(Plan):
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)  # shuffles from (seed, epoch), the same permutation on every rank
         else:
+            assert self.sampler is not None, "prepare() builds the sampler before the first epoch"
             self.sampler.generator = generator  # RandomSampler: the epoch's own stream, so resuming reshuffles alike
         return self.train_loader
 
@@ -272,7 +279,7 @@ class Distillation(WholeNetwork):
         self.distillation = DistillationLoss(self.teacher.module, cfg.distill, cfg.distill_alpha, cfg.distill_tau)
 
     def step_target(self) -> nn.Module:
-        return TwoHeads(self.model)  # forward -> (CLS logits, distillation logits)
+        return TwoHeads(self.vit)  # forward -> (CLS logits, distillation logits)
 
     def prepare(self, splits: DataSplits, data: DataConfig, run_dir: Path, with_test: bool) -> None:
         if self.teacher.labels != list(splits.labels):  # its class i must be ours, or its argmax teaches nonsense
@@ -321,7 +328,8 @@ class ConvNetTeacher(WholeNetwork):
         return save_convnet_artifact(self.model.cpu(), out, fields)
 
 
-PLANS: dict[str, type[Plan]] = {
+# Each plan takes the network its recipe builds (a ViT; a ConvNet for teacher), hence the loose argument types.
+PLANS: dict[str, Callable[[Any, TrainConfig, Runtime], Plan]] = {
     "linear-probe": HeadOnFeatures,
     "finetune": WholeNetwork,
     "scratch": WholeNetwork,

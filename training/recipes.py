@@ -275,7 +275,8 @@ def model_from_artifact(path: str, num_classes: int) -> ViT:
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices only; biases, norm gains, the cls and distillation tokens and pos_embed are
     left alone."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
