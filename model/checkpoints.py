@@ -71,9 +71,11 @@ def stack_qkv(
     params = ("weight", "bias") if config.qkv_bias else ("weight",)
     for layer in range(config.depth):
         for param in params:
-            found = [parts.get((str(layer), name, param)) for name in names]
-            require(all(p is not None for p in found), f"layer {layer} lacks its query/key/value {param}")
-            out[f"blocks.{layer}.attn.qkv.{param}"] = torch.cat(found, dim=0)  # 3 x (D, ...) -> (3D, ...): q, k, v
+            keys = [(str(layer), name, param) for name in names]
+            require(all(key in parts for key in keys), f"layer {layer} lacks its query/key/value {param}")
+            out[f"blocks.{layer}.attn.qkv.{param}"] = torch.cat(
+                [parts[key] for key in keys], dim=0
+            )  # 3 x (D, ...) -> (3D, ...): q, k, v
     return out
 
 
@@ -85,7 +87,9 @@ def import_side(grid_side: int, patch_size: int, crop: int | None, requested: in
     return side
 
 
-def resample_for(pos_embed: torch.Tensor, prefix: int, side: int, patch_size: int, antialias: bool = False):
+def resample_for(
+    pos_embed: torch.Tensor, prefix: int, side: int, patch_size: int, antialias: bool = False
+) -> torch.Tensor:
     """Position embeddings stored for the artifact's input side: resampled once, with the source library's rule
     (model/vit.py resample_position_embedding), when that side is not the one they were learned for."""
     grid = side // patch_size

@@ -35,8 +35,9 @@ class ViTConfig:
     attention_dropout: float = 0.0  # on the attention weights themselves
     qkv_bias: bool = True  # torchvision's in_proj has a bias; keep it so its weights load exactly
     num_classes: int = 37  # Oxford-IIIT Pet breeds; 1000 for ImageNet heads
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation applied inside the model
-    std: tuple[float, float, float] = IMAGENET_STD
+    # per-channel normalisation applied inside the model; one value per input channel (in_channels of them)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     layer_norm_eps: float = 1e-6  # torchvision and the original JAX ViT use 1e-6, not PyTorch's default 1e-5
     # DeiT (Touvron et al. 2021): a distillation token right after CLS, with its own position embedding and its
     # own head (head_dist) that learns from a teacher; at inference the two heads' logits are averaged.
@@ -132,14 +133,14 @@ class ViTConfig:
         if unknown:
             raise ValueError(f"unknown ViTConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
-        return cls(**values)
+        return cls(**values)  # type: ignore[arg-type]  # field types are checked by the dataclass's users
 
 
 ACTIVATIONS = ("gelu", "quick_gelu")
 _STORED_WHEN_SET = ("distilled", "pre_norm", "activation", "layer_scale", "projection_dim", "normalize_features")
 
 
-def fields() -> tuple[dataclasses.Field, ...]:
+def fields() -> tuple[dataclasses.Field[Any], ...]:
     return dataclasses.fields(ViTConfig)
 
 

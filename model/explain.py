@@ -92,6 +92,7 @@ def heatmaps(
     maps = {}
     for method in methods:
         if method.needs_gradient:
+            assert gradients is not None  # computed above whenever a method needs them
             maps[method.key] = gradient_rollout(attentions, gradients, grid=grid)
         else:
             maps[method.key] = attention_rollout(attentions, method.head_fusion, method.discard_ratio, grid=grid)

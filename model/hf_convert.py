@@ -122,7 +122,9 @@ def check_transformers_config(doc: Mapping[str, Any]) -> str:
     """The supported architecture the config names; UnsupportedCheckpoint names what differs otherwise."""
     model_type = doc.get("model_type")
     architectures = list(doc.get("architectures") or [])
-    require(model_type not in REFUSED_TYPES, f"transformers model_type {model_type!r}: {REFUSED_TYPES.get(model_type)}")
+    require(
+        model_type not in REFUSED_TYPES, f"transformers model_type {model_type!r}: {REFUSED_TYPES.get(str(model_type))}"
+    )
     require(
         model_type in ("vit", "deit"),
         f"transformers model_type {model_type!r}: petvit imports ViT and DeiT ({', '.join(ARCHITECTURES)}), CLIP "

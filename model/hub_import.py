@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from safetensors import SafetensorError
@@ -67,7 +67,7 @@ class ImportOptions:
 
 
 def import_checkpoint(
-    source: str, out: str | os.PathLike, name: str | None = None, labels: str = "published",
+    source: str, out: str | os.PathLike[str], name: str | None = None, labels: str = "published",
     options: ImportOptions | None = None,
 ) -> tuple[Path, ArtifactMetadata]:  # fmt: skip
     """Fetch or find `source`, convert it, write the artifact at `out`; returns (path, its metadata).
@@ -191,6 +191,10 @@ def convert_folder(folder: Path, image_size: int | None = None) -> Converted:
     )
 
 
+@overload
+def read_json(path: Path, required: Literal[True]) -> dict[str, Any]: ...
+@overload
+def read_json(path: Path, required: bool) -> dict[str, Any] | None: ...
 def read_json(path: Path, required: bool) -> dict[str, Any] | None:
     if not path.exists():
         if required:

@@ -105,10 +105,9 @@ def rollout_matrix(
     """
     if not attentions:
         raise ValueError("attention rollout needs at least one layer of attention weights")
-    rollout = None
-    for attention in attentions:
-        a = _layer_flow(attention, head_fusion, discard_ratio, num_prefix_tokens)
-        rollout = a if rollout is None else a @ rollout  # later layers read from earlier ones
+    rollout = _layer_flow(attentions[0], head_fusion, discard_ratio, num_prefix_tokens)
+    for attention in attentions[1:]:
+        rollout = _layer_flow(attention, head_fusion, discard_ratio, num_prefix_tokens) @ rollout  # later read earlier
     return rollout
 
 
@@ -148,10 +147,9 @@ def attention_rollout(
     prefix, grid = token_layout(attentions[0].shape[-1], grid, num_prefix_tokens, token)
     # Row `token` of rollout_matrix, A_L @ ... @ A_1, is e_token A_L ... A_1: carry that one row from the last block
     # down, a vector-matrix product per block instead of a (T, T) matrix product (T = 197: 197x fewer multiply-adds).
-    flow = None
-    for attention in reversed(attentions):
-        a = _layer_flow(attention, head_fusion, discard_ratio, prefix)
-        flow = a[:, token : token + 1] if flow is None else flow @ a  # (B, 1, T) @ (B, T, T) -> (B, 1, T)
+    flow = _layer_flow(attentions[-1], head_fusion, discard_ratio, prefix)[:, token : token + 1]  # (B, 1, T)
+    for attention in reversed(attentions[:-1]):
+        flow = flow @ _layer_flow(attention, head_fusion, discard_ratio, prefix)  # (B, 1, T) @ (B, T, T) -> (B, 1, T)
     return _grid_from_tokens(flow[:, 0, prefix:], grid)
 
 
@@ -173,13 +171,16 @@ def gradient_rollout(
         raise ValueError("need one gradient per attention layer, and at least one layer")
     T = attentions[0].shape[-1]
     prefix, grid = token_layout(T, grid, num_prefix_tokens, token)
+
     # R_L = (I + cam_L) ... (I + cam_1), and only row `token` is shown: carry it down from the last block, as
     # attention_rollout does, a vector-matrix product per block instead of a (T, T) matrix product.
-    flow = None
-    for attention, grad in reversed(list(zip(attentions, gradients, strict=True))):
+    def step(attention: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         cam = (grad.float() * attention.float()).clamp_min(0).mean(dim=1)  # (B, heads, T, T) -> (B, T, T)
-        step = cam + torch.eye(T, device=cam.device, dtype=cam.dtype)  # R <- R + cam @ R  is  R <- (I + cam) @ R
-        flow = step[:, token : token + 1] if flow is None else flow @ step  # (B, 1, T) @ (B, T, T) -> (B, 1, T)
+        return cam + torch.eye(T, device=cam.device, dtype=cam.dtype)  # R <- R + cam @ R  is  R <- (I + cam) @ R
+
+    flow = step(attentions[-1], gradients[-1])[:, token : token + 1]  # (B, 1, T)
+    for attention, grad in reversed(list(zip(attentions[:-1], gradients[:-1], strict=True))):
+        flow = flow @ step(attention, grad)  # (B, 1, T) @ (B, T, T) -> (B, 1, T)
     return _grid_from_tokens(flow[:, 0, prefix:], grid)  # (B, N) of the token's row
 
 

@@ -168,7 +168,7 @@ def _num_heads(architecture: str, args: Mapping[str, Any], width: int) -> int:
 def _labels(doc: Mapping[str, Any], num_classes: int) -> list[str]:
     names = doc.get("label_names") or doc.get("pretrained_cfg", {}).get("label_names")
     if isinstance(names, Mapping):
-        names = [names.get(str(i), names.get(i)) for i in range(num_classes)]  # type: ignore[call-overload]
+        names = [names.get(str(i), names.get(i)) for i in range(num_classes)]
     if not names:
         return [f"class_{i}" for i in range(num_classes)]
     require(len(names) == num_classes, f"label_names lists {len(names)} labels for a {num_classes}-class head")

@@ -115,7 +115,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        out: torch.Tensor = self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return out
 
 
 class Block(nn.Module):
@@ -139,6 +140,9 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
+    mean: torch.Tensor  # (1, C, 1, 1) float32 buffers, registered by _set_normalisation
+    std: torch.Tensor
+
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = config
@@ -181,7 +185,7 @@ class ViT(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ViT:
         # Module.to(torch.bfloat16) casts floating buffers too; keep the normalisation constants in float32,
         # where normalize works (bf16 keeps under 3 significant digits: every input would shift by up to 0.2%).
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch leaves Module._apply unannotated
         if self.mean.dtype != torch.float32:
             self._set_normalisation(self.mean.device)
         return self
@@ -270,8 +274,10 @@ class ViT(nn.Module):
 
     def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLS (and, distilled, the distillation token right after it) before the patch tokens."""
-        special = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
-        special = [token.expand(tokens.shape[0], -1, -1) for token in special]  # each (1, 1, D) -> (B, 1, D)
+        tokens_in: list[torch.Tensor] = (
+            [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+        )
+        special = [token.expand(tokens.shape[0], -1, -1) for token in tokens_in]  # each (1, 1, D) -> (B, 1, D)
         return torch.cat([*special, tokens], dim=1)  # (B, N, D) -> (B, prefix + N, D), prefix = 1 or 2
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -292,7 +298,8 @@ class ViT(nn.Module):
         tokens = self.patch_embed(self.patchify(x))  # (B, N, P*P*C) -> (B, N, D)
         tokens = self.prepend_cls(tokens)
         tokens = tokens + self.position_embedding(grid)
-        return self.norm_pre(self.pos_drop(tokens))
+        embedded: torch.Tensor = self.norm_pre(self.pos_drop(tokens))
+        return embedded
 
     # ------------------------------------------------------------------ forward variants
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,7 +308,8 @@ class ViT(nn.Module):
         tokens = self.embed(x)
         for block in self.blocks:
             tokens, _ = block(tokens)
-        return self.norm(tokens)
+        normed: torch.Tensor = self.norm(tokens)
+        return normed
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens -> logits (B, classes), or the feature (B, D) the head reads with pre_logits=True (linear probes).

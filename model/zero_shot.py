@@ -20,12 +20,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from model.checkpoints import Converted, UnsupportedCheckpoint
 from model.labels import PET_LABELS
+
+if TYPE_CHECKING:  # transformers is the zero-shot extra's, imported only when a text tower runs
+    from transformers import CLIPModel, PreTrainedTokenizerBase
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}, a type of pet.",
@@ -77,7 +81,7 @@ def prompts_for(name: str, templates: Sequence[str]) -> list[str]:
     return [template.replace("{}", name) for template in templates]
 
 
-def load_text_tower(folder: Path):
+def load_text_tower(folder: Path) -> tuple[CLIPModel, PreTrainedTokenizerBase]:
     """(transformers CLIPModel, its tokenizer) from the folder; a clear error when either is missing."""
     try:
         from transformers import AutoTokenizer, CLIPModel
@@ -89,14 +93,17 @@ def load_text_tower(folder: Path):
                             "prompts cannot be written as tokens; save the tokenizer beside the model")  # fmt: skip
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = CLIPModel.from_pretrained(folder, use_safetensors=True).eval()
+        model = CLIPModel.from_pretrained(folder, use_safetensors=True)
+        model.eval()  # type: ignore[no-untyped-call]  # transformers' PreTrainedModel.eval override is unannotated
     except (OSError, ValueError, KeyError) as err:
         raise ZeroShotError(f"could not load {folder}'s CLIP text tower or tokenizer ({err})") from None
     return model, tokenizer
 
 
 @torch.no_grad()
-def class_embeddings(model, tokenizer, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def class_embeddings(
+    model: CLIPModel, tokenizer: PreTrainedTokenizerBase, names: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
     """(C, E): per class, the mean of its prompts' unit text embeddings, normalised again."""
     rows = []
     for name in names:
