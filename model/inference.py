@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from model.int8_kernels import int8_reduce_range
 from model.precision import canonical_dtype, is_quantised, resolve_dtype
 from model.vit import ViT
 
@@ -113,7 +114,9 @@ def quantise_int8(model: ViT) -> ViT:
     except ImportError as err:  # the optional [int8] extra
         raise MissingExtraError(f"dtype int8 needs torchao, the optional [int8] extra: {INT8_EXTRA_HINT}") from err
     # PerRow granularity (the default) is what makes the activation scales per token; see the module docstring.
-    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    # reduce_range (7-bit) where this process's int8 kernel saturates full-range products (model/int8_kernels.py).
+    reduce_range = int8_reduce_range(next(model.parameters()).device)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(reduce_range=reduce_range))
     return model
 
 
