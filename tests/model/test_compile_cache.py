@@ -33,8 +33,9 @@ def test_the_key_changes_with_the_isa_setting_and_nothing_else(monkeypatch: pyte
 
 
 def test_the_cache_folder_is_the_keys_and_records_its_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    # setenv (not delenv) so monkeypatch restores both after the test: use_compile_cache writes os.environ.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "before"))
     folder = use_compile_cache(tmp_path, CPU)
     assert folder == tmp_path / kernel_key(CPU)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "inductor")
