@@ -35,9 +35,10 @@ class Heatmap(BaseModel):
     grid: list[list[float]] = Field(description="the heatmap, patch rows x cols, each in [0, 1] (1: the hottest)")
     method: str = Field(description="the heatmap_method that made it", examples=["rollout"])
     png: str | None = Field(
-        description="base64 PNG overlay at the upload's own size, to lay over the photo: heat colours (more opaque "
-        "where hotter) over the centre crop the model saw, a translucent dark veil outside it, no photo pixels; "
-        "palette + tRNS, decodes to RGBA (null when heatmap_png=false)"
+        description="base64 PNG overlay with the upload's aspect ratio, at most 512 px on its longer side (smaller "
+        "uploads: their own size), to stretch over the photo as shown: heat colours (more opaque where hotter) over "
+        "the centre crop the model saw, a translucent dark veil outside it, no photo pixels; palette + tRNS, decodes "
+        "to RGBA (null when heatmap_png=false: the grid alone, e.g. for phone photos on a slow link)"
     )
     rows: int
     cols: int

@@ -75,7 +75,7 @@ def bench_pair(
     normalised = ((images.float() - ours.mean.float()) / ours.std.float()).to(dtype)  # torchvision's input
     models = {"torchvision": (tv, normalised), "ours": (ours, images)}
     if args.compile:
-        models = {name: (torch.compile(m), x) for name, (m, x) in models.items()}
+        models = {name: (torch.compile(m, backend=args.compile_backend), x) for name, (m, x) in models.items()}
     seconds: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         max_diff = (tv(normalised).float() - ours(images).float()).abs().max().item()
@@ -136,6 +136,11 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="auto: bfloat16 on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile's backend; `eager` traces without code generation (bench/gpu_figures.sh's CPU dry run)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats; the median is reported")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds each timed repeat lasts at least")

@@ -10,7 +10,11 @@ set from --dtypes and --compile), sends real JPEGs (chelsea, resized/cropped to 
 500x375), and prints img/s, p50/p95/p99 latency and the mean batch size (from /metrics). In the same run it times the
 model alone at the same max batch size, in the same dtype and compiled the same way (the service's own Classifier),
 which is the ceiling the service is measured against. With several dtypes, each is run in turn and compared with the
-first. Writes results/service_load.png and results/service_load.json.
+first. Before any of it, the same process measures each dtype's matrix-multiply peak (bench/matmul_peak.py's
+measurement) and reports every img/s also as a fraction of that dtype's ceiling: peak ops/s over the model's
+operations per image (ViT.flops_per_image). With the comparisons on, 12 MP phone photos (4032x3024) are posted too,
+with and without the heatmap PNG, and the mean response size is reported. Writes results/service_load.png and
+results/service_load.json.
 """
 
 from __future__ import annotations
@@ -36,9 +40,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.matmul_peak import time_matmul  # noqa: E402
+from model.config import get_config  # noqa: E402
 from model.export import export_artifact  # noqa: E402
 from model.inference import Classifier  # noqa: E402
-from model.precision import INFERENCE_DTYPE_CHOICES, canonical_dtype  # noqa: E402
+from model.precision import INFERENCE_DTYPE_CHOICES, auto_dtype, canonical_dtype, dtype_name  # noqa: E402
+from model.vit import ViT  # noqa: E402
+
+PHONE_SIZE = (4032, 3024)  # a 12 MP phone camera's photo, landscape
 
 
 def make_jpegs(count: int = 24, seed: int = 0) -> list[bytes]:
@@ -57,6 +66,48 @@ def make_jpegs(count: int = 24, seed: int = 0) -> list[bytes]:
         image.save(buffer, format="JPEG", quality=int(rng.integers(85, 96)))
         jpegs.append(buffer.getvalue())
     return jpegs
+
+
+def make_phone_jpegs(count: int = 4, seed: int = 1) -> list[bytes]:
+    """Chelsea crops scaled to a 12 MP phone photo (4032x3024), JPEG quality 90: the decode, the resize and the
+    heatmap overlay of a real phone upload, whatever its content."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    photo = Image.fromarray(np.asarray(data.chelsea()))
+    jpegs = []
+    for _ in range(count):
+        left, top = int(rng.integers(0, 40)), int(rng.integers(0, 30))
+        image = photo.crop((left, top, left + 400, top + 300)).resize(PHONE_SIZE, Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+def ceilings(names: list[str], variant: str, size: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Per dtype name (as the runs resolve it: "auto" -> bfloat16 or float32): the matmul peak in ops/s on this
+    process's device and the images/s it allows, peak / ViT.flops_per_image (int8 counts integer ops alike)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.device("meta"):  # only the config's arithmetic is needed, not weights
+        flops = ViT(get_config(variant)).flops_per_image()
+    table = {}
+    for name in names:
+        try:
+            ops = time_matmul(name, size, device, repeats, warmup=2)
+        except RuntimeError as err:  # an int8 kernel this build or device lacks: no ceiling to report
+            print(f"matmul peak {name}: not available ({err})")
+            continue
+        table[name] = {"peak_ops_per_s": ops, "flops_per_image": flops, "ceiling_img_per_s": ops / flops}
+        print(f"matmul peak {name:>9}: {ops / 1e12:7.3f} T(FL)OP/s at {size}^3 -> ceiling {ops / flops:8.2f} img/s")
+    return table
+
+
+def resolved_name(dtype: str) -> str:
+    """The dtype a run computes in, by the same rule the service uses ("auto" -> bfloat16 or float32)."""
+    if dtype != "auto":
+        return dtype
+    return dtype_name(auto_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
 
 
 def free_port() -> int:
@@ -134,9 +185,11 @@ def batch_stats(url: str) -> tuple[float, float]:
 
 async def _drive(
     url: str, jpegs: list[bytes], concurrency: int, seconds: float, heatmap: bool, png: bool
-) -> tuple[list[float], dict[int, int], float]:
-    """`concurrency` closed-loop clients posting JPEGs for `seconds`: (latencies of 200s, errors by status, elapsed)."""
+) -> tuple[list[float], dict[int, int], float, float]:
+    """`concurrency` closed-loop clients posting JPEGs for `seconds`: (latencies of 200s, errors by status, elapsed,
+    mean response bytes)."""
     latencies: list[float] = []
+    sizes: list[int] = []  # response bytes of the 200s
     errors: dict[int, int] = {}
     stop_at = time.monotonic() + seconds
 
@@ -154,6 +207,7 @@ async def _drive(
             )
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - start)
+                sizes.append(len(response.content))
             else:
                 errors[response.status_code] = errors.get(response.status_code, 0) + 1
 
@@ -161,19 +215,19 @@ async def _drive(
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client, k) for k in range(concurrency)))
-        return latencies, errors, time.perf_counter() - start
+        return latencies, errors, time.perf_counter() - start, float(np.mean(sizes)) if sizes else float("nan")
 
 
 def _client_process(
     url: str, jpegs: list[bytes], concurrency: int, seconds: float, heatmap: bool, png: bool, cpus: list[int] | None
-) -> tuple[list[float], dict[int, int], float, float]:
+) -> tuple[list[float], dict[int, int], float, float, float]:
     """One load-generator process (one Python event loop tops out near a thousand requests a second): its results
     and the CPU seconds it used, so a report can show the generators did not starve the server."""
     if cpus:
         os.sched_setaffinity(0, cpus)
     cpu_start = time.process_time()
-    latencies, errors, elapsed = asyncio.run(_drive(url, jpegs, concurrency, seconds, heatmap, png))
-    return latencies, errors, elapsed, time.process_time() - cpu_start
+    latencies, errors, elapsed, size = asyncio.run(_drive(url, jpegs, concurrency, seconds, heatmap, png))
+    return latencies, errors, elapsed, size, time.process_time() - cpu_start
 
 
 def parse_cpus(text: str | None) -> list[int] | None:
@@ -203,7 +257,7 @@ async def load(
     cpu_before = cpu_seconds(server.process.pid)
     if clients <= 1:
         client_cpu_start = time.process_time()
-        latencies, errors, elapsed = await _drive(url, jpegs, concurrency, seconds, heatmap, png)
+        latencies, errors, elapsed, response_bytes = await _drive(url, jpegs, concurrency, seconds, heatmap, png)
         client_cpu = time.process_time() - client_cpu_start
     else:
         shares = [concurrency // clients + (k < concurrency % clients) for k in range(clients)]
@@ -221,7 +275,8 @@ async def load(
         for part in parts:
             for status, count in part[1].items():
                 errors[status] = errors.get(status, 0) + count
-        elapsed, client_cpu = max(part[2] for part in parts), sum(part[3] for part in parts)
+        elapsed, client_cpu = max(part[2] for part in parts), sum(part[4] for part in parts)
+        response_bytes = float(np.nanmean([part[3] for part in parts]))
     after = batch_stats(url)
     cpu = cpu_seconds(server.process.pid) - cpu_before
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
@@ -240,6 +295,7 @@ async def load(
         "p95_ms": float(np.percentile(lat, 95)),
         "p99_ms": float(np.percentile(lat, 99)),
         "mean_batch": (after[0] - before[0]) / batches if batches else float("nan"),
+        "mean_response_bytes": response_bytes,
     }
 
 
@@ -292,10 +348,20 @@ def plot_row(axes, dtype: str, results: dict) -> None:
     ):
         ax.plot(c, [r[key] for r in sweep], "o-", label="service, batching on")
         ax.axhline(results[raw_key], color="k", ls="--", label=f"raw model, batch {results['max_batch_size']}")
+        if key == "img_per_s" and "ceiling_img_per_s" in results:
+            q = results["ratios"]
+            ax.axhline(
+                results["ceiling_img_per_s"],
+                color="r",
+                ls=":",
+                label=f"{dtype} ceiling (service {q['service_over_ceiling']:.2f}, raw {q['raw_over_ceiling']:.2f})",
+            )
         for extra, marker, label in (
             ("batching_off", "s", "batching off"),
             ("heatmap_on", "^", "heatmap + PNG"),
             ("heatmap_grid_only", "v", "heatmap grid only"),
+            ("phone_plain", "D", "12 MP phone photos"),
+            ("phone_heatmap", "P", "12 MP phone photos, heatmap + PNG"),
         ):
             if (r := results.get(extra)) is not None:
                 ax.plot([r["concurrency"]], [r[key]], marker, label=f"service, {label}")
@@ -355,12 +421,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=1, help="load-generator processes sharing the concurrency")
     parser.add_argument("--server-cpus", help="taskset CPU list for the service, e.g. 0-5")
     parser.add_argument("--client-cpus", help="CPU list for the load-generator processes, e.g. 6-15")
+    parser.add_argument("--peak-size", type=int, help="matmul side for the ceilings (default 8192 CUDA, 2048 CPU)")
+    parser.add_argument("--peak-repeats", type=int, default=5, help="timed matmuls per dtype for the ceilings")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     return parser.parse_args()
 
 
 def serve_and_load(args: argparse.Namespace, artifact: Path, jpegs: list[bytes], dtype: str) -> dict:
-    """The service in `dtype`: the concurrency sweep, then (unless --no-comparisons) heatmaps and batching off."""
+    """The service in `dtype`: the concurrency sweep, then (unless --no-comparisons) heatmaps, phone photos and
+    batching off."""
     results: dict = {"sweep": []}
     server = Server(
         artifact, args.max_batch_size, args.max_wait_ms, args.torch_threads, dtype, args.compile, args.server_cpus
@@ -383,6 +452,10 @@ def serve_and_load(args: argparse.Namespace, artifact: Path, jpegs: list[bytes],
         print(describe(f"heatmap @{at}", results["heatmap_on"]))
         results["heatmap_grid_only"] = asyncio.run(load(server, jpegs, at, args.seconds, heatmap=True, png=False))
         print(describe(f"grid only @{at}", results["heatmap_grid_only"]))
+        phones = make_phone_jpegs()
+        for key, heatmap, png in (("phone_plain", False, False), ("phone_heatmap", True, True)):
+            results[key] = asyncio.run(load(server, phones, at, args.seconds, heatmap=heatmap, png=png))
+            print(describe(f"{key.replace('_', ' ')} @{at}", results[key]))
     finally:
         server.stop()
     server = Server(artifact, 1, 0, args.torch_threads, dtype, args.compile)
@@ -395,8 +468,9 @@ def serve_and_load(args: argparse.Namespace, artifact: Path, jpegs: list[bytes],
     return results
 
 
-def run_dtype(args: argparse.Namespace, artifact: Path, jpegs: list[bytes], dtype: str) -> dict:
-    """The raw model and the service, both in `dtype` (and compiled alike), with their ratios."""
+def run_dtype(args: argparse.Namespace, artifact: Path, jpegs: list[bytes], dtype: str, ceiling: dict) -> dict:
+    """The raw model and the service, both in `dtype` (and compiled alike), with their ratios (to each other and to
+    `ceiling`, this dtype's matmul-peak ceiling; empty when the device has no kernel for it)."""
     # The service's own Classifier, in the same dtype and compiled the same way, loaded once for the raw timings.
     predictor = Classifier.from_artifact(artifact, "auto", dtype, args.compile, args.max_batch_size)
     results: dict = {"variant": args.variant, "max_batch_size": args.max_batch_size, "threads": torch.get_num_threads()}
@@ -409,6 +483,7 @@ def run_dtype(args: argparse.Namespace, artifact: Path, jpegs: list[bytes], dtyp
     results["raw_img_per_s"] = max(r[0] for r in raw)
     results["raw_img_per_cpu_s"] = max(r[1] for r in raw)
     results["raw_heatmap_img_per_s"], results["raw_heatmap_img_per_cpu_s"] = raw_map
+    results |= ceiling
     results["ratios"] = ratios(results)
     report(args, results)
     return results
@@ -421,12 +496,16 @@ def ratios(results: dict) -> dict[str, float]:
         "service_over_raw_wall": best["img_per_s"] / results["raw_img_per_s"],
         "service_over_raw_cpu": best_cpu["img_per_cpu_s"] / results["raw_img_per_cpu_s"],
     }
+    if "ceiling_img_per_s" in results:  # wall-clock: the peak is a wall-clock figure on the same threads
+        q["service_over_ceiling"] = best["img_per_s"] / results["ceiling_img_per_s"]
+        q["raw_over_ceiling"] = results["raw_img_per_s"] / results["ceiling_img_per_s"]
     if "batching_off" not in results:
         return q
     on, off = results["heatmap_off"], results["batching_off"]
     for name, r in (("heatmap", results["heatmap_on"]), ("heatmap_grid_only", results["heatmap_grid_only"])):
         q[f"{name}_over_plain_wall"] = r["img_per_s"] / on["img_per_s"]
         q[f"{name}_over_plain_cpu"] = r["img_per_cpu_s"] / on["img_per_cpu_s"]
+    q["phone_heatmap_over_plain_wall"] = results["phone_heatmap"]["img_per_s"] / results["phone_plain"]["img_per_s"]
     q["batching_on_over_off_wall"] = on["img_per_s"] / off["img_per_s"]
     q["batching_on_over_off_cpu"] = on["img_per_cpu_s"] / off["img_per_cpu_s"]
     return q
@@ -443,6 +522,11 @@ def report(args: argparse.Namespace, results: dict) -> None:
         f"service / raw model: {q['service_over_raw_wall']:.2f}x wall-clock (best level, concurrency "
         f"{best['concurrency']}), {q['service_over_raw_cpu']:.2f}x per CPU-second (goal >= 0.90)"
     )
+    if "service_over_ceiling" in q:
+        print(
+            f"of the {results['dtype']} ceiling ({results['ceiling_img_per_s']:.2f} img/s): service "
+            f"{q['service_over_ceiling']:.2f}, raw model {q['raw_over_ceiling']:.2f}"
+        )
     if "batching_on_over_off_wall" not in q:
         return
     print(
@@ -453,6 +537,12 @@ def report(args: argparse.Namespace, results: dict) -> None:
         f"heatmap grid only (heatmap_png=false) / off: {q['heatmap_grid_only_over_plain_wall']:.2f}x wall, "
         f"{q['heatmap_grid_only_over_plain_cpu']:.2f}x per CPU-second"
     )
+    phone, phone_map = results["phone_plain"], results["phone_heatmap"]
+    print(
+        f"phone photos {PHONE_SIZE[0]}x{PHONE_SIZE[1]}: {phone['img_per_s']:.2f} img/s plain, "
+        f"{phone_map['img_per_s']:.2f} with heatmap + PNG ({q['phone_heatmap_over_plain_wall']:.2f}x); mean answer "
+        f"{phone['mean_response_bytes'] / 1e3:.1f} kB plain, {phone_map['mean_response_bytes'] / 1e3:.1f} kB with it"
+    )
     print(
         f"batching on / off: {q['batching_on_over_off_wall']:.2f}x wall, {q['batching_on_over_off_cpu']:.2f}x per CPU-s"
     )
@@ -462,8 +552,9 @@ def compare_dtypes(runs: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Each dtype against the first: raw model and best service level, wall-clock and per CPU-second."""
     base_name, base = next(iter(runs.items()))
     table = {}
-    print(f"\n{'dtype':>10} {'start s':>8} {'raw img/s':>10} {'raw /cpu-s':>10} {'svc img/s':>10} {'svc /cpu-s':>10} "
-          f"{'svc/raw':>8} {'raw x ' + base_name:>16} {'svc x ' + base_name:>16}")  # fmt: skip
+    print(f"\n{'dtype':>10} {'start s':>8} {'ceil img/s':>10} {'raw img/s':>10} {'raw /cpu-s':>10} {'svc img/s':>10} "
+          f"{'svc /cpu-s':>10} {'svc/raw':>8} {'raw/ceil':>8} {'svc/ceil':>8} {'raw x ' + base_name:>16} "
+          f"{'svc x ' + base_name:>16}")  # fmt: skip
     for name, r in runs.items():
         svc = max(s["img_per_s"] for s in r["sweep"])
         svc_cpu = max(s["img_per_cpu_s"] for s in r["sweep"])
@@ -475,10 +566,12 @@ def compare_dtypes(runs: dict[str, dict]) -> dict[str, dict[str, float]]:
             "service_over_baseline_cpu": svc_cpu / max(s["img_per_cpu_s"] for s in base["sweep"]),
         }
         table[name] = row
+        q, nan = r["ratios"], float("nan")
         print(
-            f"{name:>10} {r['start_s']:8.1f} {r['raw_img_per_s']:10.2f} {r['raw_img_per_cpu_s']:10.2f} {svc:10.2f} "
-            f"{svc_cpu:10.2f} {r['ratios']['service_over_raw_wall']:8.2f} {row['raw_over_baseline_wall']:16.2f} "
-            f"{row['service_over_baseline_wall']:16.2f}"
+            f"{name:>10} {r['start_s']:8.1f} {r.get('ceiling_img_per_s', nan):10.2f} {r['raw_img_per_s']:10.2f} "
+            f"{r['raw_img_per_cpu_s']:10.2f} {svc:10.2f} {svc_cpu:10.2f} {q['service_over_raw_wall']:8.2f} "
+            f"{q.get('raw_over_ceiling', nan):8.2f} {q.get('service_over_ceiling', nan):8.2f} "
+            f"{row['raw_over_baseline_wall']:16.2f} {row['service_over_baseline_wall']:16.2f}"
         )
     return table
 
@@ -490,12 +583,17 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     jpegs = make_jpegs()
     runs: dict[str, dict] = {}
+    dtypes = list(dict.fromkeys(canonical_dtype(d) for d in args.dtypes))  # each once, in the order given
+    # The ceilings first, in this process, before any service competes for the cores.
+    peak_size = args.peak_size or (8192 if torch.cuda.is_available() else 2048)
+    ceiling = ceilings(list(dict.fromkeys(map(resolved_name, dtypes))), args.variant, peak_size, args.peak_repeats)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_artifact(args.variant, Path(tmp) / f"{args.variant}.safetensors", "random")
-        for dtype in dict.fromkeys(canonical_dtype(d) for d in args.dtypes):  # each once, in the order given
+        for dtype in dtypes:
             print(f"--- {args.variant}, PETVIT_DTYPE={dtype}{', PETVIT_COMPILE=1' if args.compile else ''}")
-            runs[dtype] = run_dtype(args, artifact, jpegs, dtype)
+            runs[dtype] = run_dtype(args, artifact, jpegs, dtype, ceiling.get(resolved_name(dtype), {}))
     results = {"variant": args.variant, "max_batch_size": args.max_batch_size, "compile": args.compile, "runs": runs}
+    results |= {"ceilings": ceiling, "peak_size": peak_size}
     results["dtype_ratios"] = compare_dtypes(runs)
     print("figures are noisy: the CPU is shared; the per-CPU-second ratios are the contention-proof ones")
     (args.out / "service_load.json").write_text(json.dumps(results, indent=2))

@@ -44,6 +44,7 @@ from model import explain
 from model.artifact import ArtifactMetadata, file_sha256, load_artifact
 from model.batch_sizes import bucket_for, bucket_split, pow2_batch_sizes
 from model.device import resolve_device
+from model.int8_kernels import int8_reduce_range
 from model.precision import canonical_dtype, dtype_name, is_quantised, resolve_dtype
 from model.trust import calibrated
 from model.vit import ViT
@@ -139,7 +140,9 @@ def quantise_int8(model: ViT) -> ViT:
     except ImportError as err:  # the optional [int8] extra
         raise MissingExtraError(f"dtype int8 needs torchao, the optional [int8] extra: {INT8_EXTRA_HINT}") from err
     # PerRow granularity (the default) is what makes the activation scales per token; see the module docstring.
-    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    # reduce_range (7-bit) where this process's int8 kernel saturates full-range products (model/int8_kernels.py).
+    reduce_range = int8_reduce_range(next(model.parameters()).device)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(reduce_range=reduce_range))
     return model
 
 

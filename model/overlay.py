@@ -1,4 +1,9 @@
-"""Rollout grid -> a transparent PNG overlay at the uploaded image's own size; the client lays it over the photo.
+"""Rollout grid -> a transparent PNG overlay with the uploaded image's aspect ratio; the client lays it over the photo.
+
+The service's PNG is capped at OVERLAY_MAX_SIDE pixels on its longer side (the upload's shape, scaled down; never
+up): the heat is a bilinear upsampling of a 14x14 or so grid, so a 12 MP phone photo's full-size overlay carried no
+more information than a 512 px one, yet cost 77 ms to render and 1.38 MB of PNG. The page (and any client) stretches
+the overlay over the photo it shows; `petvit predict` composites at full size through render_overlay.
 
 The overlay holds no photo pixels. Over the centre crop the model saw it carries the heat colours, more opaque
 where the attention is higher; outside the crop a translucent dark veil shows what the model did not see.
@@ -34,6 +39,9 @@ _LUT = np.stack(
 HEAT_ALPHA = (0.30, 0.70)  # at heat 0 and at heat 1, linear in between
 VEIL_ALPHA = 0.55  # black at this opacity outside the crop the model saw (the photo keeps 45% of its brightness)
 VEIL_COLOR = (0, 0, 0)
+
+# The longest side of the service's overlay PNG: past the size a screen shows a photo at, larger only costs bytes.
+OVERLAY_MAX_SIDE = 512
 
 HEAT_LEVELS = 255  # palette entries 0..254: heat 0..1; entry 255: the veil
 VEIL_INDEX = HEAT_LEVELS
@@ -85,7 +93,27 @@ def compose(image: Image.Image, overlay: Image.Image) -> Image.Image:
     return Image.alpha_composite(base, overlay.convert("RGBA")).convert("RGB")
 
 
-def overlay_png(grid: torch.Tensor, size: tuple[int, int], crop_box: tuple[float, float, float, float]) -> bytes:
+def capped_geometry(
+    size: tuple[int, int], crop_box: tuple[float, float, float, float], max_side: int | None
+) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """(size, crop_box) scaled so the longer side is at most max_side (None: unchanged); the crop box scales with
+    the image, so the heat stays over the part of the photo the model saw."""
+    width, height = size
+    if max_side is None or max(width, height) <= max_side:
+        return size, crop_box
+    scale = max_side / max(width, height)
+    scaled = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return scaled, (crop_box[0] * scale, crop_box[1] * scale, crop_box[2] * scale, crop_box[3] * scale)
+
+
+def overlay_png(
+    grid: torch.Tensor,
+    size: tuple[int, int],
+    crop_box: tuple[float, float, float, float],
+    max_side: int | None = OVERLAY_MAX_SIDE,
+) -> bytes:
+    """The overlay as PNG bytes, at most max_side pixels on its longer side (None: the upload's own size)."""
+    size, crop_box = capped_geometry(size, crop_box, max_side)
     buffer = io.BytesIO()
     # compress_level 1: level 6 or 9 saves ~15% of the bytes for 2-4x the time. Pillow writes palette rows
     # unfiltered (filter 0) and offers no choice; a hand-made "Up"-filtered IDAT measured half the bytes but the same
@@ -94,5 +122,10 @@ def overlay_png(grid: torch.Tensor, size: tuple[int, int], crop_box: tuple[float
     return buffer.getvalue()
 
 
-def overlay_png_base64(grid: torch.Tensor, size: tuple[int, int], crop_box: tuple[float, float, float, float]) -> str:
-    return base64.b64encode(overlay_png(grid, size, crop_box)).decode("ascii")
+def overlay_png_base64(
+    grid: torch.Tensor,
+    size: tuple[int, int],
+    crop_box: tuple[float, float, float, float],
+    max_side: int | None = OVERLAY_MAX_SIDE,
+) -> str:
+    return base64.b64encode(overlay_png(grid, size, crop_box, max_side)).decode("ascii")
