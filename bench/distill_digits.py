@@ -42,7 +42,7 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from model.config import get_config
-from model.teachers import build_convnet
+from model.convert.teachers import build_convnet
 from model.vit import ViT
 from training.data import DataConfig, batch_mixer, eval_transform, load_splits, train_transform
 from training.distill import DistillationLoss, TwoHeads

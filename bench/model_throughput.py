@@ -31,8 +31,8 @@ from torchvision.models.vision_transformer import VisionTransformer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from model.config import get_config
+from model.convert.pretrained import from_torchvision
 from model.precision import DTYPE_CHOICES, canonical_dtype, resolve_dtype
-from model.pretrained import from_torchvision
 
 
 def build_pair(variant: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:

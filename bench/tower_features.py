@@ -90,7 +90,7 @@ def text_tower_seconds(large: bool, prompts: int, tokens: int = 16) -> float:
     ids = torch.randint(0, config.vocab_size - 2, (prompts, tokens))
     with torch.inference_mode():
         start = time.process_time()
-        for chunk in ids.split(8):  # as model/zero_shot.py passes them: one class's prompts at a time
+        for chunk in ids.split(8):  # as model/convert/zero_shot.py passes them: one class's prompts at a time
             model(input_ids=chunk)
         return time.process_time() - start
 

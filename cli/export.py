@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from model.config import VARIANTS
+from model.convert.pretrained import PretrainedWeightsUnavailable
 from model.export import export_artifact
 from model.labels import NUM_PET_CLASSES
-from model.pretrained import PretrainedWeightsUnavailable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

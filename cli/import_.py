@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from model.checkpoints import UnsupportedCheckpoint
-from model.hub_import import LABEL_CHOICES, ImportOptions, ImportSourceError, import_checkpoint
-from model.zero_shot import DEFAULT_TEMPLATES, ZeroShotError
+from model.convert.checkpoints import UnsupportedCheckpoint
+from model.convert.hub import LABEL_CHOICES, ImportOptions, ImportSourceError, import_checkpoint
+from model.convert.zero_shot import DEFAULT_TEMPLATES, ZeroShotError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

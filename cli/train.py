@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cli.flags import add_flags, flag_values
-from model.pretrained import PretrainedWeightsUnavailable
+from model.convert.pretrained import PretrainedWeightsUnavailable
 from training.data import DataConfig, DatasetUnavailable
 from training.loop import RunConfig, default_recipe, pick_device, train
 from training.recipes import TrainConfig, recipe_config

@@ -5,7 +5,7 @@ Usable without the service: nothing here imports `app`.
 
 from model.artifact import ArtifactError, ArtifactMetadata, Preprocessing, load_artifact, read_metadata, save_artifact
 from model.config import VARIANTS, ViTConfig, get_config
-from model.pretrained import PretrainedWeightsUnavailable, from_torchvision, load_pretrained
+from model.convert.pretrained import PretrainedWeightsUnavailable, from_torchvision, load_pretrained
 from model.rollout import attention_rollout, gradient_rollout, upsample_heatmap
 from model.vit import ViT
 

@@ -39,7 +39,7 @@ FORMAT_NAME = "petvit-artifact"
 FORMAT_VERSION = 1
 METADATA_KEY = "petvit"  # the safetensors __metadata__ entry holding our JSON document
 # What network a file holds. Absent means a ViT (every artifact before distillation teachers existed); a
-# torchvision convnet teacher (model/teachers.py) says {"kind": "torchvision", "name": ..., "num_classes": ...}.
+# torchvision convnet teacher (model/convert/teachers.py) says {"kind": "torchvision", "name": ..., "num_classes": ...}.
 ARCHITECTURE_KEY = "architecture"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own ceiling on header size
 

@@ -42,8 +42,8 @@ class ViTConfig:
     # DeiT (Touvron et al. 2021): a distillation token right after CLS, with its own position embedding and its
     # own head (head_dist) that learns from a teacher; at inference the two heads' logits are averaged.
     distilled: bool = False
-    # Switches for the towers of image-text and self-supervised models (model/clip_convert.py, dinov2_convert.py,
-    # timm_convert.py). Each default is the plain ViT's behaviour, and to_dict leaves a field out while it has its
+    # Switches for the towers of image-text and self-supervised models (model/convert/clip.py, dinov2.py,
+    # timm_vit.py). Each default is the plain ViT's behaviour, and to_dict leaves a field out while it has its
     # default, so artifacts written before these existed load and hash unchanged.
     # A LayerNorm (norm_pre) between the position embedding and the first block: CLIP's pre_layrnorm.
     pre_norm: bool = False

@@ -8,8 +8,8 @@ import torch
 
 from model.artifact import save_artifact
 from model.config import VARIANTS, canonical_variant, get_config
+from model.convert.pretrained import load_pretrained
 from model.labels import NUM_PET_CLASSES
-from model.pretrained import load_pretrained
 from model.vit import ViT
 
 

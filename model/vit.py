@@ -5,13 +5,13 @@ Pipeline, each stage a named method of ViT:
     -> pre-norm blocks -> final LayerNorm -> CLS [-> feature_proj] [-> L2 normalise] -> head
 
 The bracketed stages, and LayerScale and quick_gelu inside the blocks, are ViTConfig switches that CLIP's and
-DINOv2's image towers need (model/clip_convert.py, model/dinov2_convert.py); a plain ViT has none of them.
+DINOv2's image towers need (model/convert/clip.py, model/convert/dinov2.py); a plain ViT has none of them.
 
 A distilled ViT (ViTConfig.distilled; DeiT, Touvron et al. 2021) has a second special token right after CLS,
 dist_token, with its own position embedding row and its own head, head_dist. Training reads both heads
 (forward_train: the CLS head learns the labels, head_dist the teacher); inference averages their logits.
 
-Parameter names follow timm (cls_token, pos_embed, blocks.N.attn.qkv, ...); model/pretrained.py maps
+Parameter names follow timm (cls_token, pos_embed, blocks.N.attn.qkv, ...); model/convert/pretrained.py maps
 torchvision's names onto them.
 """
 

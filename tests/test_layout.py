@@ -20,7 +20,8 @@ MAY_IMPORT = {"model": set(), "training": {"model"}, "app": {"model"}, "cli": {"
 MODEL_THIRD_PARTY = {"torch", "torchvision", "numpy", "PIL", "safetensors"}
 # Optional extras model/ may import only lazily, inside the function that needs them: torchao is the `[int8]` extra
 # (model/inference.py quantises with it when int8 is asked for), so `import model` works without it.
-# huggingface_hub is the `[import]` extra: model/hub_import.py fetches `hf-hub:` sources with it, and nothing else does.
+# huggingface_hub is the `[import]` extra: model/convert/hub.py fetches `hf-hub:` sources with it, and nothing else
+# does.
 MODEL_LAZY_EXTRAS = {"torchao", "huggingface_hub", "transformers"}  # transformers: --zero-shot text towers
 MAX_FUNCTION_LINES = 80
 
@@ -37,11 +38,13 @@ def imported_top_levels(path: Path) -> set[str]:
 
 
 def module_level_imports(path: Path) -> set[str]:
-    """The top-level modules a file imports outside any function body: what importing the file itself needs."""
+    """The top-level modules a file imports outside any function body: what importing the file itself needs.
+    Imports under `if TYPE_CHECKING:` never run, so they count as lazy."""
     lazy: set[int] = set()
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        type_only = isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        if type_only or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             lazy.update(id(inner) for inner in ast.walk(node) if inner is not node)
     names: set[str] = set()
     for node in ast.walk(tree):

@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.artifact import ArtifactMetadata, file_sha256, load_artifact, save_artifact
+from model.convert.teachers import ConvNet
 from model.inference import batch_outputs as vit_outputs
 from model.inference import prepare_for_inference
 from model.precision import autocast_dtype, dtype_name, is_quantised
-from model.teachers import ConvNet
 from model.vit import ViT
 from training.calibration import calibration_report
 from training.data import DataConfig, eval_transform, load_splits

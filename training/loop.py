@@ -25,9 +25,9 @@ from typing import Any, TypedDict
 import torch
 from tqdm import tqdm
 
+from model.convert.teachers import ConvNet
 from model.device import resolve_device
 from model.precision import TRAINING_DTYPE_CHOICES, autocast_dtype
-from model.teachers import ConvNet
 from model.trust import Calibration
 from model.vit import ViT
 from training.calibration import calibration_report, too_few_for_a_temperature

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 from model.artifact import ArtifactMetadata, save_artifact
-from model.teachers import ConvNet, load_teacher, save_convnet_artifact
+from model.convert.teachers import ConvNet, load_teacher, save_convnet_artifact
 from model.vit import ViT
 from training.data import DataConfig, DataSplits, batch_mixer, eval_transform, train_transform
 from training.distill import DistillationLoss, TwoHeads
@@ -306,7 +306,7 @@ class Distillation(WholeNetwork):
 
 class ConvNetTeacher(WholeNetwork):
     """teacher: a torchvision convnet (ImageNet or random weights) trained whole like finetune, then written as a
-    convnet teacher artifact (model/teachers.py) for distill."""
+    convnet teacher artifact (model/convert/teachers.py) for distill."""
 
     model: ConvNet
 

@@ -9,7 +9,7 @@ scratch       a small ViT from random init with strong augmentation + MixUp/CutM
 distill       DeiT: scratch's recipe for a ViT with a distillation token, whose second head learns a frozen
               teacher's answers on every augmented (and mixed) batch (training/distill.py).
 teacher       a torchvision convnet (resnet50, regnet_y_400mf, ...) trained like finetune, from ImageNet or random
-              weights, written as a teacher artifact for distill (model/teachers.py).
+              weights, written as a teacher artifact for distill (model/convert/teachers.py).
 
 finetune and linear-probe start from torchvision's ImageNet ViT unless `init` names a petvit artifact (one that
 `petvit import` made from a timm / Hugging Face checkpoint, or any other): then its backbone, with a new head for
@@ -29,8 +29,8 @@ from torch import nn
 
 from model.artifact import ArtifactMetadata, Preprocessing, file_sha256, load_artifact, read_metadata
 from model.config import VARIANTS, canonical_variant, get_config
-from model.pretrained import load_pretrained
-from model.teachers import ConvNet, build_convnet, check_convnet_name
+from model.convert.pretrained import load_pretrained
+from model.convert.teachers import ConvNet, build_convnet, check_convnet_name
 from model.vit import ViT
 from training.data import AUGMENTATIONS
 from training.distill import DISTILL_MODES

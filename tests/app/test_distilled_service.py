@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from model.artifact import load_artifact, save_artifact
+from model.convert.teachers import build_convnet, save_convnet_artifact
 from model.explain import DEFAULT_METHOD, SERVICE_METHODS
 from model.preprocess import prepare
 from model.rollout import attention_rollout
-from model.teachers import build_convnet, save_convnet_artifact
 from tests.conftest import make_tiny_model
 
 from .fixtures import make_settings, png_bytes, running_app

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from cli.main import main as petvit
 from model.artifact import load_artifact
+from model.convert.zero_shot import DEFAULT_TEMPLATES
 from model.labels import PET_LABELS, PET_SPECIES
 from model.rollout import attention_rollout
-from model.zero_shot import DEFAULT_TEMPLATES
 from tests.hub_checkpoints import digits_folder, hf_clip, normalized, photo_pixels, probe_argv
 
 TOLERANCE = 1e-4

@@ -9,7 +9,7 @@ import pytest
 import torchvision.models.vision_transformer as tv_vit
 
 from model.config import VARIANTS, ViTConfig, canonical_variant, get_config
-from model.pretrained import weights_enum
+from model.convert.pretrained import weights_enum
 
 
 def test_derived_sizes() -> None:

@@ -11,7 +11,7 @@ from torchvision.models import ViT_B_16_Weights
 from torchvision.models.vision_transformer import VisionTransformer
 
 from model.config import IMAGENET_MEAN, IMAGENET_STD
-from model.pretrained import (
+from model.convert.pretrained import (
     PretrainedWeightsUnavailable,
     convert_torchvision_state_dict,
     from_torchvision,

@@ -1,5 +1,5 @@
-"""Convnet teacher artifacts (model/teachers.py): build, save, load, refuse; ImageNet weights through torchvision's
-API from the hub cache, and the offline message; load_teacher for either kind of artifact."""
+"""Convnet teacher artifacts (model/convert/teachers.py): build, save, load, refuse; ImageNet weights through
+torchvision's API from the hub cache, and the offline message; load_teacher for either kind of artifact."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from safetensors import safe_open
 from torchvision.models import ResNet18_Weights, resnet18
 
 from model.artifact import ArtifactError, NotAViTArtifactError, file_sha256, load_artifact, read_metadata
-from model.pretrained import PretrainedWeightsUnavailable
-from model.teachers import (
+from model.convert.pretrained import PretrainedWeightsUnavailable
+from model.convert.teachers import (
     ConvNet,
     build_convnet,
     convnet_names,

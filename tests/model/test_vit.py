@@ -17,7 +17,7 @@ from torchvision.transforms import functional as TF
 
 from model.artifact import load_artifact
 from model.config import IMAGENET_MEAN, IMAGENET_STD, get_config
-from model.pretrained import from_torchvision, weights_enum
+from model.convert.pretrained import from_torchvision, weights_enum
 from model.rollout import attention_rollout, upsample_heatmap
 from model.vit import ViT
 from tests.conftest import make_tiny_model

@@ -13,7 +13,7 @@ from torch import nn
 
 from cli.main import main
 from model.artifact import file_sha256, load_artifact, read_metadata, read_metadata_document, save_artifact
-from model.teachers import load_convnet_artifact
+from model.convert.teachers import load_convnet_artifact
 from tests.conftest import make_tiny_model
 from training.distill import DistillationLoss, TwoHeads
 from training.epoch import LRSchedule, Optimization, Runtime, train_one_epoch

@@ -17,8 +17,8 @@ from PIL import Image
 from cli.main import main
 from cli.train import configs_from_args
 from model.artifact import load_artifact, read_metadata
+from model.convert.pretrained import load_pretrained
 from model.precision import autocast_dtype
-from model.pretrained import load_pretrained
 from training.recipes import lr_at
 from training.train_state import load_train_state, save_train_state
 

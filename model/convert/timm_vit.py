@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from model.artifact import Preprocessing
-from model.checkpoints import (
+from model.config import ViTConfig
+from model.convert.checkpoints import (
     Converted,
     UnsupportedCheckpoint,
     backbone_head,
@@ -35,7 +36,6 @@ from model.checkpoints import (
     resample_for,
     square_side,
 )
-from model.config import ViTConfig
 from model.labels import PET_LABELS
 
 # Tensors that only a variant petvit does not represent has, and what that variant is.

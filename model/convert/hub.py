@@ -7,7 +7,7 @@ filled elsewhere works offline with HF_HUB_OFFLINE=1.
 
 Weights are read with safetensors only: a folder that has only pickle weights (pytorch_model.bin, *.pth) is refused
 before any of its bytes are read. config.json says which library wrote the folder; its converter
-(model/hf_convert.py, model/timm_convert.py) maps the tensors and refuses what our ViT does not compute exactly.
+(model/convert/hf.py, model/convert/timm_vit.py) maps the tensors and refuses what our ViT does not compute exactly.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from model.artifact import ArtifactMetadata, file_sha256, save_artifact
-from model.checkpoints import Converted, UnsupportedCheckpoint, require
-from model.clip_convert import MODEL_TYPES as CLIP_TYPES
-from model.clip_convert import convert_clip
-from model.dinov2_convert import MODEL_TYPES as DINOV2_TYPES
-from model.dinov2_convert import convert_dinov2
-from model.hf_convert import convert_transformers, is_transformers_config
+from model.convert.checkpoints import Converted, UnsupportedCheckpoint, require
+from model.convert.clip import MODEL_TYPES as CLIP_TYPES
+from model.convert.clip import convert_clip
+from model.convert.dinov2 import MODEL_TYPES as DINOV2_TYPES
+from model.convert.dinov2 import convert_dinov2
+from model.convert.hf import convert_transformers, is_transformers_config
+from model.convert.timm_vit import convert_timm, is_timm_config
+from model.convert.zero_shot import DEFAULT_TEMPLATES, TOKENIZER_FILES, zero_shot_head
 from model.labels import BREEDS, PET_LABELS, breed_key, breed_species
-from model.timm_convert import convert_timm, is_timm_config
 from model.vit import ViT
-from model.zero_shot import DEFAULT_TEMPLATES, TOKENIZER_FILES, zero_shot_head
 
 HUB_PREFIX = "hf-hub:"
 WEIGHTS_FILE = "model.safetensors"
@@ -61,7 +61,7 @@ class ImportOptions:
     """How `petvit import` shapes what it converts (cli/import_.py's flags)."""
 
     labels: str = "published"  # LABEL_CHOICES
-    zero_shot: str | None = None  # "pets" or a labels file: a CLIP text-tower head (model/zero_shot.py)
+    zero_shot: str | None = None  # "pets" or a labels file: a CLIP text-tower head (model/convert/zero_shot.py)
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # the prompt ensemble, "{}" standing for the class name
     image_size: int | None = None  # the input side; None: the processor's crop (position embeddings resampled)
 

@@ -15,7 +15,7 @@ Name map (transformers -> ours), with {v} = "vision_model.", per layer i:
     ...self_attn.out_proj                         -> blocks.i.attn.proj
     ...mlp.fc1 / mlp.fc2                          -> blocks.i.mlp.fc1 / fc2
     visual_projection (E, D)                      -> feature_proj
-    text_model.*, text_projection, logit_scale    -> (the text tower: read by model/zero_shot.py, not stored)
+    text_model.*, text_projection, logit_scale    -> (the text tower: read by model/convert/zero_shot.py, not stored)
 
 Without --zero-shot the tower is a backbone: its feature (forward_head(pre_logits=True)) is transformers'
 image_embeds (get_image_features: projected, not normalised) and its 37-breed head is zero, written untrained.
@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from model.checkpoints import (
+from model.config import ACTIVATIONS, ViTConfig
+from model.convert.checkpoints import (
     Converted,
     LayerTensors,
     UnsupportedCheckpoint,
@@ -40,8 +41,7 @@ from model.checkpoints import (
     require,
     resample_for,
 )
-from model.config import ACTIVATIONS, ViTConfig
-from model.hf_convert import processor_policy
+from model.convert.hf import processor_policy
 from model.labels import PET_LABELS
 
 MODEL_TYPES = ("clip", "clip_vision_model")
@@ -75,7 +75,7 @@ def convert_clip(
     image_size: int | None = None,
 ) -> Converted:  # fmt: skip
     """config.json, the tensors and preprocessor_config.json of a CLIP model -> Converted (the image tower, with a
-    zero head; model/zero_shot.py gives it the text tower's head)."""
+    zero head; model/convert/zero_shot.py gives it the text tower's head)."""
     architecture = check_clip_config(doc, processor)
     vision = vision_config(doc)
     policy = processor_policy(processor or {})
@@ -121,8 +121,8 @@ def check_clip_config(doc: Mapping[str, Any], processor: Mapping[str, Any] | Non
 
 
 def _state_dict(tensors: Mapping[str, torch.Tensor], config: ViTConfig, grid: int) -> dict[str, torch.Tensor]:
-    """transformers' vision-tower names -> ours; the text tower is left to model/zero_shot.py; anything else in the
-    vision tower that is not in the map is refused, never silently dropped."""
+    """transformers' vision-tower names -> ours; the text tower is left to model/convert/zero_shot.py; anything
+    else in the vision tower that is not in the map is refused, never silently dropped."""
     D = config.hidden_dim
     out: dict[str, torch.Tensor] = {"patch_embed.bias": torch.zeros(D)}  # CLIP's patch conv has no bias
     layers = LayerTensors(_LAYER, _QKV, _LAYER_NAMES)

@@ -1,8 +1,8 @@
 """What a published checkpoint becomes on its way into petvit, whichever library wrote it.
 
-Each converter (model/hf_convert.py for transformers, model/timm_convert.py for timm) reads a hub-layout folder's
+Each converter (model/convert/hf.py for transformers, model/convert/timm_vit.py for timm) reads a hub-layout folder's
 config.json (+ preprocessor_config.json) and the tensors of its model.safetensors, and returns a Converted: our
-ViTConfig, our state dict, the labels and the preprocessing its library applies. model/hub_import.py finds the
+ViTConfig, our state dict, the labels and the preprocessing its library applies. model/convert/hub.py finds the
 folder (local or through the Hugging Face hub) and writes the artifact.
 """
 

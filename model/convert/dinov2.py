@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from model.checkpoints import (
+from model.config import ViTConfig
+from model.convert.checkpoints import (
     Converted,
     LayerTensors,
     UnsupportedCheckpoint,
@@ -41,8 +42,7 @@ from model.checkpoints import (
     resample_for,
     square_side,
 )
-from model.config import ViTConfig
-from model.hf_convert import processor_policy
+from model.convert.hf import processor_policy
 from model.labels import PET_LABELS
 
 MODEL_TYPES = ("dinov2",)

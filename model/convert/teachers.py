@@ -42,8 +42,8 @@ from model.artifact import (
     save_file_atomically,
 )
 from model.config import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+from model.convert.pretrained import fetch_state_dict
 from model.labels import species_of
-from model.pretrained import fetch_state_dict
 
 CONVNET_KIND = "torchvision"
 # torchvision classification models that are not convnets with one logits output: the transformers want their

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from model.artifact import Preprocessing
-from model.checkpoints import (
+from model.config import ViTConfig
+from model.convert.checkpoints import (
     Converted,
     LayerTensors,
     UnsupportedCheckpoint,
@@ -35,7 +36,6 @@ from model.checkpoints import (
     require,
     square_side,
 )
-from model.config import ViTConfig
 
 ARCHITECTURES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
 _LAYER = re.compile(r"^(?:vit|deit)\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from model.checkpoints import Converted, UnsupportedCheckpoint
+from model.convert.checkpoints import Converted, UnsupportedCheckpoint
 from model.labels import PET_LABELS
 
 if TYPE_CHECKING:  # transformers is the zero-shot extra's, imported only when a text tower runs
