@@ -24,6 +24,7 @@ def int8_digits(digits_model) -> InferenceModel:
     return prepare_for_inference(copy.deepcopy(model), "int8", CPU)
 
 
+@pytest.mark.learning
 def test_int8_agrees_with_float32_on_held_out_digits(digits_model, int8_digits: InferenceModel) -> None:
     model, images, labels = digits_model
     with torch.inference_mode():
@@ -41,6 +42,7 @@ def test_int8_agrees_with_float32_on_held_out_digits(digits_model, int8_digits: 
     assert type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype is torch.int8
 
 
+@pytest.mark.learning
 def test_int8_rollout_stays_faithful_to_float32(digits_model, int8_digits: InferenceModel) -> None:
     """The heatmap path runs on the int8 weights: their rollout grids must show what float32's show."""
     model, images, _ = digits_model
@@ -56,6 +58,7 @@ def test_int8_rollout_stays_faithful_to_float32(digits_model, int8_digits: Infer
     assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.95  # the hottest patch is the same one
 
 
+@pytest.mark.learning
 def test_compiled_forward_matches_eager_in_float32(tiny_model: ViT) -> None:
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -86,6 +89,7 @@ def test_unknown_dtype_is_refused_with_the_choices() -> None:
         prepare_for_inference(make_tiny_model(), "int4", CPU)
 
 
+@pytest.mark.learning
 def test_bfloat16_agrees_with_float32_on_held_out_digits(digits_model) -> None:
     """The dtype "auto" picks on this CPU (and on CUDA), measured on a real trained model both ways bf16 is run:
     weights cast, as the service serves it, and autocast, as training and `petvit evaluate` score it."""
