@@ -45,16 +45,27 @@ def finish_setting(process: subprocess.Popen, out: Path, tick: float) -> dict[st
     if process.wait() != 0:
         raise SystemExit(f"{' '.join(process.args)} failed (exit {process.returncode})")
     doc = json.loads(out.read_text())
-    doc["seconds"] = time.perf_counter() - tick
+    doc["seconds"] = round(time.perf_counter() - tick, 1)
+    out.write_text(json.dumps(doc, indent=2))  # with its wall time, for a later --reuse
     return doc
 
 
-def run_settings(bench: str, settings: list[str], extra: list[str], raw: Path, parallel: bool) -> dict[str, Any]:
-    """Each setting's JSON, one after the other or (--parallel, one core each) side by side."""
+def run_settings(
+    bench: str, settings: list[str], extra: list[str], raw: Path, parallel: bool, reuse: bool
+) -> dict[str, Any]:
+    """Each setting's JSON, one after the other or (--parallel, one core each) side by side; --reuse takes a
+    setting's JSON from an earlier run of the same command instead (its seeds must match)."""
+    paths = {s: raw / f"{bench}.{s}.json" for s in settings}
+    kept = {s: json.loads(paths[s].read_text()) for s in settings if reuse and paths[s].exists()}
+    for setting, doc in kept.items():
+        print(f"[{setting}] reusing {paths[setting]} (seeds {doc['seeds']})", flush=True)
+    todo = [s for s in settings if s not in kept]
     if not parallel:
-        return {s: finish_setting(*start_setting(bench, s, extra, raw)) for s in settings}
-    started = {s: start_setting(bench, s, extra, raw) for s in settings}
-    return {s: finish_setting(*started[s]) for s in settings}
+        done = {s: finish_setting(*start_setting(bench, s, extra, raw)) for s in todo}
+    else:
+        started = {s: start_setting(bench, s, extra, raw) for s in todo}
+        done = {s: finish_setting(*started[s]) for s in todo}
+    return {s: kept[s] if s in kept else done[s] for s in settings}
 
 
 def merge(bench: str, docs: dict[str, dict[str, Any]], command: list[str]) -> dict[str, Any]:
@@ -80,7 +91,7 @@ def merge(bench: str, docs: dict[str, dict[str, Any]], command: list[str]) -> di
         "all": summarise(runs),
         "per_setting": {s: summarise([r for r in runs if r["kernels"] == s]) for s in docs},
         "machines": {s: doc["machine"] for s, doc in docs.items()},
-        "seconds": {s: round(doc["seconds"], 1) for s, doc in docs.items()},
+        "seconds": {s: doc.get("seconds") for s, doc in docs.items()},
         "bench_settings": next(iter(docs.values())).get("settings", {}),
         "runs": runs,
     }
@@ -111,9 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--raw", type=Path, default=ROOT / "results/kernels", help="each setting's own JSON")
     parser.add_argument("--out", type=Path, help="the merge (default: docs/evidence/<bench>.json)")
     parser.add_argument("--parallel", action="store_true", help="run the settings side by side (a core each)")
+    parser.add_argument("--reuse", action="store_true", help="take a setting's JSON from --raw when it is there")
     args = parser.parse_args(ours)
     args.raw.mkdir(parents=True, exist_ok=True)
-    docs = run_settings(args.bench, args.kernels, extra, args.raw, args.parallel)
+    docs = run_settings(args.bench, args.kernels, extra, args.raw, args.parallel, args.reuse)
     command = ["bench/kernels.py", args.bench, "--kernels", *args.kernels, "--", *extra]
     doc = merge(args.bench, docs, command)
     out = args.out or ROOT / "docs/evidence" / f"{args.bench}.json"
