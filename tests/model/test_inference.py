@@ -4,17 +4,30 @@ eager, and a missing torchao is named as the [int8] extra."""
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import pytest
 import torch
 
+from bench.evidence import cpu_info
 from model.inference import InferenceModel, MissingExtraError, prepare_for_inference
 from model.rollout import attention_rollout
 from model.vit import ViT
 from tests.conftest import make_tiny_model
 
 CPU = torch.device("cpu")
+
+
+def int8_dot_products() -> bool:
+    """Whether oneDNN may use int8 dot-product instructions (VNNI or AMX) here. Without them int8 drifts measurably
+    further from float32: bench/dtype_agreement.py with oneDNN held to AVX2 (scripts/kernels.sh avx2), 5 seeds,
+    measured top-1 agreement 92.8-96.9 %, top-1 down by up to 3.9 points, rollout differences up to 0.77 and the
+    hottest patch kept on 83-93 % of images; with VNNI, under PyTorch's native AVX512 kernels and under its portable
+    ones alike (so oneDNN's ISA decides it, not ATen's), 99.7-100 %, under 0.05 and 99 % (docs/trust.md)."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    allowed = isa == "ALL" or any(word in isa for word in ("VNNI", "BF16", "AMX", "AVX10", "FP16"))
+    return allowed and bool(set(cpu_info()["flags"]) & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +47,10 @@ def test_int8_agrees_with_float32_on_held_out_digits(digits_model, int8_digits: 
     int8_top1 = (quantised == labels).float().mean().item()
     agreement = (quantised == reference).float().mean().item()
     assert float_top1 >= 0.90, "the digits model did not train: the agreement below would mean little"
-    assert agreement >= 0.98, f"int8 agrees with float32 on {agreement:.1%} of {len(labels)} held-out digits"
-    assert int8_top1 >= float_top1 - 0.02
+    # The bench's runs (see int8_dot_products): with VNNI 99.7-100 %; without, 92.8-96.9 % and up to 3.9 points lost.
+    floor, drop = (0.98, 0.02) if int8_dot_products() else (0.90, 0.06)
+    assert agreement >= floor, f"int8 agrees with float32 on {agreement:.1%} of {len(labels)} held-out digits"
+    assert int8_top1 >= float_top1 - drop
     # It really is int8: the Linear weights are torchao's int8 tensors, the forward is compiled, and it is named so.
     assert int8_digits.compiled and int8_digits.dtype == "int8" and int8_digits.compute_dtype is torch.float32
     weight = int8_digits.model.blocks[0].mlp.fc1.weight
@@ -52,10 +67,14 @@ def test_int8_rollout_stays_faithful_to_float32(digits_model, int8_digits: Infer
     grid = (4, 4)
     ref, got = attention_rollout(reference, grid=grid).flatten(1), attention_rollout(quantised, grid=grid).flatten(1)
     correlation = torch.stack([torch.corrcoef(torch.stack([r, g]))[0, 1] for r, g in zip(ref, got, strict=True)])
-    # Measured: max abs 0.017 (grids are in [0, 1]), mean 0.001, per-image correlation >= 0.9999.
-    assert (ref - got).abs().max() < 0.05
-    assert correlation.min() > 0.99
-    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.95  # the hottest patch is the same one
+    same_hottest = (ref.argmax(-1) == got.argmax(-1)).float().mean()  # the hottest patch is the same one
+    if int8_dot_products():  # the bench with VNNI: max abs 0.014-0.042 (grids in [0, 1]), correlation >= 0.9998
+        assert (ref - got).abs().max() < 0.05
+        assert correlation.min() > 0.99
+        assert same_hottest >= 0.95
+    else:  # without: correlation down to 0.61 on some image, the hottest patch kept on 83-93 % of images
+        assert correlation.min() > 0.5
+        assert same_hottest >= 0.75
 
 
 @pytest.mark.learning
