@@ -250,7 +250,16 @@ def table(rows: list[dict[str, Any]], names: list[str], setting: Setting, teache
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], names: list[str], teacher_top1: float, path: Path, note: str) -> None:
+def plot(
+    rows: list[dict[str, Any]],
+    names: list[str],
+    teacher_top1: float,
+    path: Path,
+    note: str,
+    title: str = "tiny ViT on real 8x8 digits: trained alone vs distilled from a convnet",
+    ylabel: str = "test top-1 (held-out digits)",
+) -> None:
+    """Each student's per-seed test top-1 as dots, their mean as a bar, the teacher as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,8 +272,8 @@ def plot(rows: list[dict[str, Any]], names: list[str], teacher_top1: float, path
         ax.hlines(statistics.mean(values), i - 0.25, i + 0.25, color="tab:blue")
     ax.axhline(teacher_top1, color="tab:orange", linestyle="--", label=f"convnet teacher {teacher_top1:.3f}")
     ax.set_xticks(range(len(names)), ["alone" if n == "alone" else f"distilled ({n})" for n in names])
-    ax.set_ylabel("test top-1 (held-out digits)")
-    ax.set_title("tiny ViT on real 8x8 digits: trained alone vs distilled from a convnet", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.text(0.01, 0.01, note, fontsize=6, color="dimgray", wrap=True)
     fig.tight_layout(rect=(0, 0.08, 1, 1))

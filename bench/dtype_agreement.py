@@ -42,9 +42,15 @@ CLAIMS = {
 }
 
 
-@torch.inference_mode()
 def measure(seed: int) -> dict[str, Any]:
     model, images, labels = train_digits_model(seed=seed)
+    with torch.inference_mode():
+        measures = compare(model, images, labels)
+    return {"seed": seed, "measures": measures, "claims": claims(measures)}
+
+
+def compare(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """float32 against bfloat16 (cast, autocast) and int8: top-1, agreement, and the int8 rollout's fidelity."""
     int8 = prepare_for_inference(copy.deepcopy(model), "int8", CPU)
     bf16 = prepare_for_inference(copy.deepcopy(model), "bfloat16", CPU)
     logits, attention = model.forward_with_attention(images)
@@ -65,7 +71,7 @@ def measure(seed: int) -> dict[str, Any]:
         "int8_rollout_min_corr": correlation.min().item(),
         "int8_rollout_same_hottest": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
     }
-    return {"seed": seed, "measures": measures, "claims": claims(measures)}
+    return measures
 
 
 def claims(m: dict[str, float]) -> dict[str, bool]:

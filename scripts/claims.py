@@ -73,8 +73,12 @@ def where(doc: dict[str, Any]) -> str:
     machine = next(iter(doc["machines"].values()))
     cpu = machine["cpu"]
     flags = ", ".join(f for f in cpu["kernel_flags"] if f.startswith(("avx512_", "amx"))) or "no AVX512-BF16/VNNI"
-    runs = len(doc["runs"])
-    return (f"seeds {', '.join(map(str, doc['seeds']))} x kernels {' / '.join(doc['settings'])} = {runs} runs on "
+    per = {s: sorted(r["seed"] for r in doc["runs"] if r["kernels"] == s) for s in doc["settings"]}
+    if len({tuple(seeds) for seeds in per.values()}) == 1:
+        grid = f"seeds {', '.join(map(str, doc['seeds']))} x kernels {' / '.join(doc['settings'])}"
+    else:  # not every setting ran every seed: say which did
+        grid = "; ".join(f"kernels {s}: seeds {', '.join(map(str, seeds))}" for s, seeds in per.items())
+    return (f"{grid} = {len(doc['runs'])} runs on "
             f"{cpu['model']} ({cpu['logical_cpus']} logical CPUs; {flags}), torch {machine['torch']}, one thread; "
             f"`.venv/bin/python {' '.join(doc['command'])}`")  # fmt: skip
 
