@@ -32,7 +32,7 @@ def test_chosen_score_separates_unseen_digits_and_accepts_95_percent(open_set_di
     chosen = open_set.score
     assert chosen == "mahalanobis" and table[chosen]["chosen"]
     # bench/open_set_digits.py over seeds and CPU kernel settings (docs/trust.md): the chosen score's AUROC vs digits
-    # 5-9 was 0.856-0.919 and above both logit scores in every run (this seed: 0.896, 0.919 and 0.866 under the
+    # 5-9 was 0.850-0.919 and above both logit scores in every run (this seed: 0.896, 0.919 and 0.866 under the
     # native, avx2 and portable kernels), so 0.80 leaves room for another CPU's rounding.
     assert table[chosen]["auroc"] >= 0.80
     assert table[chosen]["auroc"] > max(table["msp"]["auroc"], table["energy"]["auroc"])
