@@ -41,6 +41,7 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.evidence import machine
 from model.config import get_config
 from model.convert.teachers import build_convnet
 from model.vit import ViT
@@ -249,7 +250,16 @@ def table(rows: list[dict[str, Any]], names: list[str], setting: Setting, teache
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], names: list[str], teacher_top1: float, path: Path, note: str) -> None:
+def plot(
+    rows: list[dict[str, Any]],
+    names: list[str],
+    teacher_top1: float,
+    path: Path,
+    note: str,
+    title: str = "tiny ViT on real 8x8 digits: trained alone vs distilled from a convnet",
+    ylabel: str = "test top-1 (held-out digits)",
+) -> None:
+    """Each student's per-seed test top-1 as dots, their mean as a bar, the teacher as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,8 +272,8 @@ def plot(rows: list[dict[str, Any]], names: list[str], teacher_top1: float, path
         ax.hlines(statistics.mean(values), i - 0.25, i + 0.25, color="tab:blue")
     ax.axhline(teacher_top1, color="tab:orange", linestyle="--", label=f"convnet teacher {teacher_top1:.3f}")
     ax.set_xticks(range(len(names)), ["alone" if n == "alone" else f"distilled ({n})" for n in names])
-    ax.set_ylabel("test top-1 (held-out digits)")
-    ax.set_title("tiny ViT on real 8x8 digits: trained alone vs distilled from a convnet", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.text(0.01, 0.01, note, fontsize=6, color="dimgray", wrap=True)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -285,6 +295,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, help="the digits tree (default: made in a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("results/distill_digits.png"))
+    parser.add_argument("--json", type=Path, help="where the JSON goes (default: beside --out)")
     args = parser.parse_args(argv)
     return args, replace(Setting(), **{k: getattr(args, k) for k in asdict(Setting())})
 
@@ -309,9 +320,38 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + table(rows, names, setting, teacher_top1))
     note = " ".join(f"{k}={v}" for k, v in asdict(setting).items()) + f" seeds={args.seeds}"
     plot(rows, names, teacher_top1, args.out, note)
-    doc = {"setting": asdict(setting), "seeds": args.seeds, "teacher_top1": teacher_top1, "rows": rows}
-    args.out.with_suffix(".json").write_text(json.dumps({**doc, "summary": summary(rows, names)}, indent=2))
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    runs = [evidence_run(row, teacher_top1) for row in rows]
+    doc = {"machine": machine(), "settings": asdict(setting), "seeds": args.seeds, "teacher_top1": teacher_top1,
+           "claims": CLAIMS, "runs": runs, "summary": summary(rows, names)}  # fmt: skip
+    json_path = args.json or args.out.with_suffix(".json")
+    json_path.write_text(json.dumps(doc, indent=2))
+    print(f"wrote {args.out} and {json_path}")
+
+
+CLAIMS = {
+    "soft_beats_alone": "soft distillation beats the ViT alone (test top-1)",
+    "soft_beats_alone_by_5": "soft distillation beats the ViT alone by >= 5 points",
+    "hard_beats_alone": "hard distillation beats the ViT alone",
+    "soft_beats_hard": "soft distillation beats hard distillation",
+}
+
+
+def evidence_run(row: dict[str, Any], teacher_top1: float) -> dict[str, Any]:
+    """One seed's scores as bench/kernels.py merges them: measures and the claims they back."""
+    measures = {"teacher": teacher_top1, **{k: v for k, v in row.items() if k != "seed"}}
+    claims = {}
+    if "soft" in row:
+        measures["soft_minus_alone"] = row["soft"] - row["alone"]
+        claims |= {
+            "soft_beats_alone": row["soft"] > row["alone"],
+            "soft_beats_alone_by_5": row["soft"] >= row["alone"] + 0.05,
+        }
+    if "hard" in row:
+        measures["hard_minus_alone"] = row["hard"] - row["alone"]
+        claims["hard_beats_alone"] = row["hard"] > row["alone"]
+    if "soft" in row and "hard" in row:
+        claims["soft_beats_hard"] = row["soft"] > row["hard"]
+    return {"seed": row["seed"], "measures": measures, "claims": claims}
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ class OpenSetDigits:
     artifact: Path
     model: ViT
     fields: dict  # {"calibration": Calibration, "open_set": OpenSet}, as training/open_set.py fit_trust returns
+    val: Outputs  # held-out 0-4 the temperature and the thresholds were fitted on
     test: Outputs  # held-out 0-4: never trained on, never used to fit anything
     unseen: Outputs  # the digits 5-9
     test_images: torch.Tensor  # (180, 3, 16, 16) uint8
@@ -169,7 +170,7 @@ def train_open_set_digits(folder: Path, seed: int = OPEN_SET_SEED, epochs: int =
     preprocessing = {"image_size": 16, "resize_size": 16}  # uploads of 16x16 digits reach the model unchanged
     save_artifact(model, artifact, {"name": "digits-0-4", "trained": True, "labels": [str(d) for d in range(5)],
                                     "preprocessing": preprocessing, **fields})  # fmt: skip
-    return OpenSetDigits(artifact, model, fields, test_out, unseen_out, images[test], images[unseen])
+    return OpenSetDigits(artifact, model, fields, val_out, test_out, unseen_out, images[test], images[unseen])
 
 
 @pytest.fixture(scope="session")

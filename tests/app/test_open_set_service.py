@@ -38,6 +38,8 @@ async def test_unseen_digits_are_unknown_as_often_as_measured(open_set_digits: O
     open_set, temperature = d.fields["open_set"], d.fields["calibration"].temperature
     offline = open_set.deciding_score(d.unseen.logits[:UNSEEN] / temperature, d.unseen.features[:UNSEEN])
     measured = float((offline > open_set.threshold).double().mean())  # 1 - FPR at the stored threshold
+    known_offline = open_set.deciding_score(d.test.logits / temperature, d.test.features)
+    accepted_offline = float((known_offline <= open_set.threshold).double().mean())
     async with running_app(make_settings(d.artifact, max_batch_size=16)) as (client, service):
         assert service.ready, service.message
         unseen = await classify_all(client, d.unseen_images[:UNSEEN])
@@ -51,7 +53,9 @@ async def test_unseen_digits_are_unknown_as_often_as_measured(open_set_digits: O
     )
     assert served >= measured - 1e-9  # exactly the offline decision, image by image
     np.testing.assert_allclose([r["ood_score"] for r in unseen], offline.numpy(), rtol=1e-4)
-    assert 0.92 <= accepted <= 0.98
+    # The service accepts the held-out 0-4 the offline decision accepts (within one image at the threshold); how
+    # near 95 % that lands is a learning effect, asserted over its measured spread in tests/training/test_open_set.py.
+    assert abs(accepted - accepted_offline) <= 1 / len(known) + 1e-9
     assert counted == sum(r["unknown"] for r in unseen + known)
     assert all(len(r["predictions"]) == 5 for r in unseen)  # the guesses are still there
 

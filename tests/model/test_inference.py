@@ -24,6 +24,7 @@ def int8_digits(digits_model) -> InferenceModel:
     return prepare_for_inference(copy.deepcopy(model), "int8", CPU)
 
 
+@pytest.mark.learning
 def test_int8_agrees_with_float32_on_held_out_digits(digits_model, int8_digits: InferenceModel) -> None:
     model, images, labels = digits_model
     with torch.inference_mode():
@@ -33,6 +34,8 @@ def test_int8_agrees_with_float32_on_held_out_digits(digits_model, int8_digits: 
     int8_top1 = (quantised == labels).float().mean().item()
     agreement = (quantised == reference).float().mean().item()
     assert float_top1 >= 0.90, "the digits model did not train: the agreement below would mean little"
+    # Where the CPU's int8 kernel saturates full-range products (no VNNI/AMX: oneDNN held to AVX2), int8 runs with
+    # 7-bit activations (model/int8_kernels.py); the same bar holds on every kernel setting (docs/trust.md).
     assert agreement >= 0.98, f"int8 agrees with float32 on {agreement:.1%} of {len(labels)} held-out digits"
     assert int8_top1 >= float_top1 - 0.02
     # It really is int8: the Linear weights are torchao's int8 tensors, the forward is compiled, and it is named so.
@@ -41,6 +44,7 @@ def test_int8_agrees_with_float32_on_held_out_digits(digits_model, int8_digits: 
     assert type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype is torch.int8
 
 
+@pytest.mark.learning
 def test_int8_rollout_stays_faithful_to_float32(digits_model, int8_digits: InferenceModel) -> None:
     """The heatmap path runs on the int8 weights: their rollout grids must show what float32's show."""
     model, images, _ = digits_model
@@ -50,12 +54,14 @@ def test_int8_rollout_stays_faithful_to_float32(digits_model, int8_digits: Infer
     grid = (4, 4)
     ref, got = attention_rollout(reference, grid=grid).flatten(1), attention_rollout(quantised, grid=grid).flatten(1)
     correlation = torch.stack([torch.corrcoef(torch.stack([r, g]))[0, 1] for r, g in zip(ref, got, strict=True)])
-    # Measured: max abs 0.017 (grids are in [0, 1]), mean 0.001, per-image correlation >= 0.9999.
+    same_hottest = (ref.argmax(-1) == got.argmax(-1)).float().mean()  # the hottest patch is the same one
+    # grids are in [0, 1]; measured with VNNI max abs 0.014-0.042, correlation >= 0.9998 (docs/trust.md)
     assert (ref - got).abs().max() < 0.05
     assert correlation.min() > 0.99
-    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.95  # the hottest patch is the same one
+    assert same_hottest >= 0.95
 
 
+@pytest.mark.learning
 def test_compiled_forward_matches_eager_in_float32(tiny_model: ViT) -> None:
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -86,6 +92,7 @@ def test_unknown_dtype_is_refused_with_the_choices() -> None:
         prepare_for_inference(make_tiny_model(), "int4", CPU)
 
 
+@pytest.mark.learning
 def test_bfloat16_agrees_with_float32_on_held_out_digits(digits_model) -> None:
     """The dtype "auto" picks on this CPU (and on CUDA), measured on a real trained model both ways bf16 is run:
     weights cast, as the service serves it, and autocast, as training and `petvit evaluate` score it."""

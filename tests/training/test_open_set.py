@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -19,6 +20,7 @@ from training.calibration import expected_calibration_error, fit_temperature, re
 from training.open_set import accepted_share, auroc, compare_scores, fit_class_gaussians, fpr_at_tpr, threshold_for
 
 
+@pytest.mark.learning
 def test_chosen_score_separates_unseen_digits_and_accepts_95_percent(open_set_digits: OpenSetDigits) -> None:
     d = open_set_digits
     table = compare_scores(d.fields["open_set"], d.fields["calibration"], d.test, d.unseen)
@@ -26,30 +28,72 @@ def test_chosen_score_separates_unseen_digits_and_accepts_95_percent(open_set_di
         name: {k: round(row[k], 3) for k in ("auroc", "fpr_at_95_tpr", "in_accepted")} for name, row in table.items()
     }
     print(f"held-out 0-4 ({len(d.test.targets)}) vs 5-9 ({len(d.unseen.targets)}): {report}")
-    chosen = d.fields["open_set"].score
+    open_set = d.fields["open_set"]
+    chosen = open_set.score
     assert chosen == "mahalanobis" and table[chosen]["chosen"]
-    assert table[chosen]["auroc"] >= 0.85
-    # The choice is the measured best here too: the feature-space score beats both logit scores.
+    # bench/open_set_digits.py over seeds and CPU kernel settings (docs/trust.md): the chosen score's AUROC vs digits
+    # 5-9 was 0.850-0.919 and above both logit scores in every run (this seed: 0.896, 0.919 and 0.866 under the
+    # native, avx2 and portable kernels), so 0.80 leaves room for another CPU's rounding.
+    assert table[chosen]["auroc"] >= 0.80
     assert table[chosen]["auroc"] > max(table["msp"]["auroc"], table["energy"]["auroc"])
-    # The threshold was chosen on the validation split; on images never used for anything it still accepts ~95 %.
-    assert 0.92 <= table[chosen]["in_accepted"] <= 0.98
+    # The threshold's mechanism, exactly: the smallest that accepts 95 % of the validation split it was set on.
+    val_scores = open_set.scores(d.val.logits / d.fields["calibration"].temperature, d.val.features)[chosen].double()
+    threshold = open_set.thresholds[chosen]
+    assert accepted_share(val_scores, threshold) >= 0.95
+    assert accepted_share(val_scores, threshold - 1e-9 * abs(threshold)) < 0.95
+    # On 180 images never used for anything it accepts about as many: the bench's runs gave 0.872-0.972 (a 95 %
+    # quantile of 180 validation images, then a share of 180 test images: about +-2.3 points each way).
+    assert 0.85 <= table[chosen]["in_accepted"] <= 1.0
 
 
-def test_temperature_lowers_the_calibration_error_on_held_out_digits(open_set_digits: OpenSetDigits) -> None:
-    calibration, test = open_set_digits.fields["calibration"], open_set_digits.test
-    assert calibration.temperature > 0 and calibration.split == "val" and calibration.num_images == 180
-    before = expected_calibration_error(test.logits.softmax(-1), test.targets)
-    after = expected_calibration_error((test.logits / calibration.temperature).softmax(-1), test.targets)
-    print(f"T {calibration.temperature:.3f}; held-out ECE {before:.4f} -> {after:.4f}")
-    assert after <= before
-    assert calibration.ece_after <= calibration.ece_before  # on the split it was fitted on, by construction
+def nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
+    return F.cross_entropy(logits.double() / temperature, targets).item()
+
+
+@pytest.mark.learning
+def test_the_stored_temperature_minimises_the_nll_on_the_validation_split(open_set_digits: OpenSetDigits) -> None:
+    """Temperature scaling's mechanism, exactly, on the trained model's own logits: whatever the training made of
+    them (it moves with the CPU's rounding), the stored T is the NLL minimiser on the split it was fitted on, and the
+    stored ECEs are that split's. Whether it also lowers the ECE on other images is an effect of the data: bench
+    open_set_digits.py measures it over seeds and kernel settings (docs/trust.md)."""
+    calibration, val = open_set_digits.fields["calibration"], open_set_digits.val
+    assert calibration.split == "val" and calibration.num_images == len(val.targets) == 180
+    t = calibration.temperature
+    around = [nll(val.logits, val.targets, t * factor) for factor in torch.logspace(-1, 1, 81).tolist()]
+    assert nll(val.logits, val.targets, t) <= min(around) + 1e-9  # the best of a 0.1x-10x grid about it
+    for factor in (0.99, 1.01):  # and a true minimum, not a point on a slope the grid stepped over
+        assert nll(val.logits, val.targets, t) < nll(val.logits, val.targets, t * factor)
+    assert nll(val.logits, val.targets, t) <= nll(val.logits, val.targets, 1.0)  # never worse than leaving it be
+    ece = expected_calibration_error
+    assert calibration.ece_before == pytest.approx(ece(val.logits.softmax(-1), val.targets), abs=1e-6)
+    assert calibration.ece_after == pytest.approx(ece((val.logits / t).softmax(-1), val.targets), abs=1e-6)
+
+
+def test_a_temperature_fitted_on_one_split_calibrates_another() -> None:
+    """The effect temperature scaling is for, where the truth is known: an over-confident copy (logits x 3) of a
+    calibrated model, fitted on 3,000 images, measured on 3,000 others. No training, so no CPU's rounding decides it
+    (measured: T 2.94, held-out ECE 0.300 -> 0.021; seeds 2 and 3: 0.284 -> 0.021, 0.304 -> 0.016)."""
+    confident, labels = over_confident(6000, seed=1)
+    t = fit_temperature(confident[:3000], labels[:3000])
+    held_out, targets = confident[3000:], labels[3000:]
+    before = expected_calibration_error(held_out.softmax(-1), targets)
+    after = expected_calibration_error((held_out / t).softmax(-1), targets)
+    print(f"T {t:.3f}; held-out ECE {before:.4f} -> {after:.4f}")
+    assert before >= 0.2 and after <= 0.05 and after <= before / 5
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert nll(held_out, targets, t) < nll(held_out, targets, 1.0)
+
+
+def over_confident(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (n, 10) three times as confident as the softmax the labels were drawn from: a known temperature, 3."""
+    generator = torch.Generator().manual_seed(seed)
+    true_logits = torch.randn(n, 10, generator=generator) * 2
+    labels = torch.multinomial(true_logits.softmax(-1), 1, generator=generator).squeeze(1)  # calibrated by design
+    return true_logits * 3.0, labels
 
 
 def test_fit_temperature_recovers_a_known_temperature() -> None:
-    generator = torch.Generator().manual_seed(0)
-    true_logits = torch.randn(4000, 10, generator=generator) * 2
-    labels = torch.multinomial(true_logits.softmax(-1), 1, generator=generator).squeeze(1)  # calibrated by design
-    assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.08)  # an over-confident copy
+    assert fit_temperature(*over_confident(4000, seed=0)) == pytest.approx(3.0, rel=0.08)
 
 
 def test_ece_follows_its_definition() -> None:
@@ -93,6 +137,7 @@ def write_pngs(images: torch.Tensor, folder: Path, names: list[str]) -> None:
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)  # (3, H, W) -> (H, W, 3)
 
 
+@pytest.mark.learning
 def test_evaluate_with_ood_dir_reports_every_score(open_set_digits: OpenSetDigits, tmp_path: Path, capsys) -> None:
     d = open_set_digits
     known, foreign, out = tmp_path / "digits", tmp_path / "not-pets", tmp_path / "report"

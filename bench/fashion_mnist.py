@@ -1,0 +1,241 @@
+"""petvit's own recipes on real photos at a realistic size: Fashion-MNIST (70,000 28x28 grey photos of clothing, 10
+classes) from Debian's `dataset-fashion-mnist`.
+
+Everything trains through `petvit train` itself (cli.main, an ImageFolder tree, petvit's split, transforms, loop,
+calibration and open-set fit): a convnet teacher (`--recipe teacher --arch resnet18 --init random`), then per seed a
+small ViT alone (`--recipe scratch`) and the same ViT distilled from that teacher (`--recipe distill --distill hard`
+and `soft`). Reported per seed and as mean [min, max]:
+- test top-1 of every model on petvit's held-out test split (1/7 of each class: 10,000 images at full size);
+- calibration of the ViT alone: test ECE before and after its stored temperature, each with a 95 % bootstrap interval
+  over the test images;
+- the open set: the same ViT trained on the first five classes (t-shirt/top ... coat) only, and the other five
+  (sandal, shirt, sneaker, bag, ankle boot; Fashion-MNIST's own test file) as foreign: AUROC of the three scores.
+
+    apt-get install dataset-fashion-mnist                    # once (Debian/Ubuntu), files in /usr/share/datasets/
+    .venv/bin/python bench/fashion_mnist.py --quick          # end to end at a small size (figures meaningless)
+    .venv/bin/python bench/fashion_mnist.py                  # the full size, 3 seeds
+    .venv/bin/python bench/kernels.py fashion_mnist --kernels native -- --quick   # merged into docs/evidence/
+
+Writes results/fashion_mnist.{json,png} (git-ignored; --json to put it elsewhere) with the machine it ran on.
+Measured: `--quick --seeds 0` ran end to end in about 20 minutes of wall clock on a 2-core machine shared at a load of
+~15 (the resnet18 teacher is the slow part on a CPU); the full size has not been run yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.distill_digits import plot
+from bench.evidence import machine, spread
+from cli.main import main as petvit
+from model.artifact import load_artifact
+from model.convert.teachers import load_convnet_artifact
+from training.calibration import expected_calibration_error
+from training.data import DataConfig, eval_transform, load_splits
+from training.open_set import Outputs, collect_outputs, compare_scores
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+INSTALL = (
+    f"Fashion-MNIST is not installed (no {FASHION}/train-images-idx3-ubyte.gz): on Debian or Ubuntu, "
+    "`apt-get install dataset-fashion-mnist` puts the four idx files there; elsewhere, copy Zalando's "
+    "train/t10k idx .gz files into that folder or pass --fashion-dir"
+)
+CLASSES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
+KNOWN = 5  # the open set: classes 0-4 known, 5-9 foreign
+TEST_FRACTION = 1 / 7  # 10,000 of 70,000: the size of Fashion-MNIST's own test set
+CLAIMS = {
+    "vit_alone_88": "the small ViT alone reaches >= 88 % test top-1",
+    "soft_beats_alone": "soft distillation beats the ViT alone",
+    "hard_beats_alone": "hard distillation beats the ViT alone",
+    "ece_lowered": "the temperature lowers the test ECE",
+    "mahalanobis_best": "Mahalanobis has the best AUROC (5 classes known, 5 foreign)",
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much data and training: --quick for an end-to-end check, the defaults for the figures."""
+
+    per_class: int = 7000  # images per class in the tree (all 7,000 = 70,000)
+    epochs: int = 12
+    teacher_epochs: int = 6
+    width: int = 128
+    depth: int = 4
+    batch_size: int = 128
+
+
+QUICK = Size(per_class=200, epochs=2, teacher_epochs=1, width=64, depth=2, batch_size=64)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (Fashion-MNIST's format): images (N, 28, 28) or labels (N,) uint8."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    dims = raw[3]  # magic: 0, 0, dtype 0x08 (uint8), number of dimensions
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def load_fashion(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    if not (folder / "train-images-idx3-ubyte.gz").exists():
+        raise SystemExit(INSTALL)
+    return {
+        split: (read_idx(folder / f"{split}-images-idx3-ubyte.gz"), read_idx(folder / f"{split}-labels-idx1-ubyte.gz"))
+        for split in ("train", "t10k")
+    }
+
+
+def write_tree(root: Path, data: dict, classes: range, per_class: int) -> Path:
+    """<root>/<class>/<n>.png for the first `per_class` images of each class (train file first, then t10k), once."""
+    from PIL import Image
+
+    done = root / ".complete"
+    if done.exists():
+        return root
+    images = np.concatenate([data["train"][0], data["t10k"][0]])
+    labels = np.concatenate([data["train"][1], data["t10k"][1]])
+    for c in classes:
+        folder = root / f"{c}_{CLASSES[c]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for n, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            Image.fromarray(images[i], "L").save(folder / f"{n}.png")
+    done.touch()
+    return root
+
+
+def train(recipe: str, tree: Path, out: Path, size: Size, seed: int, extra: list[str]) -> Path:
+    """One `petvit train` run, as a user would type it (one thread, float32, no workers)."""
+    epochs = size.teacher_epochs if recipe == "teacher" else size.epochs
+    argv = ["train", "--recipe", recipe, "--dataset", "folder", "--data-dir", str(tree), "--out", str(out),
+            "--output-dir", str(out.with_suffix("")), "--epochs", str(epochs), "--batch-size", str(size.batch_size),
+            "--seed", str(seed), "--test-fraction", repr(TEST_FRACTION), "--augment", "light",
+            "--min-crop-scale", "0.6", "--no-mixup", "--workers", "0", "--threads", "1", "--no-download",
+            "--dtype", "fp32", "--if-missing", *extra]  # fmt: skip
+    if petvit(argv) != 0:
+        raise SystemExit(f"petvit {' '.join(argv)} failed")
+    return out
+
+
+def vit_settings(size: Size) -> list[str]:
+    shape = {"image_size": 28, "patch_size": 4, "hidden_dim": size.width, "depth": size.depth, "num_heads": 4,
+             "mlp_dim": 2 * size.width}  # fmt: skip  # 28 px in 4 px patches: a 7 x 7 grid
+    return [arg for key, value in shape.items() for arg in ("--set", f"{key}={value}")]
+
+
+def held_out_outputs(artifact: Path, tree: Path) -> Outputs:
+    """The ViT's logits and CLS features on petvit's test split of `tree` (the split `petvit train` scored)."""
+    model, meta = load_artifact(artifact)
+    config = DataConfig(
+        dataset="folder", data_dir=str(tree), image_size=28, test_fraction=float(f"{TEST_FRACTION:.6f}")
+    )
+    view = load_splits(config).test.with_transform(eval_transform(28, policy=meta.preprocessing))
+    with torch.no_grad():
+        return collect_outputs(model, view, batch_size=256, desc="test outputs")
+
+
+def bootstrap_ece(logits: torch.Tensor, targets: torch.Tensor, temperature: float, draws: int = 1000) -> dict:
+    """ECE before and after the temperature, each with the 2.5-97.5 % percentiles over resampled test sets."""
+    generator = torch.Generator().manual_seed(0)
+    before, after = logits.softmax(-1), (logits / temperature).softmax(-1)
+    out = {"before": expected_calibration_error(before, targets), "after": expected_calibration_error(after, targets)}
+    samples = {"before": [], "after": []}
+    for _ in range(draws):
+        rows = torch.randint(0, len(targets), (len(targets),), generator=generator)
+        samples["before"].append(expected_calibration_error(before[rows], targets[rows]))
+        samples["after"].append(expected_calibration_error(after[rows], targets[rows]))
+    for key, values in samples.items():
+        out[f"{key}_interval"] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+    return out
+
+
+def foreign_outputs(artifact: Path, data: dict) -> Outputs:
+    """The five unknown classes' images of Fashion-MNIST's own test file, through the model's eval transform."""
+    model, meta = load_artifact(artifact)
+    images, labels = data["t10k"]
+    foreign = torch.from_numpy(images[labels >= KNOWN].copy())[:, None].expand(-1, 3, -1, -1)  # (N, 3, 28, 28)
+    transform = eval_transform(28, policy=meta.preprocessing)
+    batch = torch.stack([transform(image) for image in foreign])  # (N, 3, 28, 28) uint8
+    with torch.no_grad():
+        logits, features = model.forward_with_features(batch)
+    return Outputs(logits, features, torch.full((len(batch),), -1))
+
+
+def run_seed(seed: int, work: Path, trees: dict[str, Path], teacher: Path, data: dict, size: Size) -> dict:
+    tick, vit = time.perf_counter(), vit_settings(size)
+    tag = f"seed{seed}"
+    alone = train("scratch", trees["all"], work / f"alone-{tag}.safetensors", size, seed, vit)
+    scores = {"alone": alone}
+    for mode in ("hard", "soft"):
+        extra = [*vit, "--teacher", str(teacher), "--distill", mode]
+        scores[mode] = train("distill", trees["all"], work / f"{mode}-{tag}.safetensors", size, seed, extra)
+    top1 = {name: load_artifact(path)[1].evaluation["top1"] for name, path in scores.items()}
+    _, meta = load_artifact(alone)
+    test = held_out_outputs(alone, trees["all"])
+    calibration = bootstrap_ece(test.logits, test.targets, meta.calibration.temperature)
+    known = train("scratch", trees["known"], work / f"known-{tag}.safetensors", size, seed, vit)
+    _, known_meta = load_artifact(known)
+    table = compare_scores(known_meta.open_set, known_meta.calibration, held_out_outputs(known, trees["known"]),
+                           foreign_outputs(known, data))  # fmt: skip
+    aurocs = {name: row["auroc"] for name, row in table.items()}
+    measures = {**top1, "temperature": meta.calibration.temperature, "ece_before": calibration["before"],
+                "ece_after": calibration["after"], **{f"auroc_{k}": v for k, v in aurocs.items()}}  # fmt: skip
+    claims = {
+        "vit_alone_88": top1["alone"] >= 0.88,
+        "soft_beats_alone": top1["soft"] > top1["alone"],
+        "hard_beats_alone": top1["hard"] > top1["alone"],
+        "ece_lowered": calibration["after"] < calibration["before"],
+        "mahalanobis_best": aurocs["mahalanobis"] > max(aurocs["msp"], aurocs["energy"]),
+    }
+    print(f"seed {seed}: {measures} ({time.perf_counter() - tick:.0f} s)", flush=True)
+    return {"seed": seed, "measures": measures, "claims": claims, "ece_bootstrap": calibration}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"a small end-to-end run: {QUICK}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fashion-dir", type=Path, default=FASHION)
+    parser.add_argument("--work", type=Path, default=Path("results/fashion_mnist"), help="trees and artifacts")
+    parser.add_argument("--json", type=Path, default=Path("results/fashion_mnist.json"))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    size = QUICK if args.quick else Size()
+    data = load_fashion(args.fashion_dir)
+    work = args.work / f"{size.per_class}-per-class-{size.epochs}-epochs-{size.width}x{size.depth}"
+    trees = {"all": write_tree(work / "tree", data, range(10), size.per_class),
+             "known": write_tree(work / "tree-known", data, range(KNOWN), size.per_class)}  # fmt: skip
+    teacher_args = ["--arch", "resnet18", "--init", "random", "--set", "image_size=28"]
+    teacher = train("teacher", trees["all"], work / "teacher.safetensors", size, 0, teacher_args)
+    teacher_top1 = load_convnet_artifact(teacher)[1]["evaluation"]["top1"]
+    print(f"resnet18 teacher: test top-1 {teacher_top1:.4f}", flush=True)
+    runs = [run_seed(seed, work, trees, teacher, data, size) for seed in args.seeds]
+    for run in runs:
+        run["measures"]["teacher"] = teacher_top1
+    summary = {k: spread([r["measures"][k] for r in runs]) for k in runs[0]["measures"]}
+    for key, s in summary.items():
+        print(f"{key:<18} {s['mean']:.4f} [{s['min']:.4f}, {s['max']:.4f}]")
+    note = f"{asdict(size)} seeds={args.seeds} quick={args.quick}"
+    title = "Fashion-MNIST through petvit train: small ViT alone vs distilled from a resnet18"
+    rows = [r["measures"] for r in runs]
+    plot(rows, ["alone", "hard", "soft"], teacher_top1, args.json.with_suffix(".png"), note, title, "test top-1")
+    doc = {"machine": machine(), "settings": {**asdict(size), "quick": args.quick}, "seeds": args.seeds,
+           "claims": CLAIMS, "runs": runs, "summary": summary}  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2))
+    print(f"wrote {args.json} and {args.json.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
