@@ -62,6 +62,11 @@ def main(args: argparse.Namespace) -> int:
     except (ArtifactError, MissingExtraError) as err:
         print(f"petvit predict: {err}")
         return 2
+    if args.heatmap is not None and args.heatmap_method == "gradient" and classifier.dtype_name == "int8":
+        # as POST /classify answers it (422): an int8 model's quantised layers give no gradients to roll out
+        print("petvit predict: --heatmap-method gradient needs gradients, which an int8 model does not have; "
+              "use --heatmap-method rollout, or --dtype float32 / bfloat16")  # fmt: skip
+        return 2
     status, answers = 0, []
     for index, path in enumerate(args.images):
         answer = _answer(classifier, args, settings.max_pixels, settings.unknown_threshold, index, path)

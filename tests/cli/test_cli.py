@@ -102,6 +102,12 @@ def test_predict_serves_int8_and_training_refuses_it(chelsea_jpeg, tiny_artifact
     with pytest.raises(SystemExit) as exit:  # int8 is for inference only: argparse lists what training accepts
         petvit(["train", "--dtype", "int8"])
     assert exit.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+    # An int8 model has no gradients to roll out: one line saying what to use instead, not a traceback
+    assert petvit([*argv[:-2], "--dtype", "int8", "--heatmap", str(chelsea_jpeg.parent / "map.png"),
+                   "--heatmap-method", "gradient"]) == 2  # fmt: skip
+    said = capsys.readouterr().out
+    assert said.startswith("petvit predict: --heatmap-method gradient needs gradients") and "Traceback" not in said
+    assert "--heatmap-method rollout" in said and not (chelsea_jpeg.parent / "map.png").exists()
 
 
 def test_predict_draws_the_heatmap_method_asked_for(chelsea_jpeg, tiny_artifact, tmp_path, capsys):
