@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     # two plus max_batch_size, because warming 1..N costs N(N+1)/2 images and CPU kernels barely care about B.
     warmup: Literal["auto", "all", "pow2", "none"] = "auto"
     # 0 keeps PyTorch's default (one intra-op thread per core). On a CPU shared with other busy processes, set it
-    # lower: OpenMP threads spin at every barrier waiting for a descheduled peer (measured on a loaded 2-core box:
-    # ti16 at 0.4 img/s with 2 threads, 13.5 img/s with 1).
+    # lower: OpenMP threads spin at every barrier waiting for a descheduled peer (DEVELOPERS.md: 10-30x slower on a
+    # busy 2-core machine).
     torch_threads: int = Field(0, ge=0, description="PyTorch intra-op threads; 0 = one per core")
     preprocess_threads: int = Field(2, ge=1, description="threads decoding and resizing uploads")
     # Where JPEG uploads are decoded (app/gpu_decode.py): "auto" = on the GPU (nvJPEG, in batches, on the inference

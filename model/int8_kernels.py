@@ -3,15 +3,13 @@
 int8 serving ends in int8 x int8 -> int32 products (torch._int_mm, what torchao's dynamic int8 Linear and its
 compiled form call). With VNNI or AMX (vpdpbusd, tdpbssd) the CPU accumulates in int32 and the product is exact.
 Without them (ATEN_CPU_CAPABILITY=avx2 with ONEDNN_MAX_CPU_ISA=AVX2 on this machine, or a CPU that lacks VNNI) the
-kernel multiplies byte pairs with vpmaddubsw, which sums two u8 x s8 products into a *saturating int16*:
-measured here, `torch._int_mm` of 127s by 127s over K=64 gave 8160 where 1,032,256 is right, and random int8
-operands were wrong in 100 % of outputs (by up to 1.1e5). The weights, the second operand, are what overflows:
-with the weights in [-64, 63] every product was exact whatever the activations; with the activations in [-32, 31]
-and full-range weights 78 % were still wrong. So int8 on such a CPU is faithful only with a reduced range: torchao's
-`reduce_range` (7-bit weights and activations, FBGEMM's long-standing remedy) - which is what
-`int8_reduce_range` asks for. That is the cause of int8 agreeing with float32 on 96.1 % of held-out digits (and the
-rollout moving by 0.30) under the avx2 setting; with the reduced range the same checks pass (tests/model/
-test_int8_kernels.py runs them in a subprocess under that setting).
+kernel multiplies byte pairs with vpmaddubsw, which sums two u8 x s8 products into a *saturating int16*: full-range
+products come out wrong, and it is the weights (the second operand) that overflow; with the weights in half the
+range every product is exact. So int8 on such a CPU is faithful only with a reduced range: torchao's
+`reduce_range` (7-bit weights and activations, FBGEMM's long-standing remedy), which is what `int8_reduce_range`
+asks for. The measurements (wrong products, and int8's agreement with float32 before and after) are in
+docs/trust.md, "bfloat16 and int8 answer what float32 answers"; tests/model/test_int8_kernels.py runs the checks
+in a subprocess under that setting.
 
 Detection is by the kernel path actually taken, not by the CPU's flags: torchao's own `should_reduce_range` reads
 the hardware's VNNI flag, which stays true when ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA select the AVX2 kernels.

@@ -2,16 +2,17 @@
 
 The service's PNG is capped at OVERLAY_MAX_SIDE pixels on its longer side (the upload's shape, scaled down; never
 up): the heat is a bilinear upsampling of a 14x14 or so grid, so a 12 MP phone photo's full-size overlay carried no
-more information than a 512 px one, yet cost 77 ms to render and 1.38 MB of PNG. The page (and any client) stretches
-the overlay over the photo it shows; `petvit predict` composites at full size through render_overlay.
+more information than a 512 px one, at many times the render time and bytes (docs/service.md, "Heatmaps"). The
+page (and any client) stretches the overlay over the photo it shows; `petvit predict` composites at full size
+through render_overlay.
 
 The overlay holds no photo pixels. Over the centre crop the model saw it carries the heat colours, more opaque
 where the attention is higher; outside the crop a translucent dark veil shows what the model did not see.
 
 It is an 8-bit palette PNG with a tRNS chunk (colour type 3): colour and alpha are both functions of the heat
 level alone, so 255 heat levels + 1 veil entry describe every pixel exactly, at a quarter of RGBA's bytes. Browsers
-and PIL decode it to RGBA (`Image.open(...).convert("RGBA")`). Measured on a 500x375 upload: 1.5 ms to render,
-encode and base64 versus 8-10 ms for the same overlay as an RGBA PNG and 14 ms for the old composited photo.
+and PIL decode it to RGBA (`Image.open(...).convert("RGBA")`); it is also several times faster to encode than
+RGBA (figures: docs/service.md, "Heatmaps").
 """
 
 from __future__ import annotations

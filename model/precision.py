@@ -108,8 +108,8 @@ def cpu_bf16_pays() -> bool:
     """bfloat16 is the faster dtype on this CPU: native bfloat16 flags (necessary, not sufficient) and a measured
     matmul speed-up of at least BF16_MIN_SPEEDUP (about a quarter of a second, once per process).
 
-    Measured, not assumed: on the 2-core development machine (AVX512-BF16, torch 2.14.1) bfloat16 matmuls ran at
-    0.6-0.7x float32 and ViT-B/16 at 0.63x per CPU-second, so "auto" stays float32 there."""
+    Measured, not assumed: machines of one kind (2-core AVX512-BF16) measured bfloat16 both slower and more than
+    twice as fast as float32 (README, "Measured"), so the flags alone cannot decide."""
     return cpu_has_native_bf16() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
