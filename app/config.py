@@ -26,10 +26,15 @@ class Settings(BaseSettings):
     # "int8" (opt-in, never chosen by auto) quantises a float32 artifact's Linear layers at load time through torchao
     # (the [int8] extra) and always compiles the forward: model/inference.py.
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
-    # torch.compile the forward; warm-up then compiles each bucket of batch sizes (pow2_batch_sizes) before /readyz
-    # turns 200. Off by default: on CPU it adds minutes of start-up with a cold cache and no float32 speed, while the
-    # padding to buckets costs work (docs/service.md has the measurements).
+    # torch.compile the forward. The service turns ready with the eager model at once and compiles each bucket of
+    # batch sizes (pow2_batch_sizes) behind it, swapping the compiled model in once it agrees with eager float32
+    # (app/lifecycle.py). Off by default: on CPU it costs minutes of a core with a cold cache and no float32 speed,
+    # while the padding to buckets costs work (docs/service.md has the measurements).
     compile: bool = Field(False, description="torch.compile the forward (int8 always compiles)")
+    # Where compiled kernels are kept across restarts (a compose volume, a Kubernetes volume): the service opens only
+    # the sub-folder named by this process's kernel facts (model/compile_cache.py), since inductor's own cache does not
+    # tell CPU kernel settings apart. Unset: inductor's default, a temporary folder lost with the container.
+    compile_cache_dir: Path | None = Field(None, description="kept compile cache (keyed by CPU/GPU, torch, ISA)")
     max_batch_size: int = Field(16, ge=1, le=1024, description="images per forward pass at most")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits for company")
     queue_limit: int = Field(256, ge=1, description="images waiting for the model before 429")

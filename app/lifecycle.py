@@ -4,6 +4,14 @@ It also still holds the settings, the metrics and the preprocessing thread pool 
 
 Loading happens in the background so /healthz and /readyz answer from the first second: a big model's load and
 warm-up can take minutes on a GPU node, and a liveness probe must not kill the pod meanwhile.
+
+Compiled serving (PETVIT_COMPILE, PETVIT_DTYPE=int8) is ready in seconds, full speed soon after: the eager model
+(eager int8 for int8) goes live as soon as it is warm, and the compiled one is built behind it on a daemon thread
+(compiling every bucket: minutes on a cold cache). Before it takes over, its forward is compared with eager float32
+on a probe batch (model/compile_cache.check_agreement): a kept cache filled under other kernel settings, or a wrong
+kernel, would otherwise serve wrong answers. It then goes live through the reload's swap (go_live: no request lost);
+on disagreement or an exception the eager model keeps serving, with one WARNING line and
+petvit_compile_checks_total{outcome} saying why. /v1/model's `serving` and petvit_compiled_serving say which serves.
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -27,9 +37,11 @@ from app.errors import not_ready
 from app.gpu_decode import GpuDecoder, gpu_decoder_for
 from app.metrics import Metrics
 from app.pipeline import ImageBatcher, predict_batch
-from model.artifact import ArtifactError, ArtifactNotFoundError
+from model.artifact import ArtifactError, ArtifactNotFoundError, load_artifact
 from model.batch_sizes import warmup_sizes
-from model.inference import Classifier
+from model.compile_cache import Agreement, check_agreement, probe_batch, use_compile_cache
+from model.device import resolve_device
+from model.inference import Classifier, prepare_for_inference
 
 log = logging.getLogger("petvit.service")
 
@@ -44,13 +56,77 @@ class ServiceStatus(str, Enum):
     shutting_down = "shutting_down"
 
 
+class CompileState(str, Enum):
+    """The compiled model built behind the eager one: "off" (neither PETVIT_COMPILE nor int8), "compiling",
+    "agreed" (it serves), "disagreed" or "failed" (eager keeps serving; the log says why)."""
+
+    off = "off"
+    compiling = "compiling"
+    agreed = "agreed"
+    disagreed = "disagreed"
+    failed = "failed"
+
+
 PredictorLoader = Callable[[Settings], Classifier]
+T = TypeVar("T")
+# Images in the probe batch a compiled model is checked on: enough logits to tell rounding from a wrong kernel
+# (off by orders of magnitude), few enough that the eager float32 reference costs a second or two on a CPU.
+PROBE_IMAGES = 4
 
 
 def load_from_settings(settings: Settings) -> Classifier:
+    """The artifact, compiled exactly when settings.compile (int8 included: eager int8 otherwise). The lifecycle
+    asks for the eager model first and the compiled one behind it."""
     return Classifier.from_artifact(
-        settings.checkpoint, settings.device, settings.dtype, settings.compile, settings.max_batch_size
+        settings.checkpoint,
+        settings.device,
+        settings.dtype,
+        settings.compile,
+        settings.max_batch_size,
+        eager=not settings.compile,
     )
+
+
+def agreement_with_float32(candidate: Classifier, path: Path, images: int = PROBE_IMAGES) -> Agreement:
+    """`candidate`'s fast path against the artifact at `path` in eager float32, on the same device, on the probe
+    batch (model/compile_cache.py)."""
+    model, _ = load_artifact(path, device="cpu")
+    reference = prepare_for_inference(model, "float32", candidate.device, eager=True)
+    probe = probe_batch(candidate.image_size, batch=images).to(candidate.device)  # (B, 3, S, S) uint8
+    return check_agreement(candidate.logits, reference, probe, candidate.dtype_name)
+
+
+def _close_built(built: tuple[Classifier, float, Agreement, GpuDecoder | None]) -> None:
+    built[0].close()  # a compiled model built for a generation that no longer serves (a reload overtook it)
+
+
+async def in_daemon_thread(function: Callable[[], T], abandon: Callable[[T], None] | None = None) -> T:
+    """Await `function()` run on a daemon thread of its own; a result nobody awaits any more (the awaiting task was
+    cancelled) is handed to `abandon`. Not asyncio.to_thread: the default executor is joined when the loop closes,
+    so a shutdown would wait minutes for a compile nobody needs any more."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled meanwhile: nobody waits
+            if error is None and abandon is not None:
+                abandon(result)  # type: ignore[arg-type]  # None only alongside an error
+            return
+        if error is None:
+            future.set_result(result)  # type: ignore[arg-type]  # None only alongside an error
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            outcome: tuple[T | None, BaseException | None] = (function(), None)
+        except BaseException as err:  # handed to the awaiting task, which decides
+            outcome = (None, err)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown): nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="petvit-compile", daemon=True).start()
+    return await future
 
 
 @dataclass(eq=False)
@@ -87,6 +163,8 @@ class ServiceLifecycle:
         self.message = "the service is starting"
         self.reloading = asyncio.Lock()  # one reload at a time (app/reload.py)
         self._retiring: set[asyncio.Task] = set()
+        self.compile_state = CompileState.compiling if self.compiles else CompileState.off
+        self._compiling: asyncio.Task | None = None  # the compiled model being built behind the eager one
         self._in_flight = 0  # /classify requests between require_ready and their answer
         self._idle = asyncio.Event()
         self._idle.set()
@@ -94,6 +172,11 @@ class ServiceLifecycle:
     @property
     def ready(self) -> bool:
         return self.status is ServiceStatus.ready
+
+    @property
+    def compiles(self) -> bool:
+        """Whether a compiled model is wanted: PETVIT_COMPILE, or int8 (only worth serving compiled)."""
+        return self.settings.compile or self.settings.dtype == "int8"
 
     @property
     def predictor(self) -> Classifier | None:
@@ -146,6 +229,8 @@ class ServiceLifecycle:
         self.preprocess_pool = ThreadPoolExecutor(self.settings.preprocess_threads, thread_name_prefix="petvit-pre")
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        if self.compiles and self.settings.compile_cache_dir is not None:
+            self._open_compile_cache(self.settings.compile_cache_dir)
         path = self.settings.checkpoint
         self.status, self.message = ServiceStatus.loading, f"loading the model from {path}"
         try:
@@ -160,19 +245,42 @@ class ServiceLifecycle:
         else:
             self.go_live(generation)
 
+    def _open_compile_cache(self, root: Path) -> None:
+        """Point inductor at root/<kernel key> before the first compile; a folder it cannot use costs a cold cache,
+        never the service."""
+        try:
+            folder = use_compile_cache(root, resolve_device(self.settings.device))
+        except (OSError, ValueError, RuntimeError) as err:  # unwritable, or a device that is not there
+            log.warning("compile cache %s not used, compiling without a kept cache: %s", root, err)
+        else:
+            log.info("compile cache: %s", folder)
+
+    def _settings_for(self, path: Path, compiled: bool) -> Settings:
+        return self.settings.model_copy(update={"checkpoint": path, "compile": compiled})
+
     async def load_generation(self, path: Path) -> ModelGeneration:
-        """Load and warm up the artifact at `path` off the event loop, beside whatever is serving, and open its
-        batcher; raises what the loader raises (ArtifactError and its kin)."""
+        """Load and warm up the artifact at `path`, eager, off the event loop, beside whatever is serving, and open
+        its batcher; raises what the loader raises (ArtifactError and its kin). The compiled model, when wanted, is
+        built behind it once it serves (go_live)."""
         log.info("loading model artifact %s", path)
-        predictor = await asyncio.to_thread(self.loader, self.settings.model_copy(update={"checkpoint": path}))
-        settings = self.settings
-        sizes = warmup_sizes(settings.max_batch_size, settings.warmup, predictor.device, predictor.buckets)
+        predictor = await asyncio.to_thread(self.loader, self._settings_for(path, compiled=False))
+        sizes = self._warmup_sizes(predictor)
         if self.live is None:  # the first load: /readyz shows the progress
             compiling = "compiling and " if predictor.compiled else ""
             self.message = f"{compiling}warming up batch sizes {sizes} on {predictor.device}"
         warmup_s = await asyncio.to_thread(predictor.warmup, sizes)
         decoder = await asyncio.to_thread(self._gpu_decoder_for, predictor)  # probes (and warms) the decoder
         log.info("loaded %s (%s); warm-up of %s took %.2f s", path, predictor.sha256[:12], sizes, warmup_s)
+        return self._generation(predictor, decoder, path, warmup_s)
+
+    def _warmup_sizes(self, predictor: Classifier) -> list[int]:
+        s = self.settings
+        return warmup_sizes(s.max_batch_size, s.warmup, predictor.device, predictor.buckets)
+
+    def _generation(
+        self, predictor: Classifier, decoder: GpuDecoder | None, path: Path, warmup_s: float
+    ) -> ModelGeneration:
+        settings = self.settings
         batcher = DynamicBatcher(
             functools.partial(predict_batch, predictor, decoder),
             settings.max_batch_size,
@@ -204,11 +312,60 @@ class ServiceLifecycle:
             self.metrics.enable_gpu_gauges()
         if generation.gpu_decoder is not None and self.metrics.gpu_decode is None:
             self.metrics.enable_gpu_decode_counter()
+        self.metrics.compiled_serving.set(1 if predictor.compiled else 0)
         self.status = ServiceStatus.ready
         compiled = ", compiled" if predictor.compiled else ""
         self.message = f"ready: {predictor.metadata.name} on {predictor.device} ({predictor.dtype_name}{compiled})"
         log.info("%s, sha256 %s", self.message, predictor.sha256)
+        if self.compiles and not predictor.compiled:
+            self._compile_behind(generation)
         return old
+
+    # ------------------------------------------------------------------------------ the compiled model, behind
+    def _compile_behind(self, eager: ModelGeneration) -> None:
+        """Build the compiled model for `eager`'s artifact behind it. A newer eager generation (a reload) replaces
+        the build: its thread runs on, but its result is dropped."""
+        if self._compiling is not None:
+            self._compiling.cancel()
+        self.compile_state = CompileState.compiling
+        self.message += "; compiling the faster forward behind it"
+        self._compiling = asyncio.get_running_loop().create_task(self._build_compiled(eager), name="petvit-compile")
+
+    def _compiled_and_checked(self, path: Path) -> tuple[Classifier, float, Agreement, GpuDecoder | None]:
+        """On the compile thread: load the compiled model, warm (compile) every bucket, compare it with eager
+        float32 on the probe batch."""
+        predictor = self.loader(self._settings_for(path, compiled=True))
+        warmup_s = predictor.warmup(self._warmup_sizes(predictor))
+        agreement = agreement_with_float32(predictor, path)
+        decoder = self._gpu_decoder_for(predictor) if agreement.ok else None
+        return predictor, warmup_s, agreement, decoder
+
+    async def _build_compiled(self, eager: ModelGeneration) -> None:
+        path = eager.checkpoint
+        started = time.monotonic()
+        try:
+            built = await in_daemon_thread(functools.partial(self._compiled_and_checked, path), _close_built)
+        except Exception as err:  # a compile, or a cached kernel, that raises: never the service's end
+            self._keep_eager(CompileState.failed, f"compiling {path} failed: {type(err).__name__}: {err}")
+            return
+        predictor, warmup_s, agreement, decoder = built
+        if self.live is not eager or self.status is not ServiceStatus.ready:  # a reload or shutdown overtook it
+            predictor.close()
+            return
+        if not agreement.ok:
+            predictor.close()
+            self._keep_eager(CompileState.disagreed, agreement.why())
+            return
+        self.metrics.compile_checks.labels(CompileState.agreed.value).inc()
+        self.compile_state = CompileState.agreed
+        log.info("compiled %s in %.1f s; %s", path, time.monotonic() - started, agreement.why())
+        self.go_live(self._generation(predictor, decoder, path, warmup_s))
+
+    def _keep_eager(self, outcome: CompileState, why: str) -> None:
+        self.metrics.compile_checks.labels(outcome.value).inc()
+        self.compile_state = outcome
+        self.message = self.message.split("; ")[0] + f"; the compiled forward {outcome.value}: serving eager"
+        log.warning("serving the eager model: %s", " ".join(why.split()))  # one line, whatever the exception says
 
     def _retire(self, old: ModelGeneration) -> None:
         task = asyncio.get_running_loop().create_task(self._drain(old), name="petvit-retire")
@@ -239,6 +396,10 @@ class ServiceLifecycle:
         was = self.status
         self.status, self.message = ServiceStatus.shutting_down, "the service is shutting down"
         started = time.monotonic()
+        if self._compiling is not None:  # its thread is a daemon: the process need not wait for it
+            self._compiling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._compiling
         if self.live is not None:
             queued = self.live.batcher.depth
             await self.live.batcher.close()
@@ -255,9 +416,12 @@ class ServiceLifecycle:
 
 
 __all__ = [
+    "CompileState",
     "ModelGeneration",
     "PredictorLoader",
     "ServiceLifecycle",
     "ServiceStatus",
+    "agreement_with_float32",
+    "in_daemon_thread",
     "load_from_settings",
 ]

@@ -35,6 +35,12 @@ REJECTION_REASONS = frozenset(code.reason for code in ErrorCode if code.reason i
 RELOAD_OUTCOMES = ("success", "refused", "forbidden", "no_memory", "busy", "failed")
 
 
+# petvit_compile_checks_total{outcome}: the compiled model built behind the eager one at start (PETVIT_COMPILE, int8).
+# "agreed": its forward matched eager float32 on the probe batch and it took over; "disagreed": it did not (a stale
+# or wrong kernel: eager keeps serving); "failed": compiling or warming it raised (eager keeps serving).
+COMPILE_OUTCOMES = ("agreed", "disagreed", "failed")
+
+
 class Metrics:
     def __init__(self, max_batch_size: int = 16, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -80,6 +86,17 @@ class Metrics:
         self.reloads = Counter("petvit_reloads", "model reloads, by outcome", ["outcome"], registry=r)
         for outcome in RELOAD_OUTCOMES:
             self.reloads.labels(outcome)
+        self.compiled_serving = Gauge(
+            "petvit_compiled_serving", "1 while the compiled forward serves, 0 while the eager one does", registry=r
+        )
+        self.compile_checks = Counter(
+            "petvit_compile_checks",
+            "compiled models checked against eager float32, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in COMPILE_OUTCOMES:
+            self.compile_checks.labels(outcome)
         self.gpu_allocated: Gauge | None = None  # created by enable_gpu_gauges, only when serving on CUDA
         self.gpu_decode: Counter | None = None  # created by enable_gpu_decode_counter, only with PETVIT_GPU_DECODE on
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -149,6 +149,15 @@ class ModelInfo(BaseModel):
     sha256: str
     device: str
     dtype: str
+    serving: Literal["eager", "compiled"] = Field(
+        description="which forward answers: the eager model (at start, and whenever the compiled one was refused) "
+        "or the torch.compile'd one (PETVIT_COMPILE, int8), once it agreed with eager float32"
+    )
+    compile: Literal["off", "compiling", "agreed", "disagreed", "failed"] = Field(
+        description="the compiled model built behind the eager one: off (not asked for), compiling, agreed (it "
+        "serves), disagreed (its answers were off eager float32's on the probe batch) or failed (compiling raised); "
+        "after disagreed or failed the eager model keeps serving and the service log says why"
+    )
     parameters: int
     checkpoint: str | None = Field(None, description="the artifact's path on the server (changes on reload)")
 

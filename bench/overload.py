@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from service_load import cpu_seconds, free_port, make_jpegs, parse_cpus  # noqa: E402
+from service_load import cpu_seconds, free_port, full_speed, make_jpegs, parse_cpus  # noqa: E402
 
 from model.export import export_artifact  # noqa: E402
 
@@ -145,7 +145,7 @@ def start_server(artifact: Path, args: argparse.Namespace) -> tuple[subprocess.P
         if process.poll() is not None:
             raise RuntimeError(f"petvit serve exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200 and full_speed(url):
                 return process, url
         except httpx.HTTPError:
             pass

@@ -106,10 +106,17 @@ class InferenceModel:
 
 
 def prepare_for_inference(
-    model: ViT, dtype: str, device: torch.device, compile: bool = False, features: bool = False
+    model: ViT,
+    dtype: str,
+    device: torch.device,
+    compile: bool = False,
+    features: bool = False,
+    eager: bool = False,
 ) -> InferenceModel:
     """`model` cast or quantised to `dtype`, moved to `device`, in eval mode; its forward compiled when `compile`
-    (or when `dtype` is int8, which is only worth serving compiled). The model is changed in place. features=True:
+    (or when `dtype` is int8, which is only worth serving compiled), unless `eager`: then never, int8 included (the
+    service answers with the eager model while the compiled one is built behind it: app/lifecycle.py). The model
+    is changed in place. features=True:
     callers want the CLS feature with the logits, so the compiled function is forward_with_features (one graph
     serves both; the plain forward of a model prepared without it is untouched).
 
@@ -119,13 +126,13 @@ def prepare_for_inference(
     if is_quantised(name):
         model = model.to(device=device, dtype=torch.float32).eval()
         quantise_int8(model)
-        compute, compile = torch.float32, True
+        compute, compile = torch.float32, not eager
     else:
         compute = resolve_dtype(name, device)
         model = model.to(device=device, dtype=compute).eval()
         name = str(compute).removeprefix("torch.")  # "auto" -> what it chose
     prepared = InferenceModel(model, name, compute, device, with_features=features)
-    if compile:
+    if compile and not eager:
         prepared.compile_mode = "reduce-overhead" if device.type == "cuda" else None
         prepared._forward = compiled_forward(model, prepared.compile_mode, features)
     return prepared
@@ -260,15 +267,17 @@ class Classifier:
         sha256: str = "",
         compile: bool = False,
         max_batch_size: int = 16,
+        eager: bool = False,
     ) -> None:
         """`dtype` is a torch dtype or a name from model.precision's vocabulary ("int8" included); int8 and
-        `compile` give a compiled forward, fed only the bucket sizes of max_batch_size (pow2_batch_sizes)."""
+        `compile` give a compiled forward, fed only the bucket sizes of max_batch_size (pow2_batch_sizes), unless
+        `eager` (prepare_for_inference)."""
         name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
         # Trust (model/trust.py): logits / temperature before the softmax; the open-set score per image.
         self.calibration = metadata.calibration
         self.open_set = metadata.open_set
         self.wants_features = self.open_set is not None and self.open_set.needs_features
-        self.runner = prepare_for_inference(model, name, device, compile, features=self.wants_features)
+        self.runner = prepare_for_inference(model, name, device, compile, features=self.wants_features, eager=eager)
         self.model = self.runner.model
         self.metadata = metadata
         self.device = device
@@ -289,10 +298,11 @@ class Classifier:
         dtype: str = "auto",
         compile: bool = False,
         max_batch_size: int = 16,
+        eager: bool = False,
     ) -> Classifier:
         dev = resolve_device(device)  # ValueError names a missing device; /readyz shows it
         model, meta = load_artifact(path, device="cpu")
-        return cls(model, meta, dev, dtype, file_sha256(path), compile, max_batch_size)
+        return cls(model, meta, dev, dtype, file_sha256(path), compile, max_batch_size, eager)
 
     @property
     def dtype_name(self) -> str:

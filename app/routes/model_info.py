@@ -34,6 +34,8 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         sha256=predictor.sha256,
         device=str(predictor.device),
         dtype=predictor.dtype_name,
+        serving="compiled" if predictor.compiled else "eager",
+        compile=service.compile_state.value,
         parameters=predictor.model.num_parameters(),
         checkpoint=checkpoint,
     )

@@ -325,7 +325,10 @@ def after_train(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     # The same user as train, who can read what train wrote and what you copied in, whatever its mode.
-    become(*stack_owner())
+    owner = stack_owner()
+    if cache := os.environ.get("PETVIT_COMPILE_CACHE_DIR"):  # the compile-cache volume, created root-owned by Docker
+        hand_over([Path(cache)], *owner)
+    become(*owner)
     checkpoint = Path(os.environ.get("PETVIT_CHECKPOINT", str(ARTIFACTS / DEFAULT_ARTIFACT_FILE)))
     explanation = wait_for_model(checkpoint, STATUS_DIR / "train.json")
     if explanation:

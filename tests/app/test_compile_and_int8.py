@@ -1,5 +1,6 @@
 """PETVIT_COMPILE and PETVIT_DTYPE=int8 in the service: batches padded to buckets answer exactly as unpadded ones,
-warm-up compiles every bucket before /readyz turns 200, int8 is served and named, a missing torchao is reported."""
+the compiled model compiles every bucket before it takes over from the eager one, int8 is served (eager int8 at once,
+compiled soon after, the same top-1 answers) and named, a missing torchao is reported."""
 
 from __future__ import annotations
 
@@ -86,13 +87,16 @@ def test_cpu_batches_split_into_buckets_answer_exactly_as_whole_ones(tiny_artifa
         assert torch.equal(g.probs, w.probs)
 
 
-async def test_warm_up_compiles_every_bucket_before_ready(tiny_artifact, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_warm_up_compiles_every_bucket_before_the_compiled_model_serves(
+    tiny_artifact, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shapes: list[int] = []
     monkeypatch.setattr(torch, "compile", recording_compile(shapes))
     # warmup="none" would skip an eager warm-up; a compiled one still warms its buckets (or requests would compile).
     settings = make_settings(tiny_artifact, compile=True, warmup="none", max_batch_size=8)
     async with running_app(settings) as (client, service):
-        assert service.ready, service.message
+        assert service.ready, service.message  # eager first (test_compile_behind.py), the compiled one behind it
+        await until(lambda: service.predictor.compiled)
         assert sorted(set(shapes)) == [1, 2, 4, 8] == service.predictor.buckets
         assert "compiled" in service.message
         shapes.clear()
@@ -154,17 +158,25 @@ async def test_a_retired_generation_shuts_its_cuda_graph_thread_down(tiny_artifa
 
 
 async def test_int8_is_served_named_and_close_to_float32(tiny_artifact) -> None:
-    """The real thing: torchao quantisation and torch.compile, through the service (two buckets: 1 and 2)."""
+    """The real thing: torchao quantisation and torch.compile, through the service (two buckets: 1 and 2). Eager
+    int8 serves at once; the compiled int8 model takes over once it agrees with float32, with the same top-1."""
     settings = make_settings(tiny_artifact, dtype="int8", max_batch_size=2)
-    async with running_app(settings, wait_ready=False) as (client, service):
-        await until(lambda: service.status not in ("starting", "loading"), timeout_s=600)  # compiling takes a while
-        assert service.ready, service.message
+    data = png_bytes(3)
+    files = [("file", ("a.png", data, "image/png")), ("file", ("b.png", png_bytes(4), "image/png"))]
+    async with running_app(settings) as (client, service):
+        assert service.ready and not service.predictor.compiled, service.message  # eager int8, before any compile
+        eager_info = (await client.get("/v1/model")).json()
+        eager = (await client.post("/classify", files=files, params={"top_k": 37})).json()
+        await until(lambda: service.compile_state != "compiling", timeout_s=600)  # compiling takes a while
+        assert service.compile_state == "agreed", service.message
         ready, info = (await client.get("/readyz")).json(), (await client.get("/v1/model")).json()
-        data = png_bytes(3)
-        files = [("file", ("a.png", data, "image/png")), ("file", ("b.png", png_bytes(4), "image/png"))]
         response = await client.post("/classify", files=files, params={"top_k": 37, "heatmap": "true"})
         gradient = await client.post("/classify", files=files, params={"heatmap": "true", "heatmap_method": "gradient"})
-    assert ready["dtype"] == "int8" and info["dtype"] == "int8"
+    assert ready["dtype"] == "int8" and info["dtype"] == "int8" == eager_info["dtype"]
+    assert (eager_info["serving"], info["serving"]) == ("eager", "compiled")
+    assert [r["predictions"][0]["label"] for r in eager["results"]] == [
+        r["predictions"][0]["label"] for r in response.json()["results"]
+    ]
     # int8 layers give no gradients: a 422 saying what to use instead, never the batch's 500.
     assert gradient.status_code == 422 and gradient.json()["error"]["code"] == "invalid_parameters"
     assert "heatmap_method=rollout" in gradient.json()["error"]["message"]
