@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from model.artifact import load_artifact, read_metadata, save_artifact
 from model.config import ViTConfig
+from model.rollout import attention_rollout
 from model.vit import ViT, resample_position_embedding
 from tests.conftest import make_tiny_config, make_tiny_model
 
@@ -106,3 +107,30 @@ def test_flops_count_the_projection() -> None:
     plain, projected = ViT(make_tiny_config()), ViT(make_tiny_config(projection_dim=16))
     extra = 2 * 32 * 16 - 2 * (32 - 16) * 37  # the projection, minus the narrower head
     assert math.isclose(projected.flops_per_image() - plain.flops_per_image(), extra)
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(pre_norm=True, activation="quick_gelu", projection_dim=16, normalize_features=True),  # a CLIP tower
+        dict(layer_scale=True),  # a DINOv2 backbone
+    ],
+    ids=["clip", "dinov2"],
+)
+def test_rollout_of_planted_attention_peaks_on_the_planted_patch_at_patch_14(switches: dict) -> None:
+    """The towers' token layout at 14 px patches (CLS, then a 4 x 4 grid at 56 px): the attention the model returns
+    has that shape, and attention planted on one patch in every block rolls out to a map that peaks exactly there."""
+    model = make_tiny_model(patch_size=14, image_size=56, **switches).eval()
+    images = torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8)
+    with torch.no_grad():
+        _, attentions = model.forward_with_attention(images)
+    grid, tokens = model.check_input(images), model.num_prefix_tokens + 16
+    assert grid == (4, 4) and [a.shape for a in attentions] == [(2, model.config.num_heads, tokens, tokens)] * len(
+        attentions
+    )
+    for patch in (0, 6, 15):
+        planted = torch.full_like(attentions[0], 0.1 / (tokens - 1))
+        planted[..., model.num_prefix_tokens + patch] = 0.9  # every token looks at that patch
+        heatmap = attention_rollout([planted] * len(attentions), num_prefix_tokens=model.num_prefix_tokens, grid=grid)
+        assert heatmap.shape == (2, 4, 4)
+        assert all(int(h.argmax()) == patch and h.flatten()[patch] == 1.0 for h in heatmap)
