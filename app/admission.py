@@ -19,14 +19,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.batch_errors import BatcherError
 from app.deps import api_key_matches
 from app.errors import ServiceError, error_response, refusal
-from app.lifecycle import ServiceLifecycle
+from app.service import Service
 from app.uploads import check_headers
 
 
 class OverloadFastPath:
     """ASGI middleware: 429 for POST /classify when the live model cannot take one more image in time."""
 
-    def __init__(self, app: ASGIApp, service: ServiceLifecycle, path: str = "/classify") -> None:
+    def __init__(self, app: ASGIApp, service: Service, path: str = "/classify") -> None:
         self.app = app
         self.service = service
         self.path = path  # the route template it guards: RequestMetricsMiddleware labels its refusals with it
@@ -41,9 +41,9 @@ class OverloadFastPath:
         await self.app(scope, receive, send)
 
     def _refusal(self, request: Request) -> ServiceError | None:
-        service, settings = self.service, self.service.settings
-        generation = service.live
-        if not service.ready or generation is None:
+        models, settings = self.service.models, self.service.settings
+        generation = models.live
+        if not models.ready or generation is None:
             return None
         if not api_key_matches(settings, request.headers.get("x-api-key")):
             return None  # 401 first: the route says so

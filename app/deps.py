@@ -9,15 +9,15 @@ from fastapi import Depends, Header, Request
 
 from app.config import Settings
 from app.errors import unauthorized
-from app.lifecycle import ServiceLifecycle
+from app.service import Service
 
 
-def get_service(request: Request) -> ServiceLifecycle:
+def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
 def require_api_key(
-    service: Annotated[ServiceLifecycle, Depends(get_service)],
+    service: Annotated[Service, Depends(get_service)],
     x_api_key: Annotated[str | None, Header(description="needed when the service has PETVIT_API_KEY set")] = None,
 ) -> None:
     if not api_key_matches(service.settings, x_api_key):
@@ -34,5 +34,5 @@ def api_key_matches(settings: Settings, given: str | None) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.get_secret_value().encode())
 
 
-ServiceDep = Annotated[ServiceLifecycle, Depends(get_service)]
+ServiceDep = Annotated[Service, Depends(get_service)]
 ApiKeyDep = Depends(require_api_key)

@@ -1,6 +1,7 @@
 """The service's lifecycle (ServiceStatus: starting -> loading -> ready | failed, then shutting_down) and its model
 generations: each one a Classifier (model/inference.py) with its own batcher, which runs app/pipeline.predict_batch.
-It also still holds the settings, the metrics and the preprocessing thread pool the requests share.
+It holds the generations and nothing else: the settings it builds them from and the metrics it labels them in are
+handed to it by app/service.Service, which owns those and the thread pool the requests share.
 
 Loading happens in the background so /healthz and /readyz answer from the first second: a big model's load and
 warm-up can take minutes on a GPU node, and a liveness probe must not kill the pod meanwhile.
@@ -23,7 +24,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -153,12 +153,11 @@ class ServiceLifecycle:
     """Loads the model in the background, says whether it is ready, swaps in a new model on reload, and drains
     in-flight work at shutdown."""
 
-    def __init__(self, settings: Settings, loader: PredictorLoader = load_from_settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, metrics: Metrics, loader: PredictorLoader = load_from_settings) -> None:
+        self.settings = settings  # read, never owned: app/service.Service holds it
+        self.metrics = metrics  # where generations are labelled (petvit_model_info, petvit_compiled_serving)
         self.loader = loader
-        self.metrics = Metrics(settings.max_batch_size)
         self.live: ModelGeneration | None = None
-        self.preprocess_pool: ThreadPoolExecutor | None = None
         self.status = ServiceStatus.starting
         self.message = "the service is starting"
         self.reloading = asyncio.Lock()  # one reload at a time (app/reload.py)
@@ -206,8 +205,8 @@ class ServiceLifecycle:
     @contextlib.contextmanager
     def serving(self) -> Iterator[ModelGeneration]:
         """The live generation, pinned: the request is counted as in flight on it (a reload retires it only after)
-        and on the service (stop() waits for those before it closes the thread pool they still need: heatmap PNGs
-        are rendered after the batch)."""
+        and on the service (stop() waits for those: the service closes the thread pool they still need, heatmap PNGs
+        being rendered after the batch, only after it)."""
         generation = self._require_live()
         generation.in_flight += 1
         generation.idle.clear()
@@ -226,9 +225,6 @@ class ServiceLifecycle:
     async def start(self) -> None:
         """Load and warm up the model off the event loop, then open the batcher. A model that cannot be loaded
         leaves the service up but not ready, with /readyz saying why."""
-        self.preprocess_pool = ThreadPoolExecutor(self.settings.preprocess_threads, thread_name_prefix="petvit-pre")
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
         if self.compiles and self.settings.compile_cache_dir is not None:
             self._open_compile_cache(self.settings.compile_cache_dir)
         path = self.settings.checkpoint
@@ -407,12 +403,10 @@ class ServiceLifecycle:
             log.info("drained %d queued images in %.2f s (was %s)", queued, time.monotonic() - started, was)
         if self._retiring:  # generations replaced by a reload, still answering their last requests
             await asyncio.gather(*self._retiring, return_exceptions=True)
-        try:  # the drained requests still render their heatmaps in the pool
+        try:  # the drained requests still render their heatmaps in the service's pool, closed after this returns
             await asyncio.wait_for(self._idle.wait(), self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             log.warning("%d requests still unanswered at shutdown", self._in_flight)
-        if self.preprocess_pool is not None:
-            await asyncio.to_thread(self.preprocess_pool.shutdown, wait=True)  # joins its threads off the loop
 
 
 __all__ = [

@@ -18,10 +18,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.admission import OverloadFastPath
 from app.config import Settings
 from app.errors import install_error_handlers
-from app.lifecycle import PredictorLoader, ServiceLifecycle, load_from_settings
+from app.lifecycle import PredictorLoader, load_from_settings
 from app.metrics import Metrics
 from app.reload import install_sighup_handler
 from app.routes import admin, classify, health, metrics, model_info, ui
+from app.service import Service
 
 log = logging.getLogger("petvit.app")
 
@@ -56,7 +57,7 @@ class RequestMetricsMiddleware:
 
 def create_app(settings: Settings | None = None, loader: PredictorLoader = load_from_settings) -> FastAPI:
     settings = settings or Settings()
-    service = ServiceLifecycle(settings, loader)
+    service = Service.build(settings, loader)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

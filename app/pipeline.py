@@ -35,7 +35,8 @@ from model.overlay import overlay_png_base64
 from model.preprocess import ImageRejected, PreparedImage, prepare
 
 if TYPE_CHECKING:  # the lifecycle runs predict_batch: it imports this module
-    from app.lifecycle import ModelGeneration, ServiceLifecycle
+    from app.lifecycle import ModelGeneration
+    from app.service import Service
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class _Overlay:
 # ---------------------------------------------------------------------------------------------------------- decode
 async def decode(
     request: Request,
-    service: ServiceLifecycle,
+    service: Service,
     generation: ModelGeneration,
     options: ClassifyOptions,
     admission: Admission,
@@ -128,11 +129,11 @@ def _check_heatmap_method(gradient: bool, predictor: Classifier) -> None:
         )
 
 
-async def _prepare(service: ServiceLifecycle, generation: ModelGeneration, uploads: list[Upload]) -> list[DecodedImage]:
+async def _prepare(service: Service, generation: ModelGeneration, uploads: list[Upload]) -> list[DecodedImage]:
     """Decode, check and crop every upload in the preprocess pool, as the request's model wants them. The first bad
     one in upload order fails the request, its message saying which image it was."""
     loop = asyncio.get_running_loop()
-    pool, max_pixels = service.preprocess_pool, service.settings.max_pixels
+    pool, max_pixels = service.pool, service.settings.max_pixels
     pre: Preprocessing = generation.predictor.preprocessing
     defer = generation.gpu_decoder is not None  # JPEGs: header checks here, pixels on the model's device
     outcomes = await asyncio.gather(
@@ -167,7 +168,7 @@ def _admit(admission: Admission, images: int, timeout_s: float) -> None:
 # --------------------------------------------------------------------------------------------------------- predict
 async def predict(
     request: Request,
-    service: ServiceLifecycle,
+    service: Service,
     generation: ModelGeneration,
     decoded: Decoded,
     options: ClassifyOptions,
@@ -235,7 +236,7 @@ def _decoded(
 
 # ---------------------------------------------------------------------------------------------------------- encode
 async def encode(
-    service: ServiceLifecycle,
+    service: Service,
     classifier: Classifier,
     decoded: Decoded,
     results: list[BatchResult[ImagePrediction]],
@@ -261,7 +262,7 @@ async def encode(
 
 
 async def _overlays(
-    service: ServiceLifecycle,
+    service: Service,
     images: list[DecodedImage],
     results: list[BatchResult[ImagePrediction]],
     heatmap: bool,
@@ -276,7 +277,7 @@ async def _overlays(
     loop = asyncio.get_running_loop()
     return await asyncio.gather(
         *(
-            loop.run_in_executor(service.preprocess_pool, _timed_overlay, image.prepared, result.value.grid)
+            loop.run_in_executor(service.pool, _timed_overlay, image.prepared, result.value.grid)
             for image, result in zip(images, results, strict=True)
         )
     )

@@ -34,7 +34,8 @@ from app.errors import (
     reload_failed,
     shutting_down,
 )
-from app.lifecycle import ModelGeneration, ServiceLifecycle, ServiceStatus
+from app.lifecycle import ModelGeneration, ServiceStatus
+from app.service import Service
 from model.artifact import ArtifactError, ArtifactUnreadableError, read_metadata
 from model.device import resolve_device
 
@@ -94,28 +95,30 @@ def check_fits(device: torch.device, path: Path, factor: float) -> None:
         raise insufficient_gpu_memory(shortfall)
 
 
-def _target_device(service: ServiceLifecycle) -> torch.device:
+def _target_device(service: Service) -> torch.device:
     """Where the new model will live: the live model's device (the settings have not changed since)."""
-    return service.predictor.device if service.predictor is not None else resolve_device(service.settings.device)
+    live = service.models.predictor
+    return live.device if live is not None else resolve_device(service.settings.device)
 
 
-def _precheck(service: ServiceLifecycle, path: Path) -> None:
+def _precheck(service: Service, path: Path) -> None:
     """The cheap checks, on a worker thread: the header (ArtifactError), then the memory."""
     read_metadata(path)
     check_fits(_target_device(service), path, service.settings.reload_memory_factor)
 
 
-async def reload_model(service: ServiceLifecycle, checkpoint: Path | None = None) -> Reloaded:
+async def reload_model(service: Service, checkpoint: Path | None = None) -> Reloaded:
     """Load `checkpoint` (default: PETVIT_CHECKPOINT) beside the live model and swap it in; a ServiceError says
     why not (403 outside the model folders, 409 while another reload or the first load runs, 422 for an artifact we
     will not serve, ...)."""
+    models = service.models
     try:
         path = service.settings.checkpoint if checkpoint is None else checked_checkpoint(service.settings, checkpoint)
-        if service.reloading.locked() or service.status in (ServiceStatus.starting, ServiceStatus.loading):
-            raise reload_busy("another reload is running" if service.reloading.locked() else "the model is loading")
-        if service.status is ServiceStatus.shutting_down:
+        if models.reloading.locked() or models.status in (ServiceStatus.starting, ServiceStatus.loading):
+            raise reload_busy("another reload is running" if models.reloading.locked() else "the model is loading")
+        if models.status is ServiceStatus.shutting_down:
             raise shutting_down()
-        async with service.reloading:
+        async with models.reloading:
             reloaded = await _load_and_swap(service, path)
     except ServiceError as err:
         service.metrics.reloads.labels(err.kind.reload_outcome).inc()
@@ -125,13 +128,13 @@ async def reload_model(service: ServiceLifecycle, checkpoint: Path | None = None
     return reloaded
 
 
-async def _load_and_swap(service: ServiceLifecycle, path: Path) -> Reloaded:
-    started = time.monotonic()
-    previous = service.predictor.sha256 if service.predictor is not None else None
+async def _load_and_swap(service: Service, path: Path) -> Reloaded:
+    started, models = time.monotonic(), service.models
+    previous = models.predictor.sha256 if models.predictor is not None else None
     log.info("reloading the model from %s", path)
     try:
         await asyncio.to_thread(_precheck, service, path)
-        generation = await service.load_generation(path)
+        generation = await models.load_generation(path)
     except (ArtifactUnreadableError, OSError) as err:  # which of the three: the DEBUG log, never the answer
         log.debug("reload from %s: %s", path, err)
         raise artifact_refused(
@@ -145,9 +148,9 @@ async def _load_and_swap(service: ServiceLifecycle, path: Path) -> Reloaded:
     except Exception as err:  # e.g. out of memory during warm-up: the old model still serves
         log.exception("reload from %s failed", path)
         raise reload_failed(f"{type(err).__name__}: {err}") from None
-    if service.status is ServiceStatus.shutting_down:  # stopped while we loaded: never open a batcher nobody will close
+    if models.status is ServiceStatus.shutting_down:  # stopped while we loaded: never open a batcher nobody will close
         raise shutting_down()
-    service.go_live(generation)
+    models.go_live(generation)
     return Reloaded(generation, previous, time.monotonic() - started)
 
 
@@ -155,7 +158,7 @@ async def _load_and_swap(service: ServiceLifecycle, path: Path) -> Reloaded:
 _background: set[asyncio.Task] = set()
 
 
-def reload_in_background(service: ServiceLifecycle) -> asyncio.Task:
+def reload_in_background(service: Service) -> asyncio.Task:
     """Reload PETVIT_CHECKPOINT as a task of its own (what SIGHUP does); a refusal is logged, never raised."""
 
     async def reload_and_log() -> None:
@@ -171,7 +174,7 @@ def reload_in_background(service: ServiceLifecycle) -> asyncio.Task:
     return task
 
 
-def install_sighup_handler(service: ServiceLifecycle) -> Callable[[], None]:
+def install_sighup_handler(service: Service) -> Callable[[], None]:
     """Make SIGHUP reload PETVIT_CHECKPOINT (its default action would end the process); returns the function that
     puts the previous handler back, for the lifespan's shutdown. uvicorn handles only SIGINT and SIGTERM, through
     signal.signal too, so the two never meet. Signals can only be caught on the main thread: elsewhere (an app run

@@ -49,7 +49,7 @@ async def classify(
         # Pinned to the model live now (a reload meanwhile does not change who answers), with queue room held for
         # the request's images from before its body is read: refusals come before reading and decoding, not after.
         deadline = arrived + service.settings.request_timeout_s
-        with service.serving() as generation, generation.batcher.admit(deadline) as admission:
+        with service.models.serving() as generation, generation.batcher.admit(deadline) as admission:
             decoded = await pipeline.decode(request, service, generation, options, admission)
             results = await pipeline.predict(request, service, generation, decoded, options, admission)
             answer = await pipeline.encode(service, generation.predictor, decoded, results, options, arrived)

@@ -30,7 +30,7 @@ async def healthz() -> Health:
 )
 async def readyz(service: ServiceDep) -> Readiness:
     try:
-        predictor, _ = service.require_ready()
+        predictor, _ = service.models.require_ready()
     except ServiceError as err:
         # The advice as the operator types it: under compose, its host folders and `docker compose run ...`
         # (docker-compose.yml says how, model/host_paths.py); elsewhere the message is unchanged.
@@ -40,5 +40,5 @@ async def readyz(service: ServiceDep) -> Readiness:
         model=predictor.metadata.name,
         device=str(predictor.device),
         dtype=predictor.dtype_name,
-        warmup_s=round(service.warmup_s, 3),
+        warmup_s=round(service.models.warmup_s, 3),
     )

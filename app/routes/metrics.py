@@ -12,6 +12,6 @@ router = APIRouter(tags=["metrics"])
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (petvit_*)")
 async def metrics(service: ServiceDep) -> Response:
-    if service.predictor is not None:
-        service.metrics.update_gpu_memory(service.predictor.device)
+    if service.models.predictor is not None:
+        service.metrics.update_gpu_memory(service.models.predictor.device)
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -15,8 +15,8 @@ router = APIRouter(tags=["model"])
 
 @router.get("/v1/model", response_model=ModelInfo, responses={503: ERROR_RESPONSES[503]})
 async def model_info(service: ServiceDep) -> ModelInfo:
-    predictor, _ = service.require_ready()
-    checkpoint = str(service.live.checkpoint) if service.live is not None else None
+    predictor, _ = service.models.require_ready()
+    checkpoint = str(service.models.live.checkpoint) if service.models.live is not None else None
     meta = predictor.metadata
     return ModelInfo(
         name=meta.name,
@@ -35,7 +35,7 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         device=str(predictor.device),
         dtype=predictor.dtype_name,
         serving="compiled" if predictor.compiled else "eager",
-        compile=service.compile_state.value,
+        compile=service.models.compile_state.value,
         parameters=predictor.model.num_parameters(),
         checkpoint=checkpoint,
     )

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from app.lifecycle import ServiceLifecycle
+from app.service import Service
 
 from .fixtures import make_settings, recording_loader, running_app
 
@@ -22,13 +22,13 @@ def settings(tiny_artifact: Path) -> Settings:
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with running_app(settings) as (http, service):
-        assert service.ready, service.message
+        assert service.models.ready, service.models.message
         yield http
 
 
 @pytest.fixture
-async def served(tiny_artifact: Path) -> AsyncIterator[tuple[httpx.AsyncClient, ServiceLifecycle]]:
+async def served(tiny_artifact: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Service]]:
     """Client plus service state, with a recording predictor (tests read predictor.batches)."""
     async with running_app(make_settings(tiny_artifact), recording_loader(tiny_artifact)) as pair:
-        assert pair[1].ready, pair[1].message
+        assert pair[1].models.ready, pair[1].models.message
         yield pair

@@ -21,8 +21,8 @@ from PIL import Image
 
 from app.client import wait_until_ready
 from app.config import Settings
-from app.lifecycle import ServiceLifecycle
 from app.main import create_app
+from app.service import Service
 from model.artifact import load_artifact
 from model.inference import Classifier, ImagePrediction
 from model.labels import PET_LABELS, PET_SPECIES
@@ -89,17 +89,17 @@ def _warmup_then(predictor: RecordingPredictor, delay_s: float, fail_when) -> Ca
     return warmup
 
 
-def metric_value(service: ServiceLifecycle, name: str, **labels: str) -> float:
+def metric_value(service: Service, name: str, **labels: str) -> float:
     """One sample as the service's registry exports it (0 when the series has not been created yet)."""
     return service.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def flushes(service: ServiceLifecycle, reason: str) -> float:
+def flushes(service: Service, reason: str) -> float:
     """petvit_batch_flush_total{reason} as the service counted it so far."""
     return metric_value(service, "petvit_batch_flush_total", reason=reason)
 
 
-def rejected(service: ServiceLifecycle, reason: str) -> float:
+def rejected(service: Service, reason: str) -> float:
     """petvit_rejected_total{reason} as the service counted it so far."""
     return metric_value(service, "petvit_rejected_total", reason=reason)
 
@@ -122,16 +122,16 @@ def make_settings(artifact: Path, **overrides) -> Settings:
 @contextlib.asynccontextmanager
 async def running_app(
     settings: Settings, loader: Loader | None = None, wait_ready: bool = True
-) -> AsyncIterator[tuple[httpx.AsyncClient, ServiceLifecycle]]:
+) -> AsyncIterator[tuple[httpx.AsyncClient, Service]]:
     """The app with its lifespan running, once loading has finished (ready or failed)."""
     app = create_app(settings, loader) if loader else create_app(settings)
-    service: ServiceLifecycle = app.state.service
+    service: Service = app.state.service
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://petvit.test", timeout=30) as client:
             if wait_ready:
                 for _ in range(2000):
-                    if service.status not in ("starting", "loading"):
+                    if service.models.status not in ("starting", "loading"):
                         break
                     await asyncio.sleep(0.005)
             yield client, service

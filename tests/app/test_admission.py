@@ -73,8 +73,8 @@ async def test_a_request_that_would_miss_its_deadline_gets_429_with_retry_after_
     settings = make_settings(tiny_artifact, max_batch_size=1, max_wait_ms=0, queue_limit=16, request_timeout_s=1.0)
     async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.3)) as (client, service):
         assert (await post_png(client, png_bytes(0))).status_code == 200  # measures the time per image
-        await until(lambda: service.batcher.policy.seconds_per_image is not None)  # recorded after answering
-        per_image = service.batcher.policy.seconds_per_image
+        await until(lambda: service.models.batcher.policy.seconds_per_image is not None)  # recorded after answering
+        per_image = service.models.batcher.policy.seconds_per_image
         decodes.clear()
         responses = await asyncio.gather(*(post_png(client, png_bytes(i)) for i in range(1, 7)))
         overloaded = rejected(service, "overloaded")
@@ -92,7 +92,9 @@ async def test_a_request_that_would_miss_its_deadline_gets_429_with_retry_after_
 async def test_what_the_headers_refuse_is_refused_as_such_even_when_overloaded(tiny_artifact, decodes):
     settings = make_settings(tiny_artifact, max_upload_bytes=1000)
     async with running_app(settings) as (client, service):
-        service.batcher.policy.seconds_per_image = 100.0  # as if the model took 100 s an image: nothing fits 30 s
+        service.models.batcher.policy.seconds_per_image = (
+            100.0  # as if the model took 100 s an image: nothing fits 30 s
+        )
         png = png_bytes(0)[:900]
         overloaded = await post_png(client, png)
         wrong_type = await client.post("/classify", content=png, headers={"Content-Type": "text/plain"})
@@ -108,7 +110,7 @@ async def test_what_the_headers_refuse_is_refused_as_such_even_when_overloaded(t
 
 async def test_under_overload_a_wrong_api_key_is_still_401(tiny_artifact):
     async with running_app(make_settings(tiny_artifact, api_key="k")) as (client, service):
-        service.batcher.policy.seconds_per_image = 100.0
+        service.models.batcher.policy.seconds_per_image = 100.0
         anonymous = await post_png(client, png_bytes(0))
         keyed = await client.post(
             "/classify", content=png_bytes(0), headers={"Content-Type": "image/png", "X-API-Key": "k"}

@@ -37,7 +37,7 @@ async def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_an
     async with running_app(settings, recording_loader(tiny_artifact)) as (client, service):
         images = [png_bytes(seed) for seed in range(12)]
         responses = await asyncio.gather(*(post_png(client, data) for data in images))
-        batches = service.predictor.batches
+        batches = service.models.predictor.batches
     assert [r.status_code for r in responses] == [200] * 12
     assert len(batches) < 12 and sum(len(b) for b in batches) == 12
     assert max(len(b) for b in batches) > 1
@@ -53,7 +53,7 @@ async def test_batch_is_released_when_full_without_waiting(tiny_artifact):
         response = await asyncio.wait_for(client.post("/classify", files=files), 5)
         elapsed = time.monotonic() - start
         assert response.status_code == 200
-        assert [len(b) for b in service.predictor.batches] == [4, 4]
+        assert [len(b) for b in service.models.predictor.batches] == [4, 4]
         assert flushes(service, "full") == 2 and flushes(service, "timeout") == 0
     assert elapsed < 5
 
@@ -65,7 +65,7 @@ async def test_partial_batch_is_released_after_max_wait(tiny_artifact):
         responses = await asyncio.gather(*(post_png(client, png_bytes(i)) for i in range(3)))
         elapsed = time.monotonic() - start
         assert [r.status_code for r in responses] == [200] * 3
-        assert [len(b) for b in service.predictor.batches] == [3]
+        assert [len(b) for b in service.models.predictor.batches] == [3]
         assert flushes(service, "timeout") == 1 and flushes(service, "full") == 0
         # The first image queued waits out max_wait; the others joined it later (their uploads are prepared in a
         # thread pool, milliseconds apart on a quiet machine, tens of ms on a busy one) and wait less.
@@ -95,8 +95,8 @@ async def test_deadline_answers_504_and_expired_items_never_reach_the_model(tiny
     async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.5)) as (client, service):
         responses = await asyncio.gather(*(post_png(client, png_bytes(i)) for i in range(4)))
         await asyncio.sleep(0.5)  # past the first batch's 0.5 s: the worker has reached the queued (expired) items
-        batches = service.predictor.batches
-        assert service.batcher.depth == 0
+        batches = service.models.predictor.batches
+        assert service.models.batcher.depth == 0
         assert rejected(service, "deadline") == 4  # once per request, not per image too
         assert sum(flushes(service, r) for r in ("full", "timeout", "shutdown")) == 1  # expired items: no batch
     assert [r.status_code for r in responses] == [504] * 4
@@ -136,14 +136,14 @@ async def test_shutdown_drains_queued_requests_with_answers(tiny_artifact, heatm
     params = {"heatmap": "true"} if heatmap else {}
     async with running_app(settings, recording_loader(tiny_artifact, delay_s=0.05)) as (client, service):
         tasks = [asyncio.create_task(post_png(client, png_bytes(i), **params)) for i in range(6)]
-        await until(lambda: service.predictor.batches and service.batcher.depth == 2)
+        await until(lambda: service.models.predictor.batches and service.models.batcher.depth == 2)
         start = time.monotonic()
         await service.stop()  # what the lifespan does on SIGTERM
         responses = await asyncio.gather(*tasks)
         late = await post_png(client, png_bytes(9))
         assert time.monotonic() - start < 5
         assert flushes(service, "full") == 1 and flushes(service, "shutdown") == 1
-        assert [len(b) for b in service.predictor.batches] == [4, 2]
+        assert [len(b) for b in service.models.predictor.batches] == [4, 2]
     assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
     assert all(bool(r.json()["results"][0]["heatmap"]) == heatmap for r in responses)
     if heatmap:

@@ -95,10 +95,12 @@ async def test_warm_up_compiles_every_bucket_before_the_compiled_model_serves(
     # warmup="none" would skip an eager warm-up; a compiled one still warms its buckets (or requests would compile).
     settings = make_settings(tiny_artifact, compile=True, warmup="none", max_batch_size=8)
     async with running_app(settings) as (client, service):
-        assert service.ready, service.message  # eager first (test_compile_behind.py), the compiled one behind it
-        await until(lambda: service.predictor.compiled)
-        assert sorted(set(shapes)) == [1, 2, 4, 8] == service.predictor.buckets
-        assert "compiled" in service.message
+        assert service.models.ready, (
+            service.models.message
+        )  # eager first (test_compile_behind.py), the compiled one behind it
+        await until(lambda: service.models.predictor.compiled)
+        assert sorted(set(shapes)) == [1, 2, 4, 8] == service.models.predictor.buckets
+        assert "compiled" in service.models.message
         shapes.clear()
         files = [("file", (f"{i}.png", png_bytes(i), "image/png")) for i in range(3)]
         response = await client.post("/classify", files=files)
@@ -144,12 +146,12 @@ async def test_a_retired_generation_shuts_its_cuda_graph_thread_down(tiny_artifa
         client,
         service,
     ):
-        assert service.ready and len(graph_threads()) == before + 1  # warm-up ran on the first model's thread
+        assert service.models.ready and len(graph_threads()) == before + 1  # warm-up ran on the first model's thread
         reloaded = await client.post(
             "/v1/admin/reload", json={"checkpoint": str(second_artifact)}, headers={"X-Admin-Key": "k"}
         )
         assert reloaded.status_code == 200
-        await asyncio.gather(*service._retiring)
+        await asyncio.gather(*service.models._retiring)
         assert isinstance(loaded[0].runner._forward, GraphThread) and loaded[0].runner._forward.pool._shutdown
         assert len(graph_threads()) == before + 1  # the new model's thread only
         response = await client.post("/classify", content=png_bytes(1), headers={"Content-Type": "image/png"})
@@ -164,11 +166,13 @@ async def test_int8_is_served_named_and_close_to_float32(tiny_artifact) -> None:
     data = png_bytes(3)
     files = [("file", ("a.png", data, "image/png")), ("file", ("b.png", png_bytes(4), "image/png"))]
     async with running_app(settings) as (client, service):
-        assert service.ready and not service.predictor.compiled, service.message  # eager int8, before any compile
+        assert service.models.ready and not service.models.predictor.compiled, (
+            service.models.message
+        )  # eager int8, before any compile
         eager_info = (await client.get("/v1/model")).json()
         eager = (await client.post("/classify", files=files, params={"top_k": 37})).json()
-        await until(lambda: service.compile_state != "compiling", timeout_s=600)  # compiling takes a while
-        assert service.compile_state == "agreed", service.message
+        await until(lambda: service.models.compile_state != "compiling", timeout_s=600)  # compiling takes a while
+        assert service.models.compile_state == "agreed", service.models.message
         ready, info = (await client.get("/readyz")).json(), (await client.get("/v1/model")).json()
         response = await client.post("/classify", files=files, params={"top_k": 37, "heatmap": "true"})
         gradient = await client.post("/classify", files=files, params={"heatmap": "true", "heatmap_method": "gradient"})
@@ -180,7 +184,7 @@ async def test_int8_is_served_named_and_close_to_float32(tiny_artifact) -> None:
     # int8 layers give no gradients: a 422 saying what to use instead, never the batch's 500.
     assert gradient.status_code == 422 and gradient.json()["error"]["code"] == "invalid_parameters"
     assert "heatmap_method=rollout" in gradient.json()["error"]["message"]
-    assert service.predictor.compiled and service.predictor.buckets == [1, 2]
+    assert service.models.predictor.compiled and service.models.predictor.buckets == [1, 2]
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]
     served = torch.zeros(37)
@@ -196,7 +200,7 @@ async def test_int8_without_torchao_leaves_the_service_up_and_names_the_extra(
     monkeypatch.setitem(sys.modules, "torchao", None)  # as on an install without the [int8] extra
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     async with running_app(make_settings(tiny_artifact, dtype="int8")) as (client, service):
-        assert service.status == "failed"
+        assert service.models.status == "failed"
         ready = await client.get("/readyz")
         response = await client.post("/classify", files={"file": ("a.png", png_bytes(1), "image/png")})
         health = await client.get("/healthz")

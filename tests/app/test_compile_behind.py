@@ -51,7 +51,7 @@ async def top1(client, seeds: range) -> list[tuple[str, float]]:
 
 
 async def settled(service) -> None:
-    await until(lambda: service.compile_state is not CompileState.compiling, timeout_s=60)
+    await until(lambda: service.models.compile_state is not CompileState.compiling, timeout_s=60)
 
 
 async def test_ready_with_eager_at_once_then_the_compiled_model_takes_over_losing_no_request(
@@ -62,17 +62,17 @@ async def test_ready_with_eager_at_once_then_the_compiled_model_takes_over_losin
     async with running_app(make_settings(tiny_artifact, compile=True, max_batch_size=8)) as (client, service):
         # Ready while the compile is still held at the gate.
         ready, info = await client.get("/readyz"), (await client.get("/v1/model")).json()
-        assert ready.status_code == 200 and not service.predictor.compiled
+        assert ready.status_code == 200 and not service.models.predictor.compiled
         assert info["serving"] == "eager" and info["compile"] == "compiling" and shapes == []
         assert metric_value(service, "petvit_compiled_serving") == 0
-        assert "compiling the faster forward behind it" in service.message
+        assert "compiling the faster forward behind it" in service.models.message
         before = await top1(client, range(6))
-        eager = service.live
+        eager = service.models.live
 
         codes: list[int] = []
 
         async def keep_asking() -> None:  # requests before, during and after the swap
-            while not service.predictor.compiled or len(codes) < 40:
+            while not service.models.predictor.compiled or len(codes) < 40:
                 response = await client.post("/classify", content=png_bytes(7), headers={"Content-Type": "image/png"})
                 codes.append(response.status_code)
 
@@ -80,7 +80,7 @@ async def test_ready_with_eager_at_once_then_the_compiled_model_takes_over_losin
         await asyncio.sleep(0.05)
         gate.set()
         await asyncio.wait_for(asking, 60)
-        await asyncio.gather(*service._retiring)
+        await asyncio.gather(*service.models._retiring)
         after = await top1(client, range(6))
         info = (await client.get("/v1/model")).json()
         assert eager.batcher._closing  # the eager generation retired once its requests were answered
@@ -88,9 +88,9 @@ async def test_ready_with_eager_at_once_then_the_compiled_model_takes_over_losin
     assert [label for label, _ in after] == [label for label, _ in before]
     for (_, was), (_, now) in zip(before, after, strict=True):
         assert now == pytest.approx(was, rel=1e-5)
-    assert info["serving"] == "compiled" and info["compile"] == "agreed" and service.predictor.compiled
+    assert info["serving"] == "compiled" and info["compile"] == "agreed" and service.models.predictor.compiled
     # Every bucket compiled (warm-up) and the probe batch checked before it went live.
-    assert sorted(set(shapes)) == [1, 2, 4, 8] == service.predictor.buckets
+    assert sorted(set(shapes)) == [1, 2, 4, 8] == service.models.predictor.buckets
     assert metric_value(service, "petvit_compiled_serving") == 1
     assert metric_value(service, "petvit_compile_checks_total", outcome="agreed") == 1
     assert metric_value(service, "petvit_compile_checks_total", outcome="disagreed") == 0
@@ -106,7 +106,7 @@ async def test_a_compiled_forward_that_disagrees_with_float32_leaves_eager_servi
             await settled(service)
             info = (await client.get("/v1/model")).json()
             answered = await client.post("/classify", content=png_bytes(1), headers={"Content-Type": "image/png"})
-    assert answered.status_code == 200 and not service.predictor.compiled
+    assert answered.status_code == 200 and not service.models.predictor.compiled
     assert info["serving"] == "eager" and info["compile"] == "disagreed"
     assert metric_value(service, "petvit_compile_checks_total", outcome="disagreed") == 1
     assert metric_value(service, "petvit_compile_checks_total", outcome="agreed") == 0
@@ -141,7 +141,7 @@ async def test_a_compile_that_raises_leaves_eager_serving(
 async def test_without_compile_the_eager_model_is_the_model(tiny_artifact) -> None:
     async with running_app(make_settings(tiny_artifact)) as (client, service):
         info = (await client.get("/v1/model")).json()
-    assert info["serving"] == "eager" and info["compile"] == "off" and service._compiling is None
+    assert info["serving"] == "eager" and info["compile"] == "off" and service.models._compiling is None
     assert sum(metric_value(service, "petvit_compile_checks_total", outcome=o) for o in CompileState) == 0
 
 
@@ -153,16 +153,16 @@ async def test_a_reload_while_compiling_drops_the_stale_compiled_model(
     monkeypatch.setattr(torch, "compile", gated_compile(gate, shapes))
     settings = make_settings(tiny_artifact, compile=True, max_batch_size=2, admin_key="k")
     async with running_app(settings) as (client, service):
-        first = service._compiling
+        first = service.models._compiling
         reloaded = await client.post("/v1/admin/reload", json={}, headers={"X-Admin-Key": "k"})
         await asyncio.gather(first, return_exceptions=True)
         assert reloaded.status_code == 200 and first.cancelled()
-        reloaded_eager = service.live
+        reloaded_eager = service.models.live
         gate.set()
         await settled(service)
-    assert service.compile_state is CompileState.agreed
+    assert service.models.compile_state is CompileState.agreed
     assert metric_value(service, "petvit_compile_checks_total", outcome="agreed") == 1  # the reload's one only
-    assert service.live is not reloaded_eager and service.live.predictor.compiled
+    assert service.models.live is not reloaded_eager and service.models.live.predictor.compiled
 
 
 async def test_the_compile_cache_lives_under_the_kernel_key(
@@ -176,7 +176,7 @@ async def test_the_compile_cache_lives_under_the_kernel_key(
         await settled(service)
     folder = tmp_path / "kept" / kernel_key(torch.device("cpu"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "inductor")
-    assert (folder / "kernel_facts.json").is_file() and service.compile_state is CompileState.agreed
+    assert (folder / "kernel_facts.json").is_file() and service.models.compile_state is CompileState.agreed
 
 
 async def test_an_unusable_compile_cache_folder_costs_a_cold_cache_not_the_service(
@@ -189,7 +189,7 @@ async def test_an_unusable_compile_cache_folder_costs_a_cold_cache_not_the_servi
     with caplog.at_level(logging.WARNING, logger="petvit.service"):
         async with running_app(make_settings(tiny_artifact, compile=True, compile_cache_dir=blocker)) as (_, service):
             await settled(service)
-    assert service.compile_state is CompileState.agreed and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert service.models.compile_state is CompileState.agreed and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     assert any(f"compile cache {blocker} not used" in r.getMessage() for r in caplog.records)
 
 

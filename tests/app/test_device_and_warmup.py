@@ -49,12 +49,12 @@ async def test_default_dtype_follows_the_cpu_and_is_shown_everywhere(monkeypatch
     choice is in /readyz, /v1/model and petvit_model_info{dtype}."""
     monkeypatch.setattr(precision, "cpu_bf16_pays", lambda: native)
     async with running_app(make_settings(tiny_artifact, dtype="auto")) as (client, service):
-        assert service.ready, service.message
-        assert service.predictor.model.pos_embed.dtype == getattr(torch, expected)
+        assert service.models.ready, service.models.message
+        assert service.models.predictor.model.pos_embed.dtype == getattr(torch, expected)
         assert (await client.get("/readyz")).json()["dtype"] == expected
         assert (await client.get("/v1/model")).json()["dtype"] == expected
         response = await client.post("/classify", files={"file": ("a.png", png_bytes(1), "image/png")})
         assert response.status_code == 200 and len(response.json()["results"][0]["predictions"]) == 5
-        labels = {"name": "petvit-tiny-test", "arch": service.predictor.architecture, "dtype": expected}
-        labels["sha256"] = service.predictor.sha256
+        labels = {"name": "petvit-tiny-test", "arch": service.models.predictor.architecture, "dtype": expected}
+        labels["sha256"] = service.models.predictor.sha256
         assert service.metrics.registry.get_sample_value("petvit_model_info", labels) == 1.0

@@ -49,7 +49,7 @@ async def test_a_distilled_artifact_is_served_with_averaged_heads_and_the_cls_he
     averaged, cls_only, expected_grid = what_the_model_says(distilled_artifact, data)
     assert (averaged - cls_only).abs().max() > 1e-3  # the heads disagree: serving one of them would show
     async with running_app(make_settings(distilled_artifact)) as (client, service):
-        assert service.ready, service.message
+        assert service.models.ready, service.models.message
         response = await client.post(
             "/classify", files={"file": ("x.png", data, "image/png")}, params={"heatmap": "true", "top_k": 37}
         )
@@ -73,7 +73,7 @@ async def test_a_convnet_teacher_is_refused_with_a_message(tmp_path: Path):
     teacher = save_convnet_artifact(build_convnet("resnet18", 37, "random", 32), tmp_path / "t.safetensors", {})
     async with running_app(make_settings(teacher)) as (client, service):
         ready = await client.get("/readyz")
-        assert service.status == "failed" and ready.status_code == 503
+        assert service.models.status == "failed" and ready.status_code == 503
     message = ready.json()["error"]["message"]
     assert "torchvision resnet18 network, not a ViT" in message and "--recipe distill --teacher" in message
     assert "Traceback" not in message

@@ -186,7 +186,7 @@ async def test_missing_artifact_keeps_the_process_up_with_503_naming_path_and_co
         ready = await client.get("/readyz")
         classify = await client.post("/classify", content=png_bytes(1), headers={"Content-Type": "image/png"})
         model = await client.get("/v1/model")
-        assert service.status == "failed"
+        assert service.models.status == "failed"
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     for response in (ready, classify, model):
         assert response.status_code == 503
@@ -212,7 +212,7 @@ async def test_an_unexpected_load_error_fails_readiness_instead_of_loading_for_e
 
     async with running_app(make_settings(tiny_artifact), loader) as (client, service):
         ready = await client.get("/readyz")
-        assert service.status == "failed"
+        assert service.models.status == "failed"
     assert ready.status_code == 503 and "36 labels" in error_of(ready)["message"]
 
 

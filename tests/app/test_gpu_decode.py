@@ -221,7 +221,7 @@ def test_the_setting_picks_the_decoder(monkeypatch):
 
 async def test_the_default_on_a_cpu_keeps_the_cpu_path(tiny_artifact):
     async with running_app(make_settings(tiny_artifact)) as (client, service):
-        assert service.ready and service.settings.gpu_decode == "auto" and service.gpu_decoder is None
+        assert service.models.ready and service.settings.gpu_decode == "auto" and service.models.gpu_decoder is None
         metrics = (await client.get("/metrics")).text
     assert "petvit_gpu_decode_images_total" not in metrics
 
@@ -242,7 +242,7 @@ async def test_a_corrupt_jpeg_fails_its_own_request_only(tiny_artifact, chelsea)
     uploads = [encode(p, "JPEG", quality=90) for p in photos]
     uploads.insert(2, corrupt_jpeg(chelsea))
     async with running_app(settings, recording_loader(tiny_artifact)) as (client, service):
-        assert service.gpu_decoder is not None
+        assert service.models.gpu_decoder is not None
         responses = await asyncio.wait_for(
             asyncio.gather(
                 *(
@@ -256,7 +256,7 @@ async def test_a_corrupt_jpeg_fails_its_own_request_only(tiny_artifact, chelsea)
         batch_sum = metric_value(service, "petvit_batch_size_sum")
         fallbacks = metric_value(service, "petvit_gpu_decode_images_total", path="cpu_fallback")
         on_device = metric_value(service, "petvit_gpu_decode_images_total", path="device")
-        recorded = [len(batch) for batch in service.predictor.batches]
+        recorded = [len(batch) for batch in service.models.predictor.batches]
         bad_images = metric_value(service, "petvit_rejected_total", reason="bad_image")
     assert [r.status_code for r in responses] == [200, 200, 400, 200, 200]
     error = responses[2].json()["error"]
@@ -274,7 +274,7 @@ async def test_a_corrupt_jpeg_fails_its_own_request_only(tiny_artifact, chelsea)
 async def test_header_checks_still_answer_413_and_415_on_the_deferred_path(tiny_artifact, chelsea, monkeypatch):
     settings = make_settings(tiny_artifact, gpu_decode="on", max_pixels=500 * 400, max_upload_bytes=200_000)
     async with running_app(settings) as (client, service):
-        assert service.gpu_decoder is not None
+        assert service.models.gpu_decoder is not None
         decodes = []
         real = gpu_decode.decode_jpeg
         monkeypatch.setattr(gpu_decode, "decode_jpeg", lambda *a, **k: decodes.append(1) or real(*a, **k))

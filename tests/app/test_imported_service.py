@@ -37,7 +37,7 @@ def imported(tmp_path: Path) -> Path:
 
 async def test_imported_folder_is_served_with_its_labels(imported: Path, chelsea) -> None:
     async with running_app(make_settings(imported)) as (client, service):
-        assert service.ready, service.message
+        assert service.models.ready, service.models.message
         response = await client.post("/classify?top_k=37", files={"file": ("cat.png", encode(chelsea, "PNG"))})
         info = (await client.get("/v1/model")).json()
     assert response.status_code == 200, response.text

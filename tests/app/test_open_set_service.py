@@ -41,7 +41,7 @@ async def test_unseen_digits_are_unknown_as_often_as_measured(open_set_digits: O
     known_offline = open_set.deciding_score(d.test.logits / temperature, d.test.features)
     accepted_offline = float((known_offline <= open_set.threshold).double().mean())
     async with running_app(make_settings(d.artifact, max_batch_size=16)) as (client, service):
-        assert service.ready, service.message
+        assert service.models.ready, service.models.message
         unseen = await classify_all(client, d.unseen_images[:UNSEEN])
         known = await classify_all(client, d.test_images)
         counted = metric_value(service, "petvit_unknown_total")

@@ -63,7 +63,10 @@ def test_every_operation_survives_generated_requests(live_url: str, mode: schema
             continue  # nothing to break: GET /healthz takes no input
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        # derandomize: the same examples on every run and machine, so the suite never passes or fails by the draw
+        @hypothesis_settings(
+            max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
+        )
         def call(case: schemathesis.Case) -> None:
             response = case.call_and_validate(base_url=live_url, checks=CHECKS, headers={"X-Admin-Key": ADMIN_KEY})
             calls[case.operation.label] = calls.get(case.operation.label, 0) + 1

@@ -52,7 +52,7 @@ def deadline() -> float:
 async def test_decode_reads_admits_and_prepares_each_upload(tiny_artifact) -> None:
     data = png_bytes(4)
     async with running_app(make_settings(tiny_artifact)) as (_, service):
-        generation = service.live
+        generation = service.models.live
         with generation.batcher.admit(deadline()) as admission:
             decoded = await pipeline.decode(
                 raw_request(data), service, generation, pipeline.ClassifyOptions(top_k=None), admission
@@ -70,7 +70,7 @@ async def test_decode_refuses_bad_parameters_before_reading_the_body(tiny_artifa
         raise AssertionError("the body was read")
 
     async with running_app(make_settings(tiny_artifact)) as (_, service):
-        generation, labels = service.live, len(service.live.predictor.labels)
+        generation, labels = service.models.live, len(service.models.live.predictor.labels)
         request = Request({"type": "http", "method": "POST", "path": "/classify", "headers": []}, never)
         with generation.batcher.admit(deadline()) as admission, pytest.raises(ServiceError) as refused:
             await pipeline.decode(request, service, generation, pipeline.ClassifyOptions(top_k=labels + 1), admission)
@@ -83,7 +83,7 @@ async def test_decode_refuses_bad_parameters_before_reading_the_body(tiny_artifa
 async def test_predict_answers_each_image_through_the_generations_batcher(tiny_artifact) -> None:
     data = [png_bytes(5), png_bytes(6)]
     async with running_app(make_settings(tiny_artifact)) as (_, service):
-        generation = service.live
+        generation = service.models.live
         pre, max_pixels = generation.predictor.preprocessing, service.settings.max_pixels
         images = [pipeline.DecodedImage(Upload(d), prepare(d, pre, max_pixels), 0.0) for d in data]
         decoded = pipeline.Decoded(3, images)
@@ -113,7 +113,7 @@ def test_predict_batch_decodes_nothing_without_a_decoder_and_keeps_order(tiny_ar
 async def test_encode_builds_the_response_with_top_k_overlay_and_timings(tiny_artifact) -> None:
     data = png_bytes(9, size=(80, 60))
     async with running_app(make_settings(tiny_artifact)) as (_, service):
-        classifier = service.live.predictor
+        classifier = service.models.live.predictor
         prepared = prepare(data, classifier.preprocessing, service.settings.max_pixels)
         probs = torch.softmax(torch.arange(len(classifier.labels), dtype=torch.float32), dim=0)
         grid = torch.rand(4, 4)

@@ -47,7 +47,11 @@ def reloads(service, outcome: str) -> float:
 
 
 def model_info(service, sha: str) -> float | None:
-    labels = {"sha256": sha, "name": service.predictor.metadata.name, "arch": service.predictor.architecture}
+    labels = {
+        "sha256": sha,
+        "name": service.models.predictor.metadata.name,
+        "arch": service.models.predictor.architecture,
+    }
     return service.metrics.registry.get_sample_value("petvit_model_info", {**labels, "dtype": "float32"})
 
 
@@ -150,19 +154,22 @@ async def test_reload_is_404_without_an_admin_key_and_401_with_a_wrong_one(tiny_
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         assert sum(reloads(service, outcome) for outcome in RELOAD_OUTCOMES) == 0
         r = await client.post("/v1/admin/reload", headers=ADMIN)  # no body: PETVIT_CHECKPOINT again
-        assert r.status_code == 200 and r.json()["sha256"] == r.json()["previous_sha256"] == service.predictor.sha256
+        assert (
+            r.status_code == 200
+            and r.json()["sha256"] == r.json()["previous_sha256"] == service.models.predictor.sha256
+        )
 
 
 async def test_one_reload_at_a_time(tiny_artifact, second_artifact, monkeypatch):
     settings = make_settings(tiny_artifact, admin_key=KEY, model_dirs=[second_artifact.parent])
     async with running_app(settings) as (client, service):
-        original = service.loader
+        original = service.models.loader
 
         def slow_loader(s):
             time.sleep(0.3)
             return original(s)
 
-        service.loader = slow_loader
+        service.models.loader = slow_loader
         body = {"checkpoint": str(second_artifact)}
         first, second = await asyncio.gather(
             client.post("/v1/admin/reload", json=body, headers=ADMIN),
@@ -180,16 +187,16 @@ async def test_sighup_reloads_the_checkpoint_path_and_the_handler_is_restored(ti
     before = signal.getsignal(signal.SIGHUP)
     async with running_app(make_settings(served)) as (client, service):  # no admin key: SIGHUP works regardless
         assert signal.getsignal(signal.SIGHUP) not in (before, signal.SIG_DFL)  # else the signal would end pytest
-        old = service.predictor.sha256
+        old = service.models.predictor.sha256
         shutil.copy(second_artifact, tmp_path / "next.safetensors")
         os.replace(tmp_path / "next.safetensors", served)  # what a deploy does: a new file at the same path
         os.kill(os.getpid(), signal.SIGHUP)
         for _ in range(1000):
-            if service.predictor.sha256 != old:
+            if service.models.predictor.sha256 != old:
                 break
             await asyncio.sleep(0.01)
         r = await post_png(client, png_bytes(1))
-        assert r.json()["model_sha256"] == file_sha256(second_artifact) == service.predictor.sha256
+        assert r.json()["model_sha256"] == file_sha256(second_artifact) == service.models.predictor.sha256
         assert metric_value(service, "petvit_reloads_total", outcome="success") == 1
     assert signal.getsignal(signal.SIGHUP) is before
 
@@ -220,7 +227,7 @@ async def test_a_cuda_reload_that_would_not_fit_answers_409_and_changes_nothing(
         assert r.status_code == 409 and r.json()["error"]["code"] == "insufficient_gpu_memory"
         assert "GPU memory" in r.json()["error"]["message"]
         assert reloads(service, "no_memory") == 1
-        assert service.predictor.sha256 == file_sha256(tiny_artifact)
+        assert service.models.predictor.sha256 == file_sha256(tiny_artifact)
 
 
 def test_sighup_to_petvit_serve_reloads_and_the_process_keeps_serving(tiny_artifact, second_artifact, tmp_path):
@@ -257,7 +264,7 @@ def test_sighup_to_petvit_serve_reloads_and_the_process_keeps_serving(tiny_artif
 async def test_a_reload_brings_up_a_service_whose_first_load_failed(tiny_artifact, tmp_path):
     settings = make_settings(tmp_path / "not-yet.safetensors", admin_key=KEY, model_dirs=[tiny_artifact.parent])
     async with running_app(settings) as (client, service):
-        assert service.status == "failed" and (await client.get("/readyz")).status_code == 503
+        assert service.models.status == "failed" and (await client.get("/readyz")).status_code == 503
         r = await client.post("/v1/admin/reload", json={"checkpoint": str(tiny_artifact)}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["previous_sha256"] is None
         assert (await client.get("/readyz")).status_code == 200

@@ -67,7 +67,7 @@ async def test_paths_outside_the_model_folders_get_403_naming_them_and_the_model
     ]
     settings = make_settings(models / "petvit.safetensors", admin_key=KEY)
     async with running_app(settings) as (client, service):
-        served = service.predictor.sha256
+        served = service.models.predictor.sha256
         for checkpoint in refused:
             r = await post_reload(client, checkpoint)
             assert r.status_code == 403, (checkpoint, r.text)
@@ -143,11 +143,11 @@ async def test_files_inside_that_are_not_artifacts_are_refused_without_quoting_t
         expected[models / name] = f"cannot load {models / name}: {cannot}{keeps}"
     caplog.set_level(logging.DEBUG)
     async with running_app(make_settings(models / "petvit.safetensors", admin_key=KEY)) as (client, service):
-        served = service.predictor.sha256
+        served = service.models.predictor.sha256
         for path, message in expected.items():
             r = await post_reload(client, path.name)
             assert r.status_code == 422 and r.json()["error"] == {"code": "invalid_artifact", "message": message}
-        assert reloads(service, "refused") == len(expected) and service.predictor.sha256 == served
+        assert reloads(service, "refused") == len(expected) and service.models.predictor.sha256 == served
     logged = "\n".join(record.getMessage() for record in caplog.records).replace(str(models), "")
     for secret in (str(text_length), "hunter2", "4242", "4250", "0x80"):  # in no answer, in no log line
         assert secret not in logged, secret

@@ -41,7 +41,7 @@ async def test_readyz_is_503_until_loading_has_finished(tiny_artifact):
         early = await client.get("/readyz")
         health = await client.get("/healthz")
         release.set()
-        await until(lambda: service.status == "ready")
+        await until(lambda: service.models.status == "ready")
         late = await client.get("/readyz")
     assert early.status_code == 503 and early.json()["error"]["code"] == "not_ready"
     assert str(tiny_artifact) in early.json()["error"]["message"]
@@ -71,7 +71,7 @@ async def test_metrics_count_requests_images_and_batches(served, tiny_artifact):
     await client.get("/healthz")
     text = (await client.get("/metrics")).text
     s = samples(text)
-    batches = service.predictor.batches
+    batches = service.models.predictor.batches
     assert s[("petvit_requests_total", (("route", "/classify"), ("status", "200")))] == 3
     assert s[("petvit_requests_total", (("route", "/classify"), ("status", "400")))] == 1
     assert s[("petvit_requests_total", (("route", "/healthz"), ("status", "200")))] == 1

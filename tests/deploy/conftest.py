@@ -143,7 +143,7 @@ async def _exported_after_traffic(artifact: Path) -> list:
     from tests.app.fixtures import make_settings, png_bytes, running_app
 
     async with running_app(make_settings(artifact, warmup="none")) as (client, service):
-        assert service.ready, service.message
+        assert service.models.ready, service.models.message
         answered = await client.post("/classify", content=png_bytes(1), headers={"Content-Type": "image/png"})
         refused = await client.post("/classify", content=b"not an image", headers={"Content-Type": "image/png"})
         assert (answered.status_code, refused.status_code) == (200, 400)

@@ -157,7 +157,7 @@ async def test_readyz_advice_is_the_compose_command_under_compose(under_compose,
     missing = Path("/artifacts/petvit.safetensors")
     async with running_app(make_settings(missing), wait_ready=False) as (client, service):
         answer = await client.get("/readyz")
-        status = service.status
+        status = service.models.status
     message = answer.json()["error"]["message"]
     assert answer.status_code == 503 and status == "failed", message
     assert answer.json()["error"]["code"] == "not_ready" and answer.headers["retry-after"] == "5"
