@@ -62,18 +62,18 @@ def main(args: argparse.Namespace) -> int:
     try:
         report = evaluate_artifact(
             args.checkpoint,
-            args.dataset,
-            args.data_dir,
-            args.output_dir,
-            args.split,
-            args.batch_size,
-            args.device,
-            args.workers,
-            args.write_metadata,
-            args.dtype,
-            args.heatmaps,
-            args.heatmap_images,
-            args.ood_dir,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            output_dir=args.output_dir,
+            split=args.split,
+            batch_size=args.batch_size,
+            device=args.device,
+            num_workers=args.workers,
+            write_metadata=args.write_metadata,
+            dtype=args.dtype,
+            heatmaps=args.heatmaps,
+            heatmap_images=args.heatmap_images,
+            ood_dir=args.ood_dir,
         )
     except (DatasetUnavailable, ArtifactError, ValueError) as err:  # ValueError: wrong classes, empty split
         print(f"petvit evaluate: {err}", file=sys.stderr)

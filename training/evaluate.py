@@ -206,6 +206,7 @@ def data_config_from_metadata(meta: ArtifactMetadata, dataset: str | None, data_
 
 def evaluate_artifact(
     checkpoint: str | Path,
+    *,  # thirteen settings: by name only, so a caller cannot shift one into its neighbour's place
     dataset: str | None = None,
     data_dir: str | None = None,
     output_dir: str | Path = "results/evaluate",
