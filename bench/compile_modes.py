@@ -3,7 +3,8 @@
     PYTHONPATH=. .venv/bin/python bench/compile_modes.py --variant b16 --batch-size 16
     PYTHONPATH=. .venv/bin/python bench/compile_modes.py --variant s16 --forwards int8:default:0 int8:max-autotune:1
 
-Each forward is DTYPE:MODE:FREEZE (dtype float32 or int8; mode "default", "max-autotune", ...; freeze 0/1 sets
+Each forward is DTYPE:MODE:FREEZE (dtype float32, bfloat16, int8 or int8-bf16: int8 Linear layers with the rest
+in bfloat16; mode "default", "max-autotune", ...; freeze 0/1 sets
 torch._inductor.config.freezing for that compilation, which folds the weights in as constants). Each one is
 compiled in turn (its compile time printed), then every forward runs once per round, `--rounds` times, so machine
 noise lands on all of them alike. Figures are images per CPU-second (process time: the contention-proof figure on
@@ -34,7 +35,9 @@ def build(base: ViT, spec: str, images: torch.Tensor) -> tuple[torch.nn.Module, 
     """The forward named by `spec` (DTYPE:MODE:FREEZE), compiled and run once; returns it and its compile seconds."""
     dtype, mode, freeze = spec.split(":")
     model = copy.deepcopy(base)
-    if dtype == "int8":
+    if dtype in ("bfloat16", "int8-bf16"):  # int8-bf16: int8 Linear layers, everything else in bfloat16
+        model = model.to(torch.bfloat16)
+    if dtype.startswith("int8"):
         quantise_int8(model)
     if mode == "eager":
         return model, 0.0

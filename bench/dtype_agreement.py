@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.evidence import machine
 from model.inference import prepare_for_inference
 from model.rollout import attention_rollout
+from model.vit import ViT
 from tests.conftest import train_digits_model
 
 CPU = torch.device("cpu")
@@ -49,7 +50,7 @@ def measure(seed: int) -> dict[str, Any]:
     return {"seed": seed, "measures": measures, "claims": claims(measures)}
 
 
-def compare(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def compare(model: ViT, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """float32 against bfloat16 (cast, autocast) and int8: top-1, agreement, and the int8 rollout's fidelity."""
     int8 = prepare_for_inference(copy.deepcopy(model), "int8", CPU)
     bf16 = prepare_for_inference(copy.deepcopy(model), "bfloat16", CPU)
@@ -63,8 +64,9 @@ def compare(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) 
     for name, p in predicted.items():
         measures[f"{name}_top1"] = (p == labels).float().mean().item()
         measures[f"{name}_agreement"] = (p == reference).float().mean().item()
-    ref = attention_rollout(attention, grid=(4, 4)).flatten(1)  # (N, 4, 4) -> (N, 16)
-    got = attention_rollout(int8_attention, grid=(4, 4)).flatten(1)
+    side = model.config.image_size // model.config.patch_size  # the patch grid: 4 for the digits ViT, 7 for Fashion
+    ref = attention_rollout(attention, grid=(side, side)).flatten(1)  # (N, side, side) -> (N, side * side)
+    got = attention_rollout(int8_attention, grid=(side, side)).flatten(1)
     correlation = torch.stack([torch.corrcoef(torch.stack([r, g]))[0, 1] for r, g in zip(ref, got, strict=True)])
     measures |= {
         "int8_rollout_max_abs": (ref - got).abs().max().item(),

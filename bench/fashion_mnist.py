@@ -33,13 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.distill_digits import plot
+from bench.dtype_agreement import compare
 from bench.evidence import machine, spread
 from cli.main import main as petvit
-from model.artifact import load_artifact
+from model.artifact import ArtifactMetadata, load_artifact
 from model.convert.teachers import load_convnet_artifact
 from training.calibration import expected_calibration_error
 from training.data import DataConfig, eval_transform, load_splits
@@ -60,7 +62,10 @@ CLAIMS = {
     "hard_beats_alone": "hard distillation beats the ViT alone",
     "ece_lowered": "the temperature lowers the test ECE",
     "mahalanobis_best": "Mahalanobis has the best AUROC (5 classes known, 5 foreign)",
+    "int8_agrees_98": "int8 agrees with float32 on >= 98 % of the 10,000 test images (the ViT alone)",
+    "bf16_cast_agrees_99": "bfloat16 (weights cast, as served) agrees with float32 on >= 99 % of them",
 }
+AGREEMENT = ("int8_agreement", "bf16_cast_agreement", "bf16_autocast_agreement", "int8_rollout_max_abs")
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,15 @@ class Size:
     """How much data and training: --quick for an end-to-end check, the defaults for the figures."""
 
     per_class: int = 7000  # images per class in the tree (all 7,000 = 70,000)
-    epochs: int = 12
-    teacher_epochs: int = 6
-    width: int = 128
+    # A ViT from scratch learns slowly: 64 wide, 4 deep, 7 x 7 patches of 4 px costs ~70 s an epoch of 54,000
+    # images on 2 cores (data loading included), and each seed trains four of them (alone, hard, soft, open set).
+    epochs: int = 4
+    teacher_epochs: int = 3
+    width: int = 64
     depth: int = 4
     batch_size: int = 128
+    warmup_epochs: float = 0.5  # the scratch recipe's 5 warm-up epochs would outlast the whole run
+    augment: str = "none"  # light's random crops slow a 4-epoch run down more than they regularise it
 
 
 QUICK = Size(per_class=200, epochs=2, teacher_epochs=1, width=64, depth=2, batch_size=64)
@@ -115,12 +124,13 @@ def write_tree(root: Path, data: dict, classes: range, per_class: int) -> Path:
 
 
 def train(recipe: str, tree: Path, out: Path, size: Size, seed: int, extra: list[str]) -> Path:
-    """One `petvit train` run, as a user would type it (one thread, float32, no workers)."""
+    """One `petvit train` run, as a user would type it (float32, no workers, this process's torch threads)."""
     epochs = size.teacher_epochs if recipe == "teacher" else size.epochs
     argv = ["train", "--recipe", recipe, "--dataset", "folder", "--data-dir", str(tree), "--out", str(out),
             "--output-dir", str(out.with_suffix("")), "--epochs", str(epochs), "--batch-size", str(size.batch_size),
-            "--seed", str(seed), "--test-fraction", repr(TEST_FRACTION), "--augment", "light",
-            "--min-crop-scale", "0.6", "--no-mixup", "--workers", "0", "--threads", "1", "--no-download",
+            "--seed", str(seed), "--test-fraction", repr(TEST_FRACTION), "--augment", size.augment,
+            "--warmup-epochs", str(size.warmup_epochs), "--min-crop-scale", "0.6", "--no-mixup", "--workers", "0",
+            "--threads", str(torch.get_num_threads()), "--no-download",
             "--dtype", "fp32", "--if-missing", *extra]  # fmt: skip
     if petvit(argv) != 0:
         raise SystemExit(f"petvit {' '.join(argv)} failed")
@@ -133,15 +143,31 @@ def vit_settings(size: Size) -> list[str]:
     return [arg for key, value in shape.items() for arg in ("--set", f"{key}={value}")]
 
 
-def held_out_outputs(artifact: Path, tree: Path) -> Outputs:
-    """The ViT's logits and CLS features on petvit's test split of `tree` (the split `petvit train` scored)."""
-    model, meta = load_artifact(artifact)
+def test_view(tree: Path, meta: ArtifactMetadata) -> Dataset:
+    """petvit's test split of `tree` (the split `petvit train` scored), through the model's eval transform."""
     config = DataConfig(
         dataset="folder", data_dir=str(tree), image_size=28, test_fraction=float(f"{TEST_FRACTION:.6f}")
     )
-    view = load_splits(config).test.with_transform(eval_transform(28, policy=meta.preprocessing))
+    return load_splits(config).test.with_transform(eval_transform(28, policy=meta.preprocessing))
+
+
+def held_out_outputs(artifact: Path, tree: Path) -> Outputs:
+    """The ViT's logits and CLS features on petvit's test split of `tree`."""
+    model, meta = load_artifact(artifact)
     with torch.no_grad():
-        return collect_outputs(model, view, batch_size=256, desc="test outputs")
+        return collect_outputs(model, test_view(tree, meta), batch_size=256, desc="test outputs")
+
+
+def dtype_agreement(artifact: Path, tree: Path) -> dict[str, float]:
+    """bench/dtype_agreement.py's comparison (float32 against bfloat16 cast and autocast, and int8, with the int8
+    rollout's fidelity) on the 10,000 test images, for the model at `artifact`."""
+    model, meta = load_artifact(artifact)
+    pairs = list(test_view(tree, meta))
+    images = torch.stack([image for image, _ in pairs])  # (N, 3, 28, 28) uint8
+    labels = torch.tensor([label for _, label in pairs])  # (N,)
+    with torch.inference_mode():
+        measures = compare(model, images, labels)
+    return {key: measures[key] for key in AGREEMENT}
 
 
 def bootstrap_ece(logits: torch.Tensor, targets: torch.Tensor, temperature: float, draws: int = 1000) -> dict:
@@ -166,9 +192,8 @@ def foreign_outputs(artifact: Path, data: dict) -> Outputs:
     foreign = torch.from_numpy(images[labels >= KNOWN].copy())[:, None].expand(-1, 3, -1, -1)  # (N, 3, 28, 28)
     transform = eval_transform(28, policy=meta.preprocessing)
     batch = torch.stack([transform(image) for image in foreign])  # (N, 3, 28, 28) uint8
-    with torch.no_grad():
-        logits, features = model.forward_with_features(batch)
-    return Outputs(logits, features, torch.full((len(batch),), -1))
+    with torch.no_grad():  # the one CLS-feature path (model/inference.batch_outputs), as for the known classes
+        return collect_outputs(model, TensorDataset(batch, torch.full((len(batch),), -1)), 256, desc="foreign")
 
 
 def run_seed(seed: int, work: Path, trees: dict[str, Path], teacher: Path, data: dict, size: Size) -> dict:
@@ -188,14 +213,18 @@ def run_seed(seed: int, work: Path, trees: dict[str, Path], teacher: Path, data:
     table = compare_scores(known_meta.open_set, known_meta.calibration, held_out_outputs(known, trees["known"]),
                            foreign_outputs(known, data))  # fmt: skip
     aurocs = {name: row["auroc"] for name, row in table.items()}
+    agreement = dtype_agreement(alone, trees["all"])
     measures = {**top1, "temperature": meta.calibration.temperature, "ece_before": calibration["before"],
-                "ece_after": calibration["after"], **{f"auroc_{k}": v for k, v in aurocs.items()}}  # fmt: skip
+                "ece_after": calibration["after"], **{f"auroc_{k}": v for k, v in aurocs.items()},
+                **agreement}  # fmt: skip
     claims = {
         "vit_alone_88": top1["alone"] >= 0.88,
         "soft_beats_alone": top1["soft"] > top1["alone"],
         "hard_beats_alone": top1["hard"] > top1["alone"],
         "ece_lowered": calibration["after"] < calibration["before"],
         "mahalanobis_best": aurocs["mahalanobis"] > max(aurocs["msp"], aurocs["energy"]),
+        "int8_agrees_98": agreement["int8_agreement"] >= 0.98,
+        "bf16_cast_agrees_99": agreement["bf16_cast_agreement"] >= 0.99,
     }
     print(f"seed {seed}: {measures} ({time.perf_counter() - tick:.0f} s)", flush=True)
     return {"seed": seed, "measures": measures, "claims": claims, "ece_bootstrap": calibration}
@@ -208,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fashion-dir", type=Path, default=FASHION)
     parser.add_argument("--work", type=Path, default=Path("results/fashion_mnist"), help="trees and artifacts")
     parser.add_argument("--json", type=Path, default=Path("results/fashion_mnist.json"))
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = QUICK if args.quick else Size()
