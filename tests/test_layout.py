@@ -222,3 +222,32 @@ def test_no_test_module_imports_another_test_module() -> None:
                     if a.name.rsplit(".", 1)[-1].startswith("test_")
                 ]
     assert not offenders, offenders
+
+
+# The one CLS-feature path (issue 18): the network's feature forwards and forward hooks are model/'s business;
+# everything else asks model/inference.py (Classifier, batch_outputs, InferenceModel).
+FEATURE_CALLS = {"forward_features", "forward_with_features", "register_forward_hook"}
+
+
+def feature_calls(path: Path) -> list[str]:
+    """`x.forward_features(...)`-style calls in a file, as 'path:line name'."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path.name}:{node.lineno} {node.func.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FEATURE_CALLS
+    ]
+
+
+def test_only_model_reads_features_or_hooks_the_network() -> None:
+    outside = [
+        p for room in ("app", "cli", "training", "bench", "scripts", "deploy") for p in (REPO / room).rglob("*.py")
+    ]
+    assert len(outside) > 50
+    assert [call for path in outside for call in feature_calls(path)] == []
+
+
+def test_the_feature_guard_sees_a_call(tmp_path: Path) -> None:
+    sneaky = tmp_path / "sneaky.py"
+    sneaky.write_text("def f(model, x):\n    return model.forward_with_features(x)\n")
+    assert feature_calls(sneaky) == ["sneaky.py:2 forward_with_features"]
