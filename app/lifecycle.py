@@ -13,6 +13,8 @@ on a probe batch (model/compile_cache.check_agreement): a kept cache filled unde
 kernel, would otherwise serve wrong answers. It then goes live through the reload's swap (go_live: no request lost);
 on disagreement or an exception the eager model keeps serving, with one WARNING line and
 petvit_compile_checks_total{outcome} saying why. /v1/model's `serving` and petvit_compiled_serving say which serves.
+Eager int8 is checked the same way before it answers anything: on disagreement float32 serves instead and nothing
+is compiled (petvit_int8_checks_total{outcome}).
 """
 
 from __future__ import annotations
@@ -260,6 +262,8 @@ class ServiceLifecycle:
         built behind it once it serves (go_live)."""
         log.info("loading model artifact %s", path)
         predictor = await asyncio.to_thread(self.loader, self._settings_for(path, compiled=False))
+        if predictor.dtype_name == "int8":
+            predictor = await asyncio.to_thread(self._int8_or_float32, predictor, path)
         sizes = self._warmup_sizes(predictor)
         if self.live is None:  # the first load: /readyz shows the progress
             compiling = "compiling and " if predictor.compiled else ""
@@ -268,6 +272,18 @@ class ServiceLifecycle:
         decoder = await asyncio.to_thread(self._gpu_decoder_for, predictor)  # probes (and warms) the decoder
         log.info("loaded %s (%s); warm-up of %s took %.2f s", path, predictor.sha256[:12], sizes, warmup_s)
         return self._generation(predictor, decoder, path, warmup_s)
+
+    def _int8_or_float32(self, predictor: Classifier, path: Path) -> Classifier:
+        """On a worker thread: the eager int8 model checked against eager float32 on the probe batch before it ever
+        answers. int8 kernels that are not faithful here (model/int8_kernels.py catches the known case; this
+        catches the rest) must not serve: float32 does instead, with a WARNING and petvit_int8_checks_total."""
+        agreement = agreement_with_float32(predictor, path)
+        self.metrics.int8_checks.labels("agreed" if agreement.ok else "disagreed").inc()
+        if agreement.ok:
+            return predictor
+        predictor.close()
+        log.warning("serving float32 instead of int8: %s", " ".join(agreement.why().split()))
+        return self.loader(self.settings.model_copy(update={"checkpoint": path, "compile": False, "dtype": "float32"}))
 
     def _warmup_sizes(self, predictor: Classifier) -> list[int]:
         s = self.settings
@@ -313,9 +329,17 @@ class ServiceLifecycle:
         compiled = ", compiled" if predictor.compiled else ""
         self.message = f"ready: {predictor.metadata.name} on {predictor.device} ({predictor.dtype_name}{compiled})"
         log.info("%s, sha256 %s", self.message, predictor.sha256)
-        if self.compiles and not predictor.compiled:
+        if self.compiles and not predictor.compiled and not self._int8_refused(predictor):
             self._compile_behind(generation)
         return old
+
+    def _int8_refused(self, predictor: Classifier) -> bool:
+        """int8 was asked for and disagreed with float32 (_int8_or_float32): the compiled int8 model would too."""
+        refused = self.settings.dtype == "int8" and predictor.dtype_name != "int8"
+        if refused:
+            self.compile_state = CompileState.off
+            self.message += "; int8 disagreed with float32 on this machine (the log says how): serving float32"
+        return refused
 
     # ------------------------------------------------------------------------------ the compiled model, behind
     def _compile_behind(self, eager: ModelGeneration) -> None:

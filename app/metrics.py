@@ -39,6 +39,10 @@ RELOAD_OUTCOMES = ("success", "refused", "forbidden", "no_memory", "busy", "fail
 # "agreed": its forward matched eager float32 on the probe batch and it took over; "disagreed": it did not (a stale
 # or wrong kernel: eager keeps serving); "failed": compiling or warming it raised (eager keeps serving).
 COMPILE_OUTCOMES = ("agreed", "disagreed", "failed")
+# petvit_int8_checks_total{outcome}: with PETVIT_DTYPE=int8, the eager int8 model checked against eager float32 on
+# the probe batch before it serves (at start and on every reload). "agreed": int8 serves; "disagreed": its kernels
+# are not faithful on this machine, float32 serves instead (WARNING in the log) and nothing is compiled behind it.
+INT8_OUTCOMES = ("agreed", "disagreed")
 
 
 class Metrics:
@@ -97,6 +101,11 @@ class Metrics:
         )
         for outcome in COMPILE_OUTCOMES:
             self.compile_checks.labels(outcome)
+        self.int8_checks = Counter(
+            "petvit_int8_checks", "eager int8 models checked against float32 before serving", ["outcome"], registry=r
+        )
+        for outcome in INT8_OUTCOMES:
+            self.int8_checks.labels(outcome)
         self.gpu_allocated: Gauge | None = None  # created by enable_gpu_gauges, only when serving on CUDA
         self.gpu_decode: Counter | None = None  # created by enable_gpu_decode_counter, only with PETVIT_GPU_DECODE on
 

@@ -19,7 +19,7 @@ from model.batch_sizes import bucket_for, bucket_split
 from model.inference import Classifier, GraphThread, compiled_forward
 from tests.conftest import make_tiny_model
 
-from .fixtures import direct_probs, make_settings, png_bytes, running_app, until
+from .fixtures import direct_probs, make_settings, metric_value, png_bytes, running_app, until
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,7 @@ async def test_int8_is_served_named_and_close_to_float32(tiny_artifact) -> None:
             service.models.message
         )  # eager int8, before any compile
         eager_info = (await client.get("/v1/model")).json()
+        assert metric_value(service, "petvit_int8_checks_total", outcome="agreed") == 1  # checked before it served
         eager = (await client.post("/classify", files=files, params={"top_k": 37})).json()
         await until(lambda: service.models.compile_state != "compiling", timeout_s=600)  # compiling takes a while
         assert service.models.compile_state == "agreed", service.models.message

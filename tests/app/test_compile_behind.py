@@ -197,3 +197,39 @@ def test_the_compile_cache_folder_is_read_from_the_environment(monkeypatch: pyte
     assert Settings().compile_cache_dir is None
     monkeypatch.setenv("PETVIT_COMPILE_CACHE_DIR", "/var/cache/petvit/compile")
     assert str(Settings().compile_cache_dir) == "/var/cache/petvit/compile"
+
+
+async def test_int8_that_disagrees_with_float32_never_answers_float32_does(
+    tiny_artifact, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Eager int8 is checked against float32 before it serves: an unfaithful int8 (here its logits ten times too
+    large, as a saturating kernel would make them wrong) never answers; float32 does, and nothing compiles."""
+    import model.inference as inference
+
+    quantise = inference.quantise_int8
+
+    def unfaithful(model: torch.nn.Module) -> torch.nn.Module:
+        with torch.no_grad():
+            model.head.weight.mul_(10)
+            model.head.bias.mul_(10)
+        return quantise(model)
+
+    compiled: list[object] = []
+    monkeypatch.setattr(inference, "quantise_int8", unfaithful)
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compiled.append(model) or model)
+    caplog.set_level(logging.WARNING, logger="petvit.service")
+    files = [("file", (f"{i}.png", png_bytes(i), "image/png")) for i in range(3)]
+    async with running_app(make_settings(tiny_artifact, dtype="int8")) as (client, service):
+        assert service.models.ready, service.models.message
+        info = (await client.get("/v1/model")).json()
+        served = (await client.post("/classify", files=files, params={"top_k": 5})).json()
+        assert metric_value(service, "petvit_int8_checks_total", outcome="disagreed") == 1
+        assert metric_value(service, "petvit_int8_checks_total", outcome="agreed") == 0
+        assert "int8 disagreed with float32" in service.models.message
+    assert (info["dtype"], info["serving"], info["compile"]) == ("float32", "eager", "off")
+    assert compiled == []  # the compiled int8 model would disagree too: not built
+    assert any("serving float32 instead of int8" in r.getMessage() for r in caplog.records)
+    async with running_app(make_settings(tiny_artifact, dtype="float32")) as (client, _):
+        reference = (await client.post("/classify", files=files, params={"top_k": 5})).json()
+    answers = [[r["predictions"] for r in answer["results"]] for answer in (served, reference)]
+    assert answers[0] == answers[1]  # float32's own answers, digit for digit
