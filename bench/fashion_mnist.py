@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -230,6 +232,12 @@ def run_seed(seed: int, work: Path, trees: dict[str, Path], teacher: Path, data:
     return {"seed": seed, "measures": measures, "claims": claims, "ece_bootstrap": calibration}
 
 
+def seed_job(seed: int, work: Path, trees: dict[str, Path], teacher: Path, data: dict, size: Size) -> dict:
+    """run_seed in a worker process of --jobs, on one torch thread."""
+    torch.set_num_threads(1)
+    return run_seed(seed, work, trees, teacher, data, size)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"a small end-to-end run: {QUICK}")
@@ -238,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("results/fashion_mnist"), help="trees and artifacts")
     parser.add_argument("--json", type=Path, default=Path("results/fashion_mnist.json"))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds trained side by side, one torch thread each (e.g. 3 on 2 cores)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = QUICK if args.quick else Size()
@@ -249,7 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     teacher = train("teacher", trees["all"], work / "teacher.safetensors", size, 0, teacher_args)
     teacher_top1 = load_convnet_artifact(teacher)[1]["evaluation"]["top1"]
     print(f"resnet18 teacher: test top-1 {teacher_top1:.4f}", flush=True)
-    runs = [run_seed(seed, work, trees, teacher, data, size) for seed in args.seeds]
+    if args.jobs > 1:  # each seed in its own process, one thread each: petvit train's data loading leaves a core idle
+        # spawn, not fork: this process has run torch's thread pools, which a forked child must not inherit
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = [pool.submit(seed_job, seed, work, trees, teacher, data, size) for seed in args.seeds]
+            runs = [job.result() for job in jobs]
+    else:
+        runs = [run_seed(seed, work, trees, teacher, data, size) for seed in args.seeds]
     for run in runs:
         run["measures"]["teacher"] = teacher_top1
     summary = {k: spread([r["measures"][k] for r in runs]) for k in runs[0]["measures"]}
