@@ -9,16 +9,16 @@ and `soft`). Reported per seed and as mean [min, max]:
 - calibration of the ViT alone: test ECE before and after its stored temperature, each with a 95 % bootstrap interval
   over the test images;
 - the open set: the same ViT trained on the first five classes (t-shirt/top ... coat) only, and the other five
-  (sandal, shirt, sneaker, bag, ankle boot; Fashion-MNIST's own test file) as foreign: AUROC of the three scores.
+  (sandal, shirt, sneaker, bag, ankle boot; Fashion-MNIST's own test file) as foreign: AUROC of the three scores;
+- bfloat16 and int8 against float32 on the ViT alone's test images (bench/dtype_agreement.py's comparison).
 
     apt-get install dataset-fashion-mnist                    # once (Debian/Ubuntu), files in /usr/share/datasets/
     .venv/bin/python bench/fashion_mnist.py --quick          # end to end at a small size (figures meaningless)
-    .venv/bin/python bench/fashion_mnist.py                  # the full size, 3 seeds
-    .venv/bin/python bench/kernels.py fashion_mnist --kernels native -- --quick   # merged into docs/evidence/
+    .venv/bin/python bench/fashion_mnist.py --jobs 3 --threads 1                     # the full size, 3 seeds
+    .venv/bin/python bench/kernels.py fashion_mnist --kernels native -- --seeds 0 1 2 --jobs 3 --threads 1
 
-Writes results/fashion_mnist.{json,png} (git-ignored; --json to put it elsewhere) with the machine it ran on.
-Measured: `--quick --seeds 0` ran end to end in about 20 minutes of wall clock on a 2-core machine shared at a load of
-~15 (the resnet18 teacher is the slow part on a CPU); the full size has not been run yet.
+The last is what docs/models.md quotes (merged into docs/evidence/fashion_mnist.json); its cost and figures are
+there. Writes results/fashion_mnist.{json,png} (git-ignored; --json to put it elsewhere) with the machine it ran on.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class Size:
     """How much data and training: --quick for an end-to-end check, the defaults for the figures."""
 
     per_class: int = 7000  # images per class in the tree (all 7,000 = 70,000)
-    # A ViT from scratch learns slowly: 64 wide, 4 deep, 7 x 7 patches of 4 px costs ~70 s an epoch of 54,000
-    # images on 2 cores (data loading included), and each seed trains four of them (alone, hard, soft, open set).
+    # Sized for a 2-core CPU: each seed trains four ViTs (alone, hard, soft, open set) from scratch, and a ViT
+    # from scratch learns slowly (docs/models.md has what these sizes cost and reach).
     epochs: int = 4
     teacher_epochs: int = 3
     width: int = 64
