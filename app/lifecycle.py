@@ -329,17 +329,13 @@ class ServiceLifecycle:
         compiled = ", compiled" if predictor.compiled else ""
         self.message = f"ready: {predictor.metadata.name} on {predictor.device} ({predictor.dtype_name}{compiled})"
         log.info("%s, sha256 %s", self.message, predictor.sha256)
-        if self.compiles and not predictor.compiled and not self._int8_refused(predictor):
-            self._compile_behind(generation)
+        if self.compiles and not predictor.compiled:
+            if self.settings.dtype == "int8" and predictor.dtype_name != "int8":  # _int8_or_float32 fell back:
+                self.compile_state = CompileState.off  # the compiled int8 model would disagree too
+                self.message += "; int8 disagreed with float32 on this machine (the log says how): serving float32"
+            else:
+                self._compile_behind(generation)
         return old
-
-    def _int8_refused(self, predictor: Classifier) -> bool:
-        """int8 was asked for and disagreed with float32 (_int8_or_float32): the compiled int8 model would too."""
-        refused = self.settings.dtype == "int8" and predictor.dtype_name != "int8"
-        if refused:
-            self.compile_state = CompileState.off
-            self.message += "; int8 disagreed with float32 on this machine (the log says how): serving float32"
-        return refused
 
     # ------------------------------------------------------------------------------ the compiled model, behind
     def _compile_behind(self, eager: ModelGeneration) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -45,6 +45,7 @@ from bench.evidence import machine, spread
 from cli.main import main as petvit
 from model.artifact import ArtifactMetadata, load_artifact
 from model.convert.teachers import load_convnet_artifact
+from model.vit import ViT
 from training.calibration import expected_calibration_error
 from training.data import DataConfig, eval_transform, load_splits
 from training.open_set import Outputs, collect_outputs, compare_scores
@@ -145,31 +146,20 @@ def vit_settings(size: Size) -> list[str]:
     return [arg for key, value in shape.items() for arg in ("--set", f"{key}={value}")]
 
 
-def test_view(tree: Path, meta: ArtifactMetadata) -> Dataset:
-    """petvit's test split of `tree` (the split `petvit train` scored), through the model's eval transform."""
+def test_split(tree: Path, meta: ArtifactMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """petvit's test split of `tree` (the split `petvit train` scored) through the model's eval transform, decoded
+    once: images (N, 3, 28, 28) uint8 and labels (N,)."""
     config = DataConfig(
         dataset="folder", data_dir=str(tree), image_size=28, test_fraction=float(f"{TEST_FRACTION:.6f}")
     )
-    return load_splits(config).test.with_transform(eval_transform(28, policy=meta.preprocessing))
+    pairs = list(load_splits(config).test.with_transform(eval_transform(28, policy=meta.preprocessing)))
+    return torch.stack([image for image, _ in pairs]), torch.tensor([label for _, label in pairs])
 
 
-def held_out_outputs(artifact: Path, tree: Path) -> Outputs:
-    """The ViT's logits and CLS features on petvit's test split of `tree`."""
-    model, meta = load_artifact(artifact)
+def outputs_of(model: ViT, images: torch.Tensor, labels: torch.Tensor, desc: str) -> Outputs:
+    """Logits and CLS features through the one CLS-feature path (model/inference.batch_outputs)."""
     with torch.no_grad():
-        return collect_outputs(model, test_view(tree, meta), batch_size=256, desc="test outputs")
-
-
-def dtype_agreement(artifact: Path, tree: Path) -> dict[str, float]:
-    """bench/dtype_agreement.py's comparison (float32 against bfloat16 cast and autocast, and int8, with the int8
-    rollout's fidelity) on the 10,000 test images, for the model at `artifact`."""
-    model, meta = load_artifact(artifact)
-    pairs = list(test_view(tree, meta))
-    images = torch.stack([image for image, _ in pairs])  # (N, 3, 28, 28) uint8
-    labels = torch.tensor([label for _, label in pairs])  # (N,)
-    with torch.inference_mode():
-        measures = compare(model, images, labels)
-    return {key: measures[key] for key in AGREEMENT}
+        return collect_outputs(model, TensorDataset(images, labels), batch_size=256, desc=desc)
 
 
 def bootstrap_ece(logits: torch.Tensor, targets: torch.Tensor, temperature: float, draws: int = 1000) -> dict:
@@ -187,15 +177,13 @@ def bootstrap_ece(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
     return out
 
 
-def foreign_outputs(artifact: Path, data: dict) -> Outputs:
+def foreign_outputs(model: ViT, meta: ArtifactMetadata, data: dict) -> Outputs:
     """The five unknown classes' images of Fashion-MNIST's own test file, through the model's eval transform."""
-    model, meta = load_artifact(artifact)
     images, labels = data["t10k"]
     foreign = torch.from_numpy(images[labels >= KNOWN].copy())[:, None].expand(-1, 3, -1, -1)  # (N, 3, 28, 28)
     transform = eval_transform(28, policy=meta.preprocessing)
     batch = torch.stack([transform(image) for image in foreign])  # (N, 3, 28, 28) uint8
-    with torch.no_grad():  # the one CLS-feature path (model/inference.batch_outputs), as for the known classes
-        return collect_outputs(model, TensorDataset(batch, torch.full((len(batch),), -1)), 256, desc="foreign")
+    return outputs_of(model, batch, torch.full((len(batch),), -1), "foreign")
 
 
 def run_seed(seed: int, work: Path, trees: dict[str, Path], teacher: Path, data: dict, size: Size) -> dict:
@@ -207,15 +195,18 @@ def run_seed(seed: int, work: Path, trees: dict[str, Path], teacher: Path, data:
         extra = [*vit, "--teacher", str(teacher), "--distill", mode]
         scores[mode] = train("distill", trees["all"], work / f"{mode}-{tag}.safetensors", size, seed, extra)
     top1 = {name: load_artifact(path)[1].evaluation["top1"] for name, path in scores.items()}
-    _, meta = load_artifact(alone)
-    test = held_out_outputs(alone, trees["all"])
+    model, meta = load_artifact(alone)
+    images, labels = test_split(trees["all"], meta)  # decoded once: the outputs and the dtype comparison share them
+    test = outputs_of(model, images, labels, "test outputs")
     calibration = bootstrap_ece(test.logits, test.targets, meta.calibration.temperature)
-    known = train("scratch", trees["known"], work / f"known-{tag}.safetensors", size, seed, vit)
-    _, known_meta = load_artifact(known)
-    table = compare_scores(known_meta.open_set, known_meta.calibration, held_out_outputs(known, trees["known"]),
-                           foreign_outputs(known, data))  # fmt: skip
+    with torch.inference_mode():  # bench/dtype_agreement.py's comparison, on the 10,000 test images
+        agreement = {key: value for key, value in compare(model, images, labels).items() if key in AGREEMENT}
+    known_model, known_meta = load_artifact(train("scratch", trees["known"], work / f"known-{tag}.safetensors", size,
+                                                  seed, vit))  # fmt: skip
+    known_test = outputs_of(known_model, *test_split(trees["known"], known_meta), "test outputs")
+    table = compare_scores(known_meta.open_set, known_meta.calibration, known_test,
+                           foreign_outputs(known_model, known_meta, data))  # fmt: skip
     aurocs = {name: row["auroc"] for name, row in table.items()}
-    agreement = dtype_agreement(alone, trees["all"])
     measures = {**top1, "temperature": meta.calibration.temperature, "ece_before": calibration["before"],
                 "ece_after": calibration["after"], **{f"auroc_{k}": v for k, v in aurocs.items()},
                 **agreement}  # fmt: skip
