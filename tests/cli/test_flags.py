@@ -23,6 +23,7 @@ TRAIN_FLAGS = {
     "--no-mixup", "--hflip", "--no-hflip", "--min-crop-scale", "--seed", "--split-seed", "--val-fraction",
     "--test-fraction", "--set", "--teacher", "--distill", "--distill-tau", "--distill-alpha", "--arch", "--init",
     "--output-dir", "--resume", "--stop-after", "--workers", "--threads", "--no-download", "--no-evaluate",
+    "--cache-images",
 }  # fmt: skip
 
 

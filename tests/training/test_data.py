@@ -16,6 +16,7 @@ from tests.training.pets_fixture import make_pets_tree
 from training.data import (
     DataConfig,
     DatasetUnavailable,
+    Deterministic,
     batch_mixer,
     eval_transform,
     load_splits,
@@ -164,3 +165,54 @@ def test_mixup_cutmix_produce_soft_targets_over_the_classes() -> None:
     assert mixed.dtype == torch.float32 and mixed.shape == (8, 3, 16, 16) and float(mixed.max()) <= 1.0
     assert targets.shape == (8, 5)
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(8))
+
+
+@pytest.fixture()
+def noisy_folder(tmp_path: Path) -> Path:
+    """Two classes of 6 random-noise PNGs of different sizes: any change in decoding or resampling shows."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            pixels = rng.integers(0, 256, (20 + i, 17 + 2 * i, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    return tmp_path
+
+
+def test_cached_images_give_the_same_items_as_decoding_each_time(noisy_folder: Path) -> None:
+    config = DataConfig(dataset="folder", data_dir=str(noisy_folder), val_fraction=0.2, test_fraction=0.2)
+    plain, cached = load_splits(config), load_splits(DataConfig(**{**config.to_dict(), "cache_images": True}))
+    assert cached.train.indices == plain.train.indices and cached.labels == plain.labels
+    assert cached.test.targets() == plain.test.targets()
+    for split in ("train", "test"):
+        view = eval_transform(16)
+        for (a, ta), (b, tb) in zip(getattr(plain, split).with_transform(view),
+                                    getattr(cached, split).with_transform(view), strict=True):  # fmt: skip
+            assert ta == tb and torch.equal(a, b)
+    augment = train_transform(16, "trivial")
+    torch.manual_seed(5)
+    randomised = [image for image, _ in plain.train.with_transform(augment)]
+    torch.manual_seed(5)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(randomised, cached.train.with_transform(augment), strict=True))
+
+
+def test_cached_images_are_decoded_once_and_evaluation_views_computed_once(noisy_folder: Path) -> None:
+    config = DataConfig(dataset="folder", data_dir=str(noisy_folder), val_fraction=0.2, test_fraction=0.2)
+    splits = load_splits(DataConfig(**{**config.to_dict(), "cache_images": True}))
+    expected = [image for image, _ in splits.test.with_transform(eval_transform(16))]
+    for png in noisy_folder.rglob("*.png"):
+        png.unlink()  # decoded up front: nothing reads the files again
+    calls = []
+
+    def counted(image: Image.Image) -> torch.Tensor:
+        calls.append(image)
+        return eval_transform(16)(image)
+
+    for _ in range(3):  # a new view with the same key each time, as every evaluation builds its own
+        view = splits.test.with_transform(Deterministic([counted], key=("counted", 16)))
+        assert all(torch.equal(a, b) for a, (b, _) in zip(expected, view, strict=True))
+    assert len(calls) == len(splits.test)  # the first view computed each image's output; the others reused them
+    random_view = splits.train.with_transform(train_transform(16, "light"))
+    assert len(list(random_view)) == len(splits.train)  # a random transform still runs on the kept images
+    assert isinstance(eval_transform(16), Deterministic) and eval_transform(16).key == eval_transform(16).key
+    assert eval_transform(16).key != eval_transform(20).key
