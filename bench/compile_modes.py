@@ -4,7 +4,8 @@
     PYTHONPATH=. .venv/bin/python bench/compile_modes.py --variant s16 --forwards int8:default:0 int8:max-autotune:1
 
 Each forward is DTYPE:MODE:FREEZE (dtype float32, bfloat16, int8 or int8-bf16: int8 Linear layers with the rest
-in bfloat16; mode "default", "max-autotune", ...; freeze 0/1 sets
+in bfloat16, int8-pt2e / int8-pt2e-static: bench/pt2e.py's export quantisation, dynamic / calibrated on the timed
+batch, which needs FREEZE 1; mode "default", "max-autotune", ...; freeze 0/1 sets
 torch._inductor.config.freezing for that compilation, which folds the weights in as constants). Each one is
 compiled in turn (its compile time printed), then every forward runs once per round, `--rounds` times, so machine
 noise lands on all of them alike. Figures are images per CPU-second (process time: the contention-proof figure on
@@ -26,6 +27,7 @@ import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.pt2e import pt2e_int8
 from model.config import get_config
 from model.inference import quantise_int8
 from model.vit import ViT
@@ -37,7 +39,11 @@ def build(base: ViT, spec: str, images: torch.Tensor) -> tuple[torch.nn.Module, 
     model = copy.deepcopy(base)
     if dtype in ("bfloat16", "int8-bf16"):  # int8-bf16: int8 Linear layers, everything else in bfloat16
         model = model.to(torch.bfloat16)
-    if dtype.startswith("int8"):
+    if dtype.startswith("int8-pt2e"):
+        if freeze != "1":
+            raise SystemExit(f"{spec}: PT2E's int8 fusions are inductor freezing passes; use FREEZE 1")
+        model = pt2e_int8(model, images, [images], dynamic=dtype == "int8-pt2e")
+    elif dtype.startswith("int8"):
         quantise_int8(model)
     if mode == "eager":
         return model, 0.0
