@@ -247,19 +247,16 @@ class ImageCache(Dataset):
         image, target = self.images[index], int(self.targets[index])
         if transform is None:
             return image, target
-        key = getattr(transform, "key", None)
-        if key is None:
+        if not isinstance(transform, Deterministic):
             return transform(image), target
-        outputs = self._outputs.setdefault(key, {})
+        outputs = self._outputs.setdefault(transform.key, {})
         if index not in outputs:
             outputs[index] = transform(image)
         return outputs[index], target
 
 
 def _base_targets(base: Dataset) -> list[int]:
-    if isinstance(base, ImageCache):
-        return base.targets
-    if hasattr(base, "targets"):  # ImageFolder
+    if hasattr(base, "targets"):  # ImageFolder, ImageCache
         return list(base.targets)
     if hasattr(base, "_labels"):  # OxfordIIITPet keeps its class ids here
         return list(base._labels)
